@@ -1,0 +1,271 @@
+"""The ``mx`` command. Thin: parse, call the library, print.
+
+Exit codes: 0 success, 1 the job failed or was cancelled, 2 bad input (nothing written).
+Job ids go to stdout; progress, logs and errors to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from mx.errors import JobCancelled, JobFailed, UserError
+
+
+class Bar:
+    """A one-line progress bar on a terminal; silent elsewhere (logs carry the progress)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.active = stream.isatty()
+        self.drawn = False
+        self.t0 = time.monotonic()
+
+    def update(self, step: str, done: int, total: int) -> None:
+        if not self.active:
+            return
+        width = 30
+        filled = int(width * done / total) if total else width
+        line = (f"\r[{step}] {'█' * filled}{'░' * (width - filled)} {done}/{total} "
+                f"{time.monotonic() - self.t0:6.1f} s")
+        self.stream.write(line)
+        self.stream.flush()
+        self.drawn = True
+
+    def echo(self, text: str) -> None:
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.drawn = False
+        click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+
+
+def _fail(exc: Exception) -> None:
+    code = 2 if isinstance(exc, UserError) else 1
+    click.echo(f"mx: error: {exc}", err=True)
+    sys.exit(code)
+
+
+def _pair(text: str, name: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserError(f"{name} {text!r}: give two integers as M,N (e.g. 3000,2000)") from None
+    return a, b
+
+
+@click.group()
+@click.version_option(package_name="mx")
+def cli() -> None:
+    """mx: distributed matrix jobs on Ray actors, Dask graphs and Zarr matrices."""
+
+
+@cli.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--detach", is_flag=True, help="Return at once with the job id; the job runs on.")
+@click.option("--quiet", "-q", is_flag=True, help="No log lines, only the progress bar.")
+@click.option("--dashboard", is_flag=True, help="Start the Ray dashboard with the local Ray.")
+def submit(job_file: str, detach: bool, quiet: bool, dashboard: bool) -> None:
+    """Run the job in JOB_FILE; waits and shows progress unless --detach."""
+    from mx.tasks import jobs
+
+    bar = Bar()
+    try:
+        job_id = jobs.submit(job_file, detach=detach, echo=None if quiet else bar.echo,
+                             progress=bar.update, dashboard=dashboard)
+    except (UserError, JobFailed, JobCancelled) as exc:
+        bar.close()
+        _fail(exc)
+    bar.close()
+    click.echo(job_id)
+
+
+@cli.command(hidden=True)
+@click.argument("job_id")
+@click.option("--dashboard", is_flag=True)
+def run(job_id: str, dashboard: bool) -> None:
+    """Run an already recorded job in this process (what --detach starts)."""
+    from mx.tasks import jobs
+
+    state = jobs.run(job_id, dashboard=dashboard)
+    sys.exit(0 if state == "succeeded" else 1)
+
+
+@cli.command()
+@click.argument("job")
+def status(job: str) -> None:
+    """Show a job's state, steps, progress and timings."""
+    from mx.tasks import record
+
+    try:
+        rec = record.load(record.find(job))
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"job      {rec['id']}")
+    click.echo(f"state    {record.effective_state(rec)}")
+    for field in ("name", "backend", "created", "started", "ended", "seconds", "error"):
+        if rec.get(field) not in (None, ""):
+            click.echo(f"{field:<8} {rec[field]}")
+    for step in rec.get("steps", []):
+        line = f"step {step['id']} ({step['op']}) {step['state']} -> {step['output']}"
+        prog = step.get("progress")
+        if prog and step["state"] == "running":
+            line += f"  {prog['done']}/{prog['total']}"
+        if "seconds" in step:
+            line += f"  {step['seconds']} s"
+        click.echo(line)
+        for phase, seconds in step.get("phases", {}).items():
+            click.echo(f"    {phase:<20} {seconds:.3f} s")
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def logs(job: str, follow: bool) -> None:
+    """Print a job's log."""
+    from mx.tasks import record
+
+    try:
+        job_id = record.find(job)
+    except UserError as exc:
+        _fail(exc)
+    path = record.path(job_id, "log")
+    pos = 0
+    while True:
+        if os.path.exists(path):
+            with open(path) as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                click.echo(chunk, nl=False)
+        if not follow:
+            return
+        state = record.effective_state(record.load(job_id))
+        if state in record.FINAL or state == "lost":
+            follow = False
+            continue
+        time.sleep(0.5)
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--wait/--no-wait", default=True, help="Wait until the job has stopped.")
+def cancel(job: str, wait: bool) -> None:
+    """Cancel a queued or running job: workers stop, no output is committed."""
+    from mx.tasks import jobs, record
+
+    try:
+        job_id = record.find(job)
+        jobs.cancel(job_id)
+        if wait:
+            rec = jobs.wait(job_id, timeout=120)
+            click.echo(f"{job_id} {record.effective_state(rec)}")
+        else:
+            click.echo(f"{job_id} cancelling")
+    except (UserError, TimeoutError) as exc:
+        _fail(exc if isinstance(exc, UserError) else JobFailed(str(exc)))
+
+
+@cli.command(name="list")
+def list_jobs() -> None:
+    """List jobs, newest last."""
+    from mx.tasks import record
+
+    rows = []
+    for job_id in record.all_ids():
+        try:
+            rec = record.load(job_id)
+        except (UserError, ValueError):
+            continue
+        rows.append((rec.get("created", ""), job_id, record.effective_state(rec),
+                     f"{rec['seconds']:.1f}s" if rec.get("seconds") is not None else "-",
+                     ",".join(s["op"] for s in rec.get("steps", []))))
+    rows.sort()
+    if not rows:
+        click.echo(f"no jobs under {record.jobs_dir()}", err=True)
+        return
+    width = max(len(r[1]) for r in rows)
+    click.echo(f"{'JOB':<{width}}  {'STATE':<10} {'TIME':>8}  OPS")
+    for _, job_id, state, seconds, op_names in rows:
+        click.echo(f"{job_id:<{width}}  {state:<10} {seconds:>8}  {op_names}")
+
+
+@cli.group()
+def data() -> None:
+    """Create and inspect input matrices."""
+
+
+@data.command(name="random")
+@click.argument("output", type=click.Path())
+@click.option("--shape", required=True, help="M,N")
+@click.option("--chunks", default=None, help="R,C (default: up to 1024,1024)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--distribution", default="uniform", show_default=True, type=click.Choice(["uniform", "normal"]))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def data_random(output, shape, chunks, seed, dtype, distribution, overwrite) -> None:
+    """Write a random dense matrix to the Zarr array OUTPUT."""
+    from mx.storage import generate
+
+    try:
+        m, n = _pair(shape, "--shape")
+        ch = _pair(chunks, "--chunks") if chunks else (min(m, 1024), min(n, 1024))
+        generate.random_dense(output, (m, n), ch, seed=seed, dtype=dtype,
+                              distribution=distribution, overwrite=overwrite)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"{output}: {m}×{n} {dtype}, chunks {ch[0]}×{ch[1]}, seed {seed}", err=True)
+
+
+@data.command(name="import")
+@click.argument("source", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--dense", "as_dense", is_flag=True, help="Store a coordinate file as a dense array.")
+@click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def data_import(source, output, as_dense, dtype, overwrite) -> None:
+    """Import a Matrix Market file: arrays become dense Zarr arrays, coordinate files binsparse
+    CSR groups (or dense arrays with --dense)."""
+    from mx.storage import mtx
+
+    try:
+        kind = mtx.import_mtx(source, output, as_dense=as_dense, dtype=dtype, overwrite=overwrite)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"{output}: {kind} matrix imported from {source}", err=True)
+
+
+@data.command(name="info")
+@click.argument("path", type=click.Path())
+def data_info(path) -> None:
+    """Describe the matrix at PATH."""
+    from mx.storage import dense, sparse
+
+    try:
+        try:
+            info = dense.inspect(path, path)
+            click.echo(f"dense {info.shape[0]}×{info.shape[1]} {info.dtype} chunks "
+                       f"{info.chunks[0]}×{info.chunks[1]}")
+        except UserError as exc:
+            if "Zarr group" not in str(exc):
+                raise
+            sinfo = sparse.inspect(path, path)
+            click.echo(f"sparse CSR {sinfo.shape[0]}×{sinfo.shape[1]} {sinfo.dtype} nnz {sinfo.nnz}")
+    except UserError as exc:
+        _fail(exc)
+
+
+def main() -> None:
+    cli(prog_name="mx")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Which array module a worker computes with, and whether GPUs are really there.
+
+Kernels are written against ``xp``: NumPy on CPU workers, CuPy on GPU workers. A GPU that was
+asked for and is not there is an error, never a silent CPU run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mx.errors import UserError
+
+
+def gpu_count() -> tuple[int, str]:
+    """(number of CUDA devices CuPy can use here, why none when 0)."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        return 0, f"CuPy is not importable ({type(exc).__name__}: {exc}); install mx[gpu]"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return 0, f"CUDA reports no usable device ({exc})"
+    return count, "" if count else "CUDA reports 0 devices"
+
+
+def require_gpus(wanted: int, available: int, why: str, where: str) -> None:
+    if wanted > available:
+        have = f"{available} GPU{'s' if available != 1 else ''}"
+        detail = f": {why}" if why and not available else ""
+        raise UserError(f"resources.gpus: {wanted} asked for but {where} has {have}{detail}; "
+                        f"set gpus to at most {available}" + (" (0 runs on CPUs)" if not available else ""))
+
+
+def array_module(gpu: bool):
+    if not gpu:
+        return np
+    import cupy
+
+    return cupy
+
+
+def device_name(gpu: bool) -> str:
+    if not gpu:
+        return "cpu"
+    import cupy
+
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return f"gpu{dev.id} {name}"

@@ -1,0 +1,20 @@
+"""The two kinds of failure mx reports.
+
+A ``UserError`` is bad input (job file, data, command line): one line that names the problem
+and the fix, exit code 2, nothing written. Anything else that goes wrong while a job runs is a
+``JobFailed`` (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: the message names the field or file and what to do about it."""
+
+
+class JobFailed(Exception):
+    """A job ran and failed (a task raised, a worker died)."""
+
+
+class JobCancelled(Exception):
+    """A job was cancelled while it ran."""

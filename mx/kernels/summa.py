@@ -1,0 +1,62 @@
+"""SUMMA, the SPMD program one gang member runs on a pr×pc grid (any worker count).
+
+C is split pr×pc over the ranks; the inner dimension is split into ``panels`` pieces. Panel
+A(i, k) is held by rank (i, k mod pc) and B(k, j) by rank (k mod pr, j). In step k, the
+holder of A(i, k) broadcasts it along grid row i and the holder of B(k, j) along grid column
+j; every rank adds A(i, k)·B(k, j) to its C block. The broadcasts of step k + 1 are started
+before the product of step k (double buffering).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mx.cluster.comm import GangContext
+from mx.kernels import gemm
+
+
+def a_holder(i: int, k: int, pc: int) -> int:
+    """Grid column of the rank holding panel A(i, k)."""
+    return k % pc
+
+
+def b_holder(k: int, j: int, pr: int) -> int:
+    """Grid row of the rank holding panel B(k, j)."""
+    return k % pr
+
+
+def run(a_index: list, a_held: list, b_index: list, b_held: list, *, grid: tuple[int, int],
+        panels: int, dtype: str, c_shape: tuple[int, int], ctx: GangContext):
+    """Return this rank's block of C. ``a_held[t]`` is panel A(i, a_index[t]) and
+    ``b_held[t]`` is panel B(b_index[t], j): the panels this rank holds."""
+    comm, xp = ctx.comm, ctx.xp
+    a_panels = dict(zip(a_index, a_held))
+    b_panels = dict(zip(b_index, b_held))
+    pr, pc = grid
+    if comm.size != pr * pc:
+        raise ValueError(f"SUMMA on {pr}×{pc} needs {pr * pc} ranks, the gang has {comm.size}")
+    i, j = divmod(comm.rank, pc)
+    row = [i * pc + jj for jj in range(pc)]
+    col = [ii * pc + j for ii in range(pr)]
+
+    def start(k):
+        a_root = i * pc + a_holder(i, k, pc)
+        b_root = b_holder(k, j, pr) * pc + j
+        a = comm.ibcast(a_panels.get(k), a_root, row, ("a", k))
+        b = comm.ibcast(b_panels.get(k), b_root, col, ("b", k))
+        return a, b
+
+    with ctx.timed("to-device"):
+        c = gemm.zeros(xp, tuple(c_shape), np.dtype(dtype))
+    scratch = None
+    pending = start(0) if panels else None
+    for k in range(panels):
+        a_req, b_req = pending
+        a = xp.asarray(ctx.wait(a_req, "bcast-wait"))
+        b = xp.asarray(ctx.wait(b_req, "bcast-wait"))
+        if k + 1 < panels:
+            pending = start(k + 1)
+        with ctx.timed("compute"):
+            gemm.accumulate(xp, c, a, b, scratch)
+        ctx.advance(1)
+    return c

@@ -1,0 +1,117 @@
+"""Dense matrices as 2-D Zarr arrays: inspect, read a block, create an output, write a block.
+
+Any 2-D Zarr array of a real numeric dtype is a dense matrix, whoever wrote it and however it
+is chunked: blocks are read by slicing, so mx's blocks need not match the store's chunks.
+Outputs are created by mx with chunks that tile mx's blocks exactly, so that every writer owns
+whole chunks (zarr-python loses data when two writers share a chunk).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from mx.errors import UserError
+
+# Output chunks are kept near this size: a chunk is the unit of I/O and of compression, and
+# tens of MiB keeps both efficient without huge single reads.
+TARGET_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class DenseInfo:
+    """What a job needs to know about a dense matrix before it runs (plain data)."""
+
+    path: str
+    shape: tuple[int, int]
+    dtype: str
+    chunks: tuple[int, int]
+
+    @property
+    def kind(self) -> str:
+        return "dense"
+
+
+def inspect(path: str, what: str = "matrix") -> DenseInfo:
+    """Open ``path`` read-only and check it is a 2-D real numeric Zarr array.
+
+    ``what`` names the input in errors (e.g. ``steps[0].inputs.a``).
+    """
+    if not os.path.exists(path):
+        raise UserError(f"{what}: {path} does not exist; create it with `mx data random` or "
+                        f"`mx data import`, or fix the path")
+    try:
+        arr = zarr.open_array(store=path, mode="r")
+    except Exception as exc:  # zarr raises several types for "not an array"
+        if _is_group(path):
+            raise UserError(f"{what}: {path} is a Zarr group (a sparse matrix?), not a dense "
+                            f"2-D array; this op needs a dense matrix") from None
+        raise UserError(f"{what}: {path} is not a readable Zarr array ({exc}); point it at a "
+                        f"2-D Zarr array") from None
+    if arr.ndim != 2:
+        raise UserError(f"{what}: {path} is {arr.ndim}-D with shape {tuple(arr.shape)}; a matrix "
+                        f"must be a 2-D array")
+    dtype = np.dtype(arr.dtype)
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+            or dtype == np.bool_):
+        raise UserError(f"{what}: {path} has dtype {dtype}, which is not a real number type; "
+                        f"store the matrix as float32 or float64")
+    if dtype.itemsize > 8 or dtype == np.float16:
+        raise UserError(f"{what}: {path} has dtype {dtype}; mx computes in float32 or float64: "
+                        f"convert the array to one of those")
+    return DenseInfo(path=path, shape=(int(arr.shape[0]), int(arr.shape[1])), dtype=dtype.str,
+                     chunks=(int(arr.chunks[0]), int(arr.chunks[1])))
+
+
+def compute_dtype(*dtypes: str) -> np.dtype:
+    """The floating dtype a product of these inputs is computed and stored in."""
+    dt = np.result_type(*[np.dtype(d) for d in dtypes])
+    if not np.issubdtype(dt, np.floating):
+        return np.dtype(np.float64)  # integer or boolean inputs are promoted, as NumPy does
+    return dt
+
+
+def _is_group(path: str) -> bool:
+    try:
+        zarr.open_group(store=path, mode="r")
+        return True
+    except Exception:
+        return False
+
+
+def read_block(path: str, rows: tuple[int, int], cols: tuple[int, int],
+               dtype: str | None = None) -> np.ndarray:
+    """Read ``A[r0:r1, c0:c1]`` as a C-contiguous NumPy array (optionally cast)."""
+    arr = zarr.open_array(store=path, mode="r")
+    block = np.asarray(arr[rows[0]:rows[1], cols[0]:cols[1]])
+    if dtype is not None and block.dtype != np.dtype(dtype):
+        block = block.astype(dtype)
+    return np.ascontiguousarray(block)
+
+
+def create(path: str, shape: tuple[int, int], chunks: tuple[int, int], dtype,
+           attributes: dict | None = None) -> None:
+    """Create an empty dense array at ``path`` (which must not exist)."""
+    zarr.create_array(store=path, shape=shape, chunks=tuple(max(1, c) for c in chunks),
+                      dtype=np.dtype(dtype), fill_value=0, zarr_format=3,
+                      attributes=attributes or {})
+
+
+def write_block(path: str, rows: tuple[int, int], cols: tuple[int, int], block) -> dict:
+    """Write ``block`` into ``C[r0:r1, c0:c1]``; the region must cover whole chunks."""
+    block = np.asarray(block)
+    expect = (rows[1] - rows[0], cols[1] - cols[0])
+    if block.shape != expect:
+        raise ValueError(f"block of shape {block.shape} written to a {expect} region")
+    if block.size:
+        arr = zarr.open_array(store=path, mode="r+")
+        arr[rows[0]:rows[1], cols[0]:cols[1]] = block
+    return {"rows": list(rows), "cols": list(cols), "bytes": int(block.nbytes)}
+
+
+def chunk_side(itemsize: int) -> int:
+    """The side of a square chunk of about TARGET_CHUNK_BYTES."""
+    return max(1, int((TARGET_CHUNK_BYTES // itemsize) ** 0.5))

@@ -1,0 +1,198 @@
+"""The ``gemm`` op: C = A·B for dense A (m×k) and B (k×n), Cannon or SUMMA over the workers.
+
+Planning picks the algorithm and the process grid; building lays out the graph: each worker
+reads its blocks of A and B from Zarr, the workers run Cannon's or SUMMA's rounds as one gang,
+and each writes its C block (whole chunks) into the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from dask.task_spec import List, Task, TaskRef
+
+from mx.errors import UserError
+from mx.kernels import cannon, summa
+from mx.storage import dense
+from mx.tasks import blocks
+from mx.tasks.graph import StepGraph, comm_key
+from mx.tasks.ops import Op
+from mx.tasks.spec import Strict
+
+# Cannon is kept when its traffic is within this factor of the best SUMMA grid's.
+CANNON_TRAFFIC_SLACK = 1.25
+# Widest SUMMA panel (columns of A / rows of B) broadcast in one step.
+MAX_PANEL = 4096
+
+
+class GemmParams(Strict):
+    algorithm: Literal["cannon", "summa", "auto"] = "auto"
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    m: int
+    k: int
+    n: int
+    dtype: str
+    algorithm: str
+    reason: str
+    grid: tuple[int, int]
+    rows: list  # row bounds of C blocks (one per grid row)
+    cols: list  # column bounds of C blocks (one per grid column)
+    inner: list  # bounds of the k blocks (Cannon) or panels (SUMMA)
+    chunks: tuple[int, int]
+    output: dense.DenseInfo
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.n * self.k
+
+    def describe(self) -> list[str]:
+        pr, pc = self.grid
+        lines = [f"gemm {self.m}×{self.k} · {self.k}×{self.n} -> {self.m}×{self.n} "
+                 f"{np.dtype(self.dtype).name}, {self.flops / 1e9:.3g} GFLOP",
+                 f"algorithm {self.algorithm} on a {pr}×{pc} grid: {self.reason}",
+                 f"C blocks up to {max(map(blocks.length, self.rows))}×"
+                 f"{max(map(blocks.length, self.cols))}, output chunks {self.chunks[0]}×{self.chunks[1]}"]
+        if self.algorithm == "cannon":
+            lines.append(f"initial skew applied at read: worker (i,j) loads A(i,(i+j) mod {pr}) "
+                         f"and B((i+j) mod {pr},j); then {pr} rounds of product + shift "
+                         f"(A left, B up)")
+        else:
+            lines.append(f"{len(self.inner)} panels of width up to "
+                         f"{max(map(blocks.length, self.inner))}, broadcast along grid rows "
+                         f"(A) and columns (B)")
+        return lines
+
+
+def traffic(m: int, k: int, n: int, pr: int, pc: int) -> float:
+    """Elements each rank receives: the A and B panels it does not hold."""
+    return (m / pr) * k * (pc - 1) / pc + (n / pc) * k * (pr - 1) / pr
+
+
+def best_grid(m: int, k: int, n: int, p: int) -> tuple[int, int]:
+    """The pr×pc factorisation of p that moves the fewest bytes, avoiding empty blocks."""
+    pairs = [(pr, p // pr) for pr in range(1, p + 1) if p % pr == 0]
+    return min(pairs, key=lambda g: (g[0] > m or g[1] > n, traffic(m, k, n, *g), abs(g[0] - g[1])))
+
+
+def choose(m: int, k: int, n: int, p: int, algorithm: str, what: str) -> tuple[str, tuple[int, int], str]:
+    q = math.isqrt(p)
+    square = q * q == p
+    if algorithm == "cannon":
+        if not square:
+            raise UserError(f"{what}.params.algorithm: cannon needs a square number of workers "
+                            f"(got {p}); use algorithm summa or auto, or set workers to "
+                            f"{q * q} or {(q + 1) ** 2}")
+        return "cannon", (q, q), "asked for in the job file"
+    grid = best_grid(m, k, n, p)
+    if algorithm == "summa":
+        return "summa", grid, "asked for in the job file; grid chosen to move the fewest bytes"
+    if not square:
+        return "summa", grid, f"{p} workers do not form a square grid"
+    if q > min(m, n, k):
+        return "summa", grid, (f"a {q}×{q} Cannon grid would leave empty blocks "
+                               f"(m={m}, k={k}, n={n})")
+    ratio = traffic(m, k, n, q, q) / max(traffic(m, k, n, *grid), 1e-9)
+    if ratio > CANNON_TRAFFIC_SLACK:
+        return "summa", grid, (f"the shape is rectangular: SUMMA on {grid[0]}×{grid[1]} moves "
+                               f"{ratio:.1f}× fewer bytes than Cannon on {q}×{q}")
+    return "cannon", (q, q), f"{p} workers form a square grid and the shape suits it"
+
+
+def plan(inputs: dict, params: GemmParams, workers: int, what: str) -> GemmPlan:
+    a, b = inputs["a"], inputs["b"]
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2:
+        raise UserError(f"{what}: A is {m}×{k} but B is {k2}×{n}: A's columns must equal B's "
+                        f"rows ({k} ≠ {k2}); check the inputs' order and shapes")
+    dtype = dense.compute_dtype(a.dtype, b.dtype)
+    algorithm, grid, reason = choose(m, k, n, workers, params.algorithm, what)
+    pr, pc = grid
+    side = dense.chunk_side(dtype.itemsize)
+    row_chunk, rows = blocks.aligned(m, pr, side)
+    col_chunk, cols = blocks.aligned(n, pc, side)
+    if algorithm == "cannon":
+        inner = blocks.even(k, pr)
+    else:
+        panels = math.lcm(pr, pc)
+        panels *= max(1, -(-k // (panels * MAX_PANEL)))
+        inner = blocks.even(k, panels)
+    output = dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=(row_chunk, col_chunk))
+    return GemmPlan(m=m, k=k, n=n, dtype=dtype.str, algorithm=algorithm, reason=reason, grid=grid,
+                    rows=rows, cols=cols, inner=inner, chunks=(row_chunk, col_chunk), output=output)
+
+
+def create_output(p: GemmPlan, path: str, attributes: dict) -> None:
+    dense.create(path, (p.m, p.n), p.chunks, p.dtype, attributes)
+
+
+def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGraph:
+    pr, pc = p.grid
+    gang = f"{step}:{p.algorithm}"
+    ctx = TaskRef(comm_key(gang))
+    dsk, placement, labels = {}, {}, {}
+
+    def add(key, task, rank, label):
+        dsk[key] = task
+        placement[key] = rank
+        labels[key] = label
+
+    compute_keys = []
+    if p.algorithm == "cannon":
+        q = pr
+        for i in range(q):
+            for j in range(q):
+                s = cannon.skewed_index(i, j, q)
+                ka, kb = ("read-a", step, i, j), ("read-b", step, i, j)
+                add(ka, Task(ka, dense.read_block, paths["a"], p.rows[i], p.inner[s], p.dtype), i * q + j, "read")
+                add(kb, Task(kb, dense.read_block, paths["b"], p.inner[s], p.cols[j], p.dtype), i * q + j, "read")
+        for i in range(q):
+            for j in range(q):
+                key = ("cannon", step, i, j)
+                add(key, Task(key, cannon.run, TaskRef(("read-a", step, i, j)),
+                              TaskRef(("read-b", step, i, j)), q=q, dtype=p.dtype, ctx=ctx),
+                    i * q + j, "compute")
+                compute_keys.append(key)
+        rounds = q
+    else:
+        for k, bounds in enumerate(p.inner):
+            for i in range(pr):
+                key = ("read-a", step, i, k)
+                add(key, Task(key, dense.read_block, paths["a"], p.rows[i], bounds, p.dtype),
+                    i * pc + summa.a_holder(i, k, pc), "read")
+            for j in range(pc):
+                key = ("read-b", step, k, j)
+                add(key, Task(key, dense.read_block, paths["b"], bounds, p.cols[j], p.dtype),
+                    summa.b_holder(k, j, pr) * pc + j, "read")
+        for i in range(pr):
+            for j in range(pc):
+                ka = [k for k in range(len(p.inner)) if summa.a_holder(i, k, pc) == j]
+                kb = [k for k in range(len(p.inner)) if summa.b_holder(k, j, pr) == i]
+                a_refs = List(*[TaskRef(("read-a", step, i, k)) for k in ka])
+                b_refs = List(*[TaskRef(("read-b", step, k, j)) for k in kb])
+                key = ("summa", step, i, j)
+                c_shape = (blocks.length(p.rows[i]), blocks.length(p.cols[j]))
+                add(key, Task(key, summa.run, ka, a_refs, kb, b_refs, grid=(pr, pc),
+                              panels=len(p.inner), dtype=p.dtype, c_shape=c_shape, ctx=ctx),
+                    i * pc + j, "compute")
+                compute_keys.append(key)
+        rounds = len(p.inner)
+    writes = []
+    for key in compute_keys:
+        i, j = key[2], key[3]
+        wkey = ("write", step, i, j)
+        add(wkey, Task(wkey, dense.write_block, output, p.rows[i], p.cols[j], TaskRef(key)),
+            i * pc + j, "write")
+        writes.append(wkey)
+    reads = sum(1 for label in labels.values() if label == "read")
+    return StepGraph(dsk=dsk, placement=placement, gangs={gang: compute_keys}, outputs=writes,
+                     progress=reads + rounds * len(compute_keys) + len(writes), labels=labels)
+
+
+OP = Op(name="gemm", inputs={"a": "dense", "b": "dense"}, params=GemmParams, plan=plan,
+        create_output=create_output, build=build)

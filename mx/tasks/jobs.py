@@ -1,0 +1,270 @@
+"""The job lifecycle: submit, run, cancel. ``mx submit`` and ``mx.submit`` both come here.
+
+``submit`` checks the whole job first (a bad job is a ``UserError`` and writes nothing), then
+records it and runs it in this process, or in a detached process with ``detach=True``.
+``run`` starts the backend (workers), and for each step creates its output under a temporary
+name, executes the step's graph, and commits the output only when every block is written.
+A failure or a cancel removes the temporary output, stops every worker, and records why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from mx.errors import JobCancelled, JobFailed, UserError
+from mx.storage import commit
+from mx.tasks import plan as planning
+from mx.tasks import record, spec
+from mx.tasks.plan import JobPlan, StepPlan
+
+Progress = Callable[[str, int, int], None]  # (step id, done, total)
+
+
+def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str | None]:
+    """(job, base folder, job text, job file path) from a path, YAML text, a dict or a ``Job``."""
+    import yaml
+
+    if isinstance(source, spec.Job):
+        return source, base or os.getcwd(), yaml.safe_dump(source.model_dump(), sort_keys=False), None
+    if isinstance(source, dict):
+        text = yaml.safe_dump(source, sort_keys=False)
+        return spec.validate(spec.Job, source, "job"), base or os.getcwd(), text, None
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        job, folder = spec.load(str(source))
+        with open(source) as f:
+            return job, base or folder, f.read(), os.path.abspath(source)
+    if isinstance(source, str) and "\n" in source:
+        return spec.parse(source), base or os.getcwd(), source, None
+    raise UserError(f"{source}: no such job file; give the path of a job YAML file")
+
+
+def submit(source: Any, *, base: str | None = None, detach: bool = False,
+           echo: Callable[[str], None] | None = None, progress: Progress | None = None,
+           dashboard: bool = False) -> str:
+    """Check and record a job, then run it (or start it detached). Returns the job id.
+
+    Raises ``UserError`` for a bad job (nothing is written), ``JobFailed``/``JobCancelled``
+    when a job run in this process does not succeed.
+    """
+    job, folder, text, job_file = load(source, base)
+    planning.plan_job(job, folder)  # every input and step checked before anything is written
+    name = job.name or (spec.slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job")
+    job_id = record.new_id(name)
+    record.create(job_id, {"name": name, "backend": job.backend, "base": folder,
+                           "job_file": job_file,
+                           "steps": [{"id": s.id, "op": s.op, "output": s.output, "state": "queued"}
+                                     for s in job.steps]},
+                  text)
+    if detach:
+        _spawn(job_id, dashboard)
+        return job_id
+    state = run(job_id, echo=echo, progress=progress, dashboard=dashboard)
+    rec = record.load(job_id)
+    if state == "cancelled":
+        raise JobCancelled(f"job {job_id} was cancelled")
+    if state != "succeeded":
+        raise JobFailed(f"job {job_id} failed: {rec.get('error', 'see mx logs ' + job_id)}")
+    return job_id
+
+
+def _spawn(job_id: str, dashboard: bool) -> None:
+    out = open(record.path(job_id, "runner.out"), "ab")
+    cmd = [sys.executable, "-m", "mx.cli.main", "run", job_id] + (["--dashboard"] if dashboard else [])
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                            start_new_session=True, env={**os.environ, "MX_HOME": record.home()})
+    rec = record.load(job_id)
+    record.update(job_id, rec, pid=proc.pid)
+
+
+def run(job_id: str, *, echo: Callable[[str], None] | None = None,
+        progress: Progress | None = None, dashboard: bool = False) -> str:
+    """Run a recorded job in this process; returns its final state."""
+    rec = record.load(job_id)
+    log = record.Log(job_id, echo)
+    rec = record.update(job_id, rec, state="running", pid=os.getpid(), started=record.now())
+    log(f"job {job_id}: running in pid {os.getpid()} on {rec['host']}")
+    t0 = time.perf_counter()
+    previous = _catch_terminate()
+    backend = None
+    tmp = None
+    state, error = "failed", None
+    try:
+        job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
+        job_plan = planning.plan_job(job, folder)
+        backend = make_backend(job_plan, job_id, dashboard)
+        with _phase(log, "start workers"):
+            backend.start(log)
+        for sp in job_plan.steps:
+            tmp = commit.begin(sp.output, job_id)
+            _run_step(job_id, rec, sp, backend, tmp, log, progress)
+            tmp = None
+        state = "succeeded"
+        log(f"job {job_id}: succeeded in {time.perf_counter() - t0:.2f} s")
+    except JobCancelled:
+        state, error = "cancelled", "cancelled by request"
+        log(f"job {job_id}: cancelled; no output of the unfinished step was committed")
+    except (JobFailed, UserError) as exc:
+        error = str(exc)
+        log(f"job {job_id}: failed: {error}")
+    except BaseException as exc:  # a bug or an unexpected library error: keep the trace
+        error = f"{type(exc).__name__}: {exc}"
+        log(f"job {job_id}: failed: {error}\n{traceback.format_exc()}")
+        if isinstance(exc, KeyboardInterrupt):
+            state, error = "cancelled", "interrupted"
+    finally:
+        _restore_terminate(previous)
+        if tmp is not None:
+            commit.abort(tmp)
+        if backend is not None:
+            try:
+                backend.stop()
+            except Exception as exc:
+                log(f"stopping the workers failed: {exc}")
+        for step in rec["steps"]:
+            if step["state"] == "running":
+                step["state"] = state
+            elif step["state"] == "queued":
+                step["state"] = "not run"
+        record.update(job_id, rec, state=state, error=error, ended=record.now(),
+                      seconds=round(time.perf_counter() - t0, 3))
+    return state
+
+
+def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False):
+    res = job_plan.job.resources
+    if job_plan.job.backend == "local":
+        from mx.cluster.local import LocalBackend
+
+        return LocalBackend(job_plan.workers, res.gpus)
+    from mx.cluster.ray_backend import RayBackend
+
+    address = res.address or os.environ.get("MX_RAY_ADDRESS")
+    return RayBackend(job_plan.workers, res.gpus, address, job_id, dashboard)
+
+
+def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, progress) -> None:
+    step_rec = rec["steps"][sp.index]
+    step_rec.update(state="running", started=record.now())
+    record.write(job_id, rec)
+    log(f"step {sp.step.id} ({sp.step.op}): {', '.join(f'{k}={v}' for k, v in sp.inputs.items())} "
+        f"-> {sp.output}")
+    for line in sp.plan.describe():
+        log(f"  {line}")
+    t0 = time.perf_counter()
+    sp.op.create_output(sp.plan, tmp, {"mx": {"job": job_id, "step": sp.step.id, "complete": False}})
+    graph = sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id)
+    total = graph.progress
+    last = [0.0]
+
+    def on_progress(done: int) -> None:
+        if progress is not None:
+            progress(sp.step.id, done, total)
+        now = time.monotonic()
+        if now - last[0] > 1.0 or done >= total:
+            last[0] = now
+            step_rec["progress"] = {"done": done, "total": total}
+            record.write(job_id, rec)
+
+    infos = backend.run(graph, on_progress, cancelled=lambda: record.cancel_requested(job_id))
+    run_s = time.perf_counter() - t0
+    with _phase(log, "commit") as timing:
+        import zarr
+
+        zarr.open(store=tmp, mode="r+").attrs["mx"] = commit.stamp(
+            {"job": job_id, "step": sp.step.id, "op": sp.step.op, "inputs": sp.inputs,
+             "complete": True})
+        commit.commit(tmp, sp.output, job_id)
+    phases = summarize(infos)
+    phases["commit"] = round(timing["seconds"], 4)
+    step_rec.update(state="succeeded", ended=record.now(), seconds=round(run_s, 3), phases=phases)
+    flops = getattr(sp.plan, "flops", None)
+    rate = f", {flops / run_s / 1e9:.3g} GFLOP/s" if flops else ""
+    log(f"step {sp.step.id}: done in {run_s:.2f} s{rate}; " +
+        ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+    record.write(job_id, rec)
+
+
+def summarize(infos: list[dict]) -> dict[str, float]:
+    """Time per phase: the wall span of each kind of task, and inside gang programs the
+    slowest worker's time in each phase (e.g. compute vs waiting for shifts)."""
+    spans: dict[str, list[float]] = {}
+    inner: dict[str, float] = {}
+    for info in infos:
+        label = info.get("label") or "other"
+        lo, hi = spans.get(label, [info["start"], info["start"] + info["seconds"]])
+        spans[label] = [min(lo, info["start"]), max(hi, info["start"] + info["seconds"])]
+        for phase, seconds in info.get("stats", {}).items():
+            inner[phase] = max(inner.get(phase, 0.0), seconds)
+    out = {label: round(hi - lo, 4) for label, (lo, hi) in spans.items()}
+    out.update({f"gang:{phase}": round(seconds, 4) for phase, seconds in inner.items()})
+    return out
+
+
+class _phase:
+    """Times a block and logs it."""
+
+    def __init__(self, log, name: str):
+        self.log, self.name, self.timing = log, name, {}
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self.timing
+
+    def __exit__(self, *exc):
+        self.timing["seconds"] = time.perf_counter() - self.t0
+        if exc[0] is None:
+            self.log(f"{self.name}: {self.timing['seconds']:.2f} s")
+        return False
+
+
+def _raise_cancel(signum, frame):
+    raise JobCancelled(f"signal {signum}")
+
+
+def _catch_terminate():
+    """Turn SIGTERM (what ``mx cancel`` sends) into JobCancelled; returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signals reach the main thread only; the cancel file still works
+    return signal.signal(signal.SIGTERM, _raise_cancel)
+
+
+def _restore_terminate(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cancel(job_id: str) -> dict:
+    """Ask a running job to stop: it removes its temporary outputs and stops its workers."""
+    rec = record.load(job_id)
+    state = record.effective_state(rec)
+    if state in record.FINAL:
+        raise UserError(f"job {job_id} already {state}; nothing to cancel")
+    record.request_cancel(job_id)
+    pid = rec.get("pid")
+    if pid and state != "lost":
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return rec
+
+
+def wait(job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:
+    """Block until a job reaches a final state (or is lost); returns its record."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        rec = record.load(job_id)
+        state = record.effective_state(rec)
+        if state in record.FINAL or state == "lost":
+            return rec
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {state} after {timeout} s")
+        time.sleep(poll)

@@ -1,0 +1,34 @@
+"""The ops a step may name, and what each must provide.
+
+An op is plain data plus three functions:
+
+- ``plan(inputs, params, workers, what)``: check the inputs (``DenseInfo``/``SparseInfo``)
+  and params, decide how to run (algorithm, grid, blocks) and return a plan whose ``output``
+  describes the result (so later steps can be checked before anything runs) and whose
+  ``describe()`` gives the log lines saying what was chosen and why. Raises ``UserError``.
+- ``create_output(plan, path, attributes)``: create the empty output the graph writes into.
+- ``build(plan, paths, output, step)``: the step's ``StepGraph`` (reads -> compute -> writes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    inputs: dict[str, str]  # input name -> kind of matrix it takes ("dense" | "sparse")
+    params: type[BaseModel]
+    plan: Callable[..., Any]
+    create_output: Callable[..., None]
+    build: Callable[..., Any]
+
+
+def registry() -> dict[str, Op]:
+    from mx.tasks import gemm
+
+    return {op.name: op for op in (gemm.OP,)}

@@ -1,0 +1,122 @@
+"""Checking a whole job before anything runs, and planning each step.
+
+Every input is opened and checked, every step's op plans its work (algorithm, grid, blocks)
+and says what its output will be, so a step that consumes ``step:<id>`` is checked against
+the planned output of that earlier step. Any problem is a ``UserError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mx.errors import UserError
+from mx.storage import commit, dense, sparse
+from mx.tasks import ops, spec
+
+
+@dataclass
+class StepPlan:
+    index: int
+    step: spec.Step
+    op: ops.Op
+    inputs: dict[str, str]  # input name -> resolved path
+    output: str  # resolved output path
+    plan: Any  # the op's plan
+
+    @property
+    def what(self) -> str:
+        return f"steps[{self.index}]"
+
+
+@dataclass
+class JobPlan:
+    job: spec.Job
+    base: str
+    workers: int
+    steps: list[StepPlan]
+
+
+INSPECT = {"dense": dense.inspect, "sparse": sparse.inspect}
+
+
+def plan_job(job: spec.Job, base: str) -> JobPlan:
+    if job.backend == "mpi":
+        raise UserError("backend: mpi is not available in this version of mx; use ray (the "
+                        "default) or local")
+    workers = job.resources.worker_count()
+    registry = ops.registry()
+    planned: dict[str, tuple[str, Any]] = {}  # step id -> (output path, output info)
+    first_use: dict[str, str] = {}  # resolved path -> where it is first read or written
+    steps: list[StepPlan] = []
+    for index, step in enumerate(job.steps):
+        what = f"steps[{index}]"
+        if step.id in planned:
+            raise UserError(f"{what}.id: '{step.id}' is already the id of an earlier step; "
+                            f"step ids must be unique")
+        op = registry.get(step.op)
+        if op is None:
+            raise UserError(f"{what}.op: unknown op '{step.op}'; use one of "
+                            f"{', '.join(sorted(registry))}")
+        params = spec.validate(op.params, step.params, f"{what}.params")
+        missing = [n for n in op.inputs if n not in step.inputs]
+        extra = [n for n in step.inputs if n not in op.inputs]
+        if missing or extra:
+            problem = (f"missing input '{missing[0]}'" if missing else f"unknown input '{extra[0]}'")
+            raise UserError(f"{what}.inputs: {problem}; {step.op} takes inputs "
+                            f"{', '.join(op.inputs)}")
+        paths, infos = {}, {}
+        for name, kind in op.inputs.items():
+            value = step.inputs[name]
+            where = f"{what}.inputs.{name}"
+            ref = spec.step_ref(value)
+            if ref is not None:
+                if ref not in planned:
+                    raise UserError(f"{where}: {value} does not name an earlier step; steps "
+                                    f"can use the outputs of steps listed before them")
+                paths[name], infos[name] = planned[ref]
+                if infos[name].kind != kind:
+                    raise UserError(f"{where}: step '{ref}' produces a {infos[name].kind} "
+                                    f"matrix but {step.op} needs a {kind} one here")
+            else:
+                paths[name] = spec.resolve_path(value, base)
+                infos[name] = _inspect(kind, paths[name], where)
+            first_use.setdefault(_key(paths[name]), where)
+        output = spec.resolve_path(step.output, base)
+        for name, p in paths.items():
+            if _same(p, output):
+                raise UserError(f"{what}.output: {step.output} is also input '{name}'; write the "
+                                f"result to another path")
+        for other_id, (other_path, _) in planned.items():
+            if _same(other_path, output):
+                raise UserError(f"{what}.output: {step.output} is already the output of step "
+                                f"'{other_id}'; give each step its own output")
+        if _key(output) in first_use:
+            raise UserError(f"{what}.output: {step.output} is read by {first_use[_key(output)]}; "
+                            f"write the result to another path")
+        commit.check_writable(output, f"{what}.output")
+        op_plan = op.plan(infos, params, workers, what)
+        planned[step.id] = (output, op_plan.output)
+        first_use.setdefault(_key(output), f"{what}.output")
+        steps.append(StepPlan(index=index, step=step, op=op, inputs=paths, output=output,
+                              plan=op_plan))
+    written = {_key(p) for p, _ in planned.values()}
+    for index, step in enumerate(job.steps):
+        for name, value in step.inputs.items():
+            if spec.step_ref(value) is None and _key(spec.resolve_path(value, base)) in written:
+                raise UserError(f"steps[{index}].inputs.{name}: {value} is written by a step of "
+                                f"this job; refer to it as step:<id> so the order is explicit")
+    return JobPlan(job=job, base=base, workers=workers, steps=steps)
+
+
+def _inspect(kind: str, path: str, where: str):
+    return INSPECT[kind](path, where)
+
+
+def _key(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _same(a: str, b: str) -> bool:
+    return _key(a) == _key(b)

@@ -1,0 +1,143 @@
+"""Job records: one folder per job under ``$MX_HOME/jobs`` (default ``~/.mx/jobs``).
+
+``<id>/record.json`` holds the job's state, timings and progress (plain JSON, rewritten
+atomically by the process that runs the job and by nobody else); ``<id>/log`` is the job's log;
+``<id>/job.yaml`` the job file as submitted; ``<id>/cancel`` appears when someone asks to cancel.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+import socket
+import time
+
+from mx.errors import UserError
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def home() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("MX_HOME") or "~/.mx"))
+
+
+def jobs_dir() -> str:
+    return os.path.join(home(), "jobs")
+
+
+def job_dir(job_id: str) -> str:
+    return os.path.join(jobs_dir(), job_id)
+
+
+def path(job_id: str, name: str) -> str:
+    return os.path.join(job_dir(job_id), name)
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def new_id(name: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def create(job_id: str, record: dict, job_text: str) -> dict:
+    os.makedirs(job_dir(job_id), exist_ok=False)
+    with open(path(job_id, "job.yaml"), "w") as f:
+        f.write(job_text)
+    record = {"id": job_id, "state": "queued", "created": now(), "host": socket.gethostname(),
+              **record}
+    write(job_id, record)
+    return record
+
+
+def write(job_id: str, record: dict) -> None:
+    tmp = path(job_id, f".record.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    os.replace(tmp, path(job_id, "record.json"))
+
+
+def load(job_id: str) -> dict:
+    try:
+        with open(path(job_id, "record.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"no job {job_id!r} under {jobs_dir()}; `mx list` shows the jobs") from None
+
+
+def update(job_id: str, record: dict, **fields) -> dict:
+    record.update(fields)
+    write(job_id, record)
+    return record
+
+
+def find(prefix: str) -> str:
+    """The job id that ``prefix`` names (a full id or a unique prefix)."""
+    ids = all_ids()
+    if prefix in ids:
+        return prefix
+    matches = [i for i in ids if i.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UserError(f"no job matches {prefix!r}; `mx list` shows the jobs (MX_HOME={home()})")
+    raise UserError(f"{prefix!r} matches {len(matches)} jobs ({', '.join(matches[:3])}, ...); "
+                    f"give more of the id")
+
+
+def all_ids() -> list[str]:
+    if not os.path.isdir(jobs_dir()):
+        return []
+    return sorted(d for d in os.listdir(jobs_dir())
+                  if os.path.isfile(os.path.join(jobs_dir(), d, "record.json")))
+
+
+def effective_state(record: dict) -> str:
+    """The recorded state, or 'lost' for a live state whose runner process is gone."""
+    state = record.get("state", "?")
+    if state in FINAL or record.get("host") != socket.gethostname():
+        return state
+    pid = record.get("pid")
+    if pid and not _alive(pid):
+        return "lost"
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Log:
+    """Appends timestamped lines to a job's log; optionally echoes them."""
+
+    def __init__(self, job_id: str, echo=None):
+        self.file = path(job_id, "log")
+        self.echo = echo
+
+    def __call__(self, line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with open(self.file, "a") as f:
+            for part in str(line).splitlines() or [""]:
+                f.write(f"{stamp} {part}\n")
+        if self.echo is not None:
+            self.echo(line)
+
+
+def request_cancel(job_id: str) -> None:
+    with open(path(job_id, "cancel"), "w") as f:
+        f.write(now() + "\n")
+
+
+def cancel_requested(job_id: str) -> bool:
+    return os.path.exists(path(job_id, "cancel"))

@@ -1,0 +1,169 @@
+"""The job spec: what a job file may say, validated, with errors that name the field and the fix.
+
+A job file is YAML::
+
+    name: gemm-demo                # optional
+    backend: ray                   # ray (default) | local | mpi
+    resources: {workers: 4, gpus: 0, address: null}
+    steps:
+      - id: c
+        op: gemm
+        inputs: {a: data/A.zarr, b: data/B.zarr}    # "step:<id>" names an earlier step's output
+        output: data/C.zarr
+        params: {algorithm: auto}
+
+Relative paths resolve against the job file's folder. Op-specific checks (inputs, params,
+shapes) belong to each op and run in ``mx.tasks.plan``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mx.errors import UserError
+
+STEP_REF = "step:"
+BACKENDS = ("ray", "local", "mpi")
+
+
+class Strict(BaseModel):
+    """Base of every spec model: unknown keys are errors, values are not coerced from strings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Resources(Strict):
+    workers: int | None = Field(default=None, ge=1, le=4096)
+    gpus: int = Field(default=0, ge=0, le=4096)
+    address: str | None = None
+
+    def worker_count(self) -> int:
+        """Workers asked for, or one per GPU, or 4 CPU workers."""
+        if self.workers is not None:
+            return self.workers
+        return self.gpus if self.gpus > 0 else 4
+
+
+class Step(Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    op: str
+    inputs: dict[str, str]
+    output: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_nonempty(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not path:
+                raise ValueError(f"input '{name}' is empty; give a path or step:<id>")
+        return value
+
+
+class Job(Strict):
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    backend: Literal["ray", "local", "mpi"] = "ray"
+    resources: Resources = Field(default_factory=Resources)
+    steps: list[Step] = Field(min_length=1)
+
+
+def load(path: str) -> tuple[Job, str]:
+    """Read and validate a job file; returns the job and the folder relative paths resolve in."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the job file ({exc.strerror})") from None
+    return parse(text, source=path), os.path.dirname(os.path.abspath(path))
+
+
+def parse(text: str, source: str = "job") -> Job:
+    """Validate job-file text (YAML) into a ``Job``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{source}:{where} malformed YAML ({problem}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a job file must be a YAML mapping with a 'steps' list, "
+                        f"got {type(data).__name__}")
+    return validate(Job, data, source)
+
+
+def validate(model: type[BaseModel], data: Any, prefix: str):
+    """Validate ``data`` against ``model``; the first problem becomes a one-line UserError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(describe_error(model, exc.errors()[0], prefix)) from None
+
+
+def describe_error(model: type[BaseModel], err: dict, prefix: str) -> str:
+    loc = err["loc"]
+    where = _location(prefix, loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_fields_at(model, loc[:-1]))
+        return f"{where}: unknown key '{loc[-1]}'; allowed keys here: {allowed}"
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    message = err["msg"]
+    message = message[0].lower() + message[1:]
+    return f"{where}: {message} (got {err.get('input')!r})"
+
+
+def _location(prefix: str, loc: tuple) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the sub-model reached by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        current = _unwrap(field.annotation)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    for arg in (typing.get_args(annotation) or (annotation,)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = _unwrap(arg) if typing.get_args(arg) else None
+        if inner is not None:
+            return inner
+    return annotation
+
+
+def step_ref(value: str) -> str | None:
+    """The step id named by ``step:<id>``, or None for a path."""
+    if value.startswith(STEP_REF):
+        return value[len(STEP_REF):]
+    return None
+
+
+def resolve_path(value: str, base: str) -> str:
+    """An input/output path resolved against the job file's folder (``~`` expanded)."""
+    path = os.path.expanduser(value)
+    if not os.path.isabs(path):
+        path = os.path.join(base, path)
+    return os.path.normpath(path)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "job"
