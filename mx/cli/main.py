@@ -157,21 +157,18 @@ def logs(job: str, follow: bool) -> None:
 
 @cli.command()
 @click.argument("job")
-@click.option("--wait/--no-wait", default=True, help="Wait until the job has stopped.")
-def cancel(job: str, wait: bool) -> None:
+@click.option("--timeout", default=60.0, show_default=True,
+              help="Seconds to wait for the job to stop before killing its runner.")
+def cancel(job: str, timeout: float) -> None:
     """Cancel a queued or running job: workers stop, no output is committed."""
     from mx.tasks import jobs, record
 
     try:
         job_id = record.find(job)
-        jobs.cancel(job_id)
-        if wait:
-            rec = jobs.wait(job_id, timeout=120)
-            click.echo(f"{job_id} {record.effective_state(rec)}")
-        else:
-            click.echo(f"{job_id} cancelling")
-    except (UserError, TimeoutError) as exc:
-        _fail(exc if isinstance(exc, UserError) else JobFailed(str(exc)))
+        rec = jobs.cancel(job_id, timeout)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"{job_id} {record.effective_state(rec)}")
 
 
 @cli.command(name="list")

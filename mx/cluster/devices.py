@@ -16,7 +16,7 @@ def gpu_count() -> tuple[int, str]:
     try:
         import cupy
     except Exception as exc:  # ImportError, or a CUDA library that fails to load
-        return 0, f"CuPy is not importable ({type(exc).__name__}: {exc}); install mx[gpu]"
+        return 0, f"CuPy is not importable: {exc}; install mx[gpu]"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
@@ -27,9 +27,9 @@ def gpu_count() -> tuple[int, str]:
 def require_gpus(wanted: int, available: int, why: str, where: str) -> None:
     if wanted > available:
         have = f"{available} GPU{'s' if available != 1 else ''}"
-        detail = f": {why}" if why and not available else ""
-        raise UserError(f"resources.gpus: {wanted} asked for but {where} has {have}{detail}; "
-                        f"set gpus to at most {available}" + (" (0 runs on CPUs)" if not available else ""))
+        detail = f" ({why})" if why and not available else ""
+        fix = "set gpus: 0 to run on CPUs" if not available else f"set gpus to at most {available}"
+        raise UserError(f"resources.gpus: {wanted} asked for but {where} has {have}{detail}; {fix}")
 
 
 def array_module(gpu: bool):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from dask._task_spec import convert_legacy_graph
@@ -26,9 +27,6 @@ class LocalBackend:
     def __init__(self, workers: int, gpus: int = 0):
         self.workers = workers
         self.gpu = gpus > 0
-        if self.gpu:
-            count, why = devices.gpu_count()
-            devices.require_gpus(gpus, count, why, "this machine")
         self.xp = devices.array_module(self.gpu)
 
     def start(self, log: Callable[[str], None]) -> list[dict]:
@@ -57,7 +55,7 @@ class LocalBackend:
                 raise JobCancelled("cancelled")
             keys = unit_keys(graph, unit)
             if unit[0] == "gang":
-                results = self._run_gang(graph, unit[1], keys, store, advance)
+                results = self._run_gang(graph, unit[1], keys, store, advance, cancelled)
             else:
                 key = keys[0]
                 values = {d: store[d] for d in graph.dependencies(key)}
@@ -75,7 +73,7 @@ class LocalBackend:
                         store.pop(dep, None)
         return infos
 
-    def _run_gang(self, graph, name, keys, store, advance):
+    def _run_gang(self, graph, name, keys, store, advance, cancelled):
         mailroom = Mailroom()
         results: list = [None] * len(keys)
         errors: list[BaseException] = []
@@ -95,7 +93,11 @@ class LocalBackend:
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            while t.is_alive():
+                t.join(timeout=0.2)
+                if cancelled():
+                    mailroom.abort(JobCancelled("cancelled"))  # members stop at their next message
+                    raise JobCancelled("cancelled")
         if errors:
             # the first failure is the cause; the others are peers told to stop
             causes = [e for e in errors if not isinstance(e.__cause__, GangAborted)]
@@ -116,6 +118,8 @@ def _consumer_counts(graph: StepGraph) -> dict:
 
 def get(dsk, keys, **kwargs):
     """A Dask scheduler: run a (legacy or task-spec) graph in this process, return ``keys``."""
+    if not isinstance(dsk, Mapping):  # dask hands schedulers an expression
+        dsk = dsk.__dask_graph__()
     graph_dsk = convert_legacy_graph(dict(dsk))
     flat = list(_flatten(keys))
     graph = StepGraph(dsk=graph_dsk, placement={k: 0 for k in graph_dsk}, outputs=flat)

@@ -110,12 +110,6 @@ class RayBackend:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, log: Callable[[str], None]) -> list[dict]:
         gpu = self.gpus > 0
-        if gpu and self.workers != self.gpus:
-            raise UserError(f"resources: workers ({self.workers}) must equal gpus ({self.gpus}): "
-                            f"mx runs one worker per GPU; drop 'workers' or make them equal")
-        if self.address is None and gpu:
-            count, why = devices.gpu_count()
-            devices.require_gpus(self.gpus, count, why, "this machine")
         cpus_each = self._connect(log)
         if gpu:
             have = int(ray.cluster_resources().get("GPU", 0))

@@ -91,6 +91,7 @@ def run(job_id: str, *, echo: Callable[[str], None] | None = None,
     log(f"job {job_id}: running in pid {os.getpid()} on {rec['host']}")
     t0 = time.perf_counter()
     previous = _catch_terminate()
+    cancelled = lambda: record.cancel_requested(job_id)  # noqa: E731
     backend = None
     tmp = None
     state, error = "failed", None
@@ -101,13 +102,16 @@ def run(job_id: str, *, echo: Callable[[str], None] | None = None,
         with _phase(log, "start workers"):
             backend.start(log)
         for sp in job_plan.steps:
+            if cancelled():
+                raise JobCancelled("cancelled")
             tmp = commit.begin(sp.output, job_id)
-            _run_step(job_id, rec, sp, backend, tmp, log, progress)
+            _run_step(job_id, rec, sp, backend, tmp, log, progress, cancelled)
             tmp = None
         state = "succeeded"
         log(f"job {job_id}: succeeded in {time.perf_counter() - t0:.2f} s")
-    except JobCancelled:
-        state, error = "cancelled", "cancelled by request"
+    except (JobCancelled, SystemExit) as exc:
+        # Ray's driver turns SIGTERM into SystemExit; either way the job stops here
+        state, error = "cancelled", "cancelled by request" if cancelled() else f"stopped: {exc!r}"
         log(f"job {job_id}: cancelled; no output of the unfinished step was committed")
     except (JobFailed, UserError) as exc:
         error = str(exc)
@@ -148,7 +152,8 @@ def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False):
     return RayBackend(job_plan.workers, res.gpus, address, job_id, dashboard)
 
 
-def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, progress) -> None:
+def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, progress,
+              cancelled) -> None:
     step_rec = rec["steps"][sp.index]
     step_rec.update(state="running", started=record.now())
     record.write(job_id, rec)
@@ -171,7 +176,7 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
             step_rec["progress"] = {"done": done, "total": total}
             record.write(job_id, rec)
 
-    infos = backend.run(graph, on_progress, cancelled=lambda: record.cancel_requested(job_id))
+    infos = backend.run(graph, on_progress, cancelled)
     run_s = time.perf_counter() - t0
     with _phase(log, "commit") as timing:
         import zarr
@@ -228,7 +233,8 @@ def _raise_cancel(signum, frame):
 
 
 def _catch_terminate():
-    """Turn SIGTERM (what ``mx cancel`` sends) into JobCancelled; returns the old handler."""
+    """Turn SIGTERM into JobCancelled until a backend installs its own handler (Ray's driver
+    does); returns the old handler."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -241,20 +247,27 @@ def _restore_terminate(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def cancel(job_id: str) -> dict:
-    """Ask a running job to stop: it removes its temporary outputs and stops its workers."""
+def cancel(job_id: str, timeout: float = 60.0) -> dict:
+    """Ask a job to stop and wait until it has: its workers stop, its temporary outputs are
+    removed. A runner that does not stop within ``timeout`` is terminated (its record then
+    reads 'lost'; the temporaries it leaves are dot-named and never look complete)."""
     rec = record.load(job_id)
     state = record.effective_state(rec)
     if state in record.FINAL:
         raise UserError(f"job {job_id} already {state}; nothing to cancel")
-    record.request_cancel(job_id)
-    pid = rec.get("pid")
-    if pid and state != "lost":
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    return rec
+    record.request_cancel(job_id)  # the runner polls for this between and inside steps
+    if state == "lost":
+        return rec
+    try:
+        return wait(job_id, timeout)
+    except TimeoutError:
+        pid = rec.get("pid")
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return record.load(job_id)
 
 
 def wait(job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:

@@ -46,6 +46,7 @@ def plan_job(job: spec.Job, base: str) -> JobPlan:
         raise UserError("backend: mpi is not available in this version of mx; use ray (the "
                         "default) or local")
     workers = job.resources.worker_count()
+    check_resources(job.resources, workers)
     registry = ops.registry()
     planned: dict[str, tuple[str, Any]] = {}  # step id -> (output path, output info)
     first_use: dict[str, str] = {}  # resolved path -> where it is first read or written
@@ -108,6 +109,19 @@ def plan_job(job: spec.Job, base: str) -> JobPlan:
                 raise UserError(f"steps[{index}].inputs.{name}: {value} is written by a step of "
                                 f"this job; refer to it as step:<id> so the order is explicit")
     return JobPlan(job=job, base=base, workers=workers, steps=steps)
+
+
+def check_resources(res: spec.Resources, workers: int) -> None:
+    """GPUs asked for must exist (checked here for a local run; a cluster is checked when the
+    job connects to it), and there is one worker per GPU."""
+    if res.gpus > 0 and workers != res.gpus:
+        raise UserError(f"resources: workers ({workers}) must equal gpus ({res.gpus}): mx runs one "
+                        f"worker per GPU; drop 'workers' or make them equal")
+    if res.gpus > 0 and res.address is None:
+        from mx.cluster import devices
+
+        count, why = devices.gpu_count()
+        devices.require_gpus(res.gpus, count, why, "this machine")
 
 
 def _inspect(kind: str, path: str, where: str):

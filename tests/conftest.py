@@ -1,0 +1,76 @@
+"""Shared fixtures: a private MX_HOME per test, one real local Ray for the session, and
+random Zarr matrices of awkward shapes written with plain zarr (not by mx)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+RAY_CPUS = 9  # logical CPUs: enough for a 3×3 grid of one-CPU workers
+
+
+@pytest.fixture(autouse=True)
+def mx_home(tmp_path, monkeypatch):
+    home = tmp_path / "mx-home"
+    monkeypatch.setenv("MX_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray shared by the tests that run jobs in-process (mx uses it as is)."""
+    import ray
+
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR", namespace="mx")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def rng():
+    # fresh inputs on every run; the seed is printed on failure by pytest's -l output
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def write_dense(path, values, chunks=None):
+    """Write a matrix the way any Zarr user would, with chunks unrelated to mx's blocks."""
+    values = np.asarray(values)
+    if chunks is None:
+        chunks = (max(1, values.shape[0] // 3 + 1), max(1, values.shape[1] // 2 + 1))
+    arr = zarr.create_array(store=str(path), shape=values.shape, chunks=chunks,
+                            dtype=values.dtype, zarr_format=3, overwrite=True)
+    arr[...] = values
+    return str(path)
+
+
+def read_dense(path):
+    return np.asarray(zarr.open_array(store=str(path), mode="r")[...])
+
+
+def rel_error(got, ref):
+    ref = np.asarray(ref, dtype=np.float64)
+    denom = np.linalg.norm(ref)
+    return np.linalg.norm(np.asarray(got, dtype=np.float64) - ref) / (denom if denom else 1.0)
+
+
+def leftovers(folder):
+    """Dot-named temporaries mx may have left in a folder."""
+    return [e for e in os.listdir(folder) if ".mx-tmp-" in e or ".mx-old-" in e]
+
+
+def mx_cli(*args, env=None, timeout=600, check=False):
+    """Run the installed `mx` command in a subprocess (as a user would)."""
+    cmd = [sys.executable, "-m", "mx.cli.main", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,141 @@
+"""Every kind of bad input: a one-line error naming the field or file and the fix, exit code 2,
+and nothing written (no job record, no output, no temporary)."""
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import write_dense
+from mx.cli.main import cli
+
+GOOD_STEP = """  - id: c
+    op: gemm
+    inputs: {a: A.zarr, b: B.zarr}
+    output: C.zarr
+"""
+
+
+@pytest.fixture
+def inputs(tmp_path, rng):
+    write_dense(tmp_path / "A.zarr", rng.random((13, 7)))
+    write_dense(tmp_path / "B.zarr", rng.random((7, 5)))
+    return tmp_path
+
+
+def submit(folder, text):
+    job = folder / "job.yaml"
+    job.write_text(text)
+    result = CliRunner().invoke(cli, ["submit", str(job)])
+    return result
+
+
+def assert_rejected(folder, result, *needles):
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.startswith("mx: error: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    assert not (folder / "C.zarr").exists()
+    assert not [e for e in os.listdir(folder) if e.startswith(".")]
+    home = os.environ["MX_HOME"]
+    assert not os.path.exists(os.path.join(home, "jobs")) or not os.listdir(os.path.join(home, "jobs"))
+
+
+def job(top="", steps=GOOD_STEP):
+    return top + "steps:\n" + steps
+
+
+BAD_JOBS = {
+    "malformed yaml": ("steps: [\n  - id: c\n    op: gemm\n   inputs: {", ["malformed YAML", "line"]),
+    "not a mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
+    "no steps": ("backend: local\n", ["steps", "required field is missing"]),
+    "unknown op": (job(steps=GOOD_STEP.replace("op: gemm", "op: gemmm")),
+                   ["steps[0].op", "unknown op 'gemmm'", "gemm"]),
+    "unknown top key": (job("stepz: []\n"), ["unknown key 'stepz'", "allowed keys here"]),
+    "unknown step key": (job(steps=GOOD_STEP + "    parms: {}\n"), ["steps[0]", "unknown key 'parms'", "params"]),
+    "unknown resource key": (job("resources: {worker: 4}\n"), ["resources", "unknown key 'worker'", "workers"]),
+    "unknown param": (job(steps=GOOD_STEP + "    params: {algo: cannon}\n"),
+                      ["steps[0].params", "unknown key 'algo'", "algorithm"]),
+    "bad param value": (job(steps=GOOD_STEP + "    params: {algorithm: canon}\n"),
+                        ["steps[0].params.algorithm", "'canon'"]),
+    "bad workers": (job("resources: {workers: 0}\n"), ["resources.workers", "greater than or equal to 1"]),
+    "string workers": (job("resources: {workers: four}\n"), ["resources.workers", "'four'"]),
+    "bad backend": (job("backend: spark\n"), ["backend", "'spark'"]),
+    "missing input": (job(steps=GOOD_STEP.replace("A.zarr", "nope.zarr")),
+                      ["steps[0].inputs.a", "nope.zarr does not exist"]),
+    "missing input name": (job(steps=GOOD_STEP.replace("a: A.zarr, ", "")), ["steps[0].inputs", "missing input 'a'"]),
+    "extra input name": (job(steps=GOOD_STEP.replace("b: B.zarr", "b: B.zarr, c: B.zarr")), ["unknown input 'c'"]),
+    "output is input": (job(steps=GOOD_STEP.replace("output: C.zarr", "output: ./A.zarr")),
+                        ["steps[0].output", "is also input 'a'"]),
+    "cannon on 3 workers": (job("resources: {workers: 3}\n", GOOD_STEP + "    params: {algorithm: cannon}\n"),
+                            ["steps[0].params.algorithm", "square number of workers", "summa"]),
+    "unknown step ref": (job(steps=GOOD_STEP.replace("a: A.zarr", "a: step:zz")), ["steps[0].inputs.a", "step:zz"]),
+    "duplicate step id": (job(steps=GOOD_STEP + GOOD_STEP.replace("C.zarr", "D.zarr")), ["steps[1].id", "already"]),
+    "two steps one output": (job(steps=GOOD_STEP + GOOD_STEP.replace("id: c", "id: d")),
+                             ["steps[1].output", "already the output"]),
+    "gpus without a gpu": (job("resources: {gpus: 1}\n"), ["resources.gpus", "GPU"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JOBS))
+def test_bad_job_files(inputs, case):
+    text, needles = BAD_JOBS[case]
+    if case == "gpus without a gpu":
+        from mx.cluster import devices
+        if devices.gpu_count()[0] > 0:
+            pytest.skip("this machine has a GPU")
+    assert_rejected(inputs, submit(inputs, text), *needles)
+
+
+def test_shape_mismatch(inputs, rng):
+    write_dense(inputs / "B8.zarr", rng.random((8, 5)))
+    result = submit(inputs, "steps:\n" + GOOD_STEP.replace("B.zarr", "B8.zarr"))
+    assert_rejected(inputs, result, "steps[0]", "A is 13×7 but B is 8×5", "7 ≠ 8")
+
+
+def test_three_d_array(inputs, rng):
+    arr = zarr.create_array(store=str(inputs / "T.zarr"), shape=(2, 3, 4), dtype="f8")
+    arr[...] = rng.random((2, 3, 4))
+    result = submit(inputs, "steps:\n" + GOOD_STEP.replace("A.zarr", "T.zarr"))
+    assert_rejected(inputs, result, "steps[0].inputs.a", "3-D", "2-D")
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "U3"])
+def test_non_real_array(inputs, dtype):
+    arr = zarr.create_array(store=str(inputs / "X.zarr"), shape=(13, 7), dtype=dtype)
+    assert arr.shape == (13, 7)
+    result = submit(inputs, "steps:\n" + GOOD_STEP.replace("A.zarr", "X.zarr"))
+    assert_rejected(inputs, result, "steps[0].inputs.a", "not a real number type")
+
+
+def test_group_instead_of_array(inputs):
+    zarr.open_group(str(inputs / "G.zarr"), mode="w")
+    result = submit(inputs, "steps:\n" + GOOD_STEP.replace("B.zarr", "G.zarr"))
+    assert_rejected(inputs, result, "steps[0].inputs.b", "Zarr group")
+
+
+def test_foreign_output_is_never_replaced(inputs):
+    (inputs / "C.zarr").write_text("precious")
+    job = inputs / "job.yaml"
+    job.write_text("steps:\n" + GOOD_STEP)
+    result = CliRunner().invoke(cli, ["submit", str(job)])
+    assert result.exit_code == 2
+    assert "steps[0].output" in result.output and "not written by mx" in result.output
+    assert (inputs / "C.zarr").read_text() == "precious"
+
+
+def test_missing_job_file(tmp_path):
+    result = CliRunner().invoke(cli, ["submit", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "no such job file" in result.output
+
+
+def test_data_random_bad_arguments(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape", "3"])
+    assert result.exit_code == 2 and "--shape" in result.output
+    result = runner.invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape", "0,3"])
+    assert result.exit_code == 2 and "at least 1" in result.output
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,77 @@
+"""Input generators and importers: random dense matrices, Matrix Market files."""
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+from click.testing import CliRunner
+
+from conftest import read_dense
+from mx.cli.main import cli
+from mx.storage import sparse
+
+
+def test_random_is_reproducible_and_shaped(tmp_path):
+    runner = CliRunner()
+    for name in ("X", "Y"):
+        result = runner.invoke(cli, ["data", "random", str(tmp_path / f"{name}.zarr"), "--shape",
+                                     "37,53", "--chunks", "10,20", "--seed", "5", "--dtype", "float32"])
+        assert result.exit_code == 0, result.output
+    x, y = read_dense(tmp_path / "X.zarr"), read_dense(tmp_path / "Y.zarr")
+    assert x.shape == (37, 53) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, y)
+    assert 0 <= x.min() and x.max() < 1 and x.std() > 0.2
+    result = runner.invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape", "3,3"])
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = runner.invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape", "3,4",
+                                 "--overwrite", "--seed", "6"])
+    assert result.exit_code == 0 and read_dense(tmp_path / "X.zarr").shape == (3, 4)
+    info = runner.invoke(cli, ["data", "info", str(tmp_path / "X.zarr")])
+    assert "dense 3×4 <f8" in info.output
+
+
+def test_import_dense_array_file(tmp_path, rng):
+    values = rng.standard_normal((23, 11))
+    scipy.io.mmwrite(str(tmp_path / "m.mtx"), values)
+    result = CliRunner().invoke(cli, ["data", "import", str(tmp_path / "m.mtx"), str(tmp_path / "M.zarr")])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(read_dense(tmp_path / "M.zarr"), values, rtol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["general", "symmetric", "pattern", "integer"])
+def test_import_coordinate_file(tmp_path, rng, kind):
+    m = sp.random(41, 41 if kind == "symmetric" else 29, density=0.1, random_state=int(rng.integers(1 << 30)),
+                  format="coo")
+    if kind == "symmetric":
+        m = (m + m.T).tocoo()
+    if kind == "integer":
+        m.data = np.ceil(m.data * 10)
+    if kind == "pattern":
+        m.data[:] = 1.0
+    field = {"pattern": "pattern", "integer": "integer"}.get(kind)
+    scipy.io.mmwrite(str(tmp_path / "s.mtx"), m, field=field,
+                     symmetry="symmetric" if kind == "symmetric" else None)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["data", "import", str(tmp_path / "s.mtx"), str(tmp_path / "S.zarr")])
+    assert result.exit_code == 0, result.output
+    got = sparse.read_csr(str(tmp_path / "S.zarr"))
+    np.testing.assert_allclose(got.toarray(), m.toarray())
+    assert (np.diff(got.indptr) >= 0).all()
+    for r in range(got.shape[0]):  # sorted, no duplicates within each row
+        cols = got.indices[got.indptr[r]:got.indptr[r + 1]]
+        assert (np.diff(cols) > 0).all()
+    rows = sparse.read_csr(str(tmp_path / "S.zarr"), rows=(5, 17))
+    np.testing.assert_allclose(rows.toarray(), m.toarray()[5:17])
+    result = runner.invoke(cli, ["data", "import", "--dense", str(tmp_path / "s.mtx"), str(tmp_path / "D.zarr")])
+    assert result.exit_code == 0
+    np.testing.assert_allclose(read_dense(tmp_path / "D.zarr"), m.toarray())
+
+
+def test_import_rejects_complex_and_garbage(tmp_path):
+    scipy.io.mmwrite(str(tmp_path / "c.mtx"), np.array([[1 + 2j, 3]]))
+    (tmp_path / "g.mtx").write_text("hello\n")
+    runner = CliRunner()
+    for name in ("c.mtx", "g.mtx", "missing.mtx"):
+        result = runner.invoke(cli, ["data", "import", str(tmp_path / name), str(tmp_path / "O.zarr")])
+        assert result.exit_code == 2, result.output
+        assert not (tmp_path / "O.zarr").exists()

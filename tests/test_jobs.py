@@ -1,0 +1,136 @@
+"""Job lifecycle on real Ray and real Zarr: the CLI end to end, failures and cancels that
+leave no committed output and never damage an existing one."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+import mx
+from conftest import leftovers, mx_cli, read_dense, rel_error, write_dense
+from mx.errors import JobFailed
+
+JOB = """name: {name}
+backend: {backend}
+resources: {{workers: {workers}}}
+steps:
+  - id: c
+    op: gemm
+    inputs: {{a: A.zarr, b: B.zarr}}
+    output: out/C.zarr
+"""
+
+
+def test_cli_end_to_end_starts_and_stops_its_own_ray(tmp_path):
+    """The README's demo path, in subprocesses: data, submit (local Ray), list, status, logs."""
+    mx_cli("data", "random", tmp_path / "A.zarr", "--shape", "301,203", "--chunks", "100,64",
+           "--seed", "1", check=True)
+    mx_cli("data", "random", tmp_path / "B.zarr", "--shape", "203,150", "--chunks", "64,64",
+           "--seed", "2", "--dtype", "float64", check=True)
+    (tmp_path / "job.yaml").write_text(JOB.format(name="e2e", backend="ray", workers=4))
+    proc = mx_cli("submit", tmp_path / "job.yaml", check=True)
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("e2e-")
+    a, b = read_dense(tmp_path / "A.zarr"), read_dense(tmp_path / "B.zarr")
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
+    assert "started a local Ray" in proc.stderr and "algorithm cannon on a 2×2 grid" in proc.stderr
+
+    listing = mx_cli("list", check=True).stdout
+    assert job_id in listing and "succeeded" in listing
+    status = mx_cli("status", job_id[:8], check=True).stdout
+    assert "state    succeeded" in status and "compute" in status
+    log = mx_cli("logs", job_id, check=True).stdout
+    for needle in ("worker 3: actor", "grid", "read", "write", "commit", "succeeded"):
+        assert needle in log
+    assert not leftovers(tmp_path / "out")
+
+
+def corrupt_a_chunk(path):
+    chunk = os.path.join(path, "c", "1", "0")
+    with open(chunk, "wb") as f:
+        f.write(b"definitely not zstd")
+
+
+def test_failed_job_commits_nothing_and_keeps_the_old_output(tmp_path, rng, ray_session):
+    a = rng.random((120, 90))
+    write_dense(tmp_path / "A.zarr", a, chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    job = JOB.format(name="fail", backend="ray", workers=4)
+    mx.submit(job, base=str(tmp_path))
+    before = read_dense(tmp_path / "out/C.zarr")
+    stamp = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]
+
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)) + 1, chunks=(30, 30))
+    corrupt_a_chunk(tmp_path / "A.zarr")
+    with pytest.raises(JobFailed) as err:
+        mx.submit(job, base=str(tmp_path))
+    message = str(err.value)
+    assert "read" in message and "worker" in message
+    np.testing.assert_array_equal(read_dense(tmp_path / "out/C.zarr"), before)
+    assert json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"] == stamp
+    assert not leftovers(tmp_path / "out")
+    failed = [j for j in os.listdir(os.path.join(os.environ["MX_HOME"], "jobs")) if j.startswith("fail")]
+    states = sorted(mx.status(j)["state"] for j in failed)
+    assert states == ["failed", "succeeded"]
+
+
+def test_failure_on_local_backend_too(tmp_path, rng):
+    write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    corrupt_a_chunk(tmp_path / "A.zarr")
+    with pytest.raises(JobFailed):
+        mx.submit(JOB.format(name="lf", backend="local", workers=4), base=str(tmp_path))
+    assert not (tmp_path / "out" / "C.zarr").exists()
+    assert not leftovers(tmp_path / "out")
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("backend", ["ray", "local"])
+def test_cancel_a_detached_job(tmp_path, backend):
+    n = 2600
+    mx_cli("data", "random", tmp_path / "A.zarr", "--shape", f"{n},{n}", check=True)
+    mx_cli("data", "random", tmp_path / "B.zarr", "--shape", f"{n},{n}", "--seed", "3", check=True)
+    (tmp_path / "job.yaml").write_text(JOB.format(name="cx", backend=backend, workers=4))
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
+    wait_for(lambda: mx.status(job_id)["steps"][0]["state"] == "running", 120, "the step to start")
+    proc = mx_cli("cancel", job_id, check=True)
+    assert "cancelled" in proc.stdout
+    rec = mx.status(job_id)
+    assert rec["state"] == "cancelled", rec
+    assert not (tmp_path / "out" / "C.zarr").exists()
+    assert not leftovers(tmp_path / "out")
+    pid = rec["pid"]
+    wait_for(lambda: not _alive(pid), 30, "the runner to exit")
+    assert "cancelled" in mx.logs(job_id)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_rerun_replaces_an_mx_output_only_when_complete(tmp_path, rng):
+    a = rng.random((50, 40))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", rng.random((40, 30)))
+    job = JOB.format(name="rr", backend="local", workers=1)
+    mx.submit(job, base=str(tmp_path))
+    b2 = rng.random((40, 30))
+    write_dense(tmp_path / "B.zarr", b2)
+    mx.submit(job, base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b2) < 1e-12
+    assert not leftovers(tmp_path / "out")
