@@ -45,63 +45,111 @@ def done(value: Any = None) -> Request:
 
 
 class Comm:
-    """Point-to-point and broadcast among the ranks of one gang."""
+    """Point-to-point and broadcast among the ranks of one gang.
+
+    ``start`` is the one primitive a transport implements: it posts a batch of sends and
+    receives together (NCCL needs a whole exchange in one group to avoid deadlock) and returns
+    a request whose ``wait()`` gives the received values in order. A receive names the shape
+    and dtype it expects, so a GPU transport can allocate the buffer; the others ignore them.
+    """
 
     rank: int
     size: int
     transport: str = "?"
 
+    def start(self, sends: list[tuple], recvs: list[tuple]) -> Request:
+        """sends: (value, dest, tag); recvs: (source, tag, shape, dtype)."""
+        raise NotImplementedError
+
     def isend(self, value: Any, dest: int, tag: Hashable) -> Request:
-        raise NotImplementedError
+        return self.start([(value, dest, tag)], [])
 
-    def irecv(self, source: int, tag: Hashable) -> Request:
-        raise NotImplementedError
+    def irecv(self, source: int, tag: Hashable, shape=None, dtype=None) -> Request:
+        request = self.start([], [(source, tag, shape, dtype)])
+        return Request(lambda: request.wait()[0])
 
-    def ibcast(self, value: Any, root: int, group: list[int], tag: Hashable) -> Request:
+    def ibcast(self, value: Any, root: int, group: list[int], tag: Hashable, shape=None,
+               dtype=None) -> Request:
         """Broadcast ``value`` from ``root`` to every rank in ``group`` (which holds root and
         this rank); the request's value is the broadcast value on every member."""
         if self.rank == root:
-            for dest in group:
-                if dest != root:
-                    self.isend(value, dest, tag)
-            return done(value)
-        return self.irecv(root, tag)
-
-    def sendrecv(self, value: Any, dest: int, source: int, tag: Hashable) -> Any:
-        send = self.isend(value, dest, tag)
-        received = self.irecv(source, tag).wait()
-        send.wait()
-        return received
+            request = self.start([(value, dest, tag) for dest in group if dest != root], [])
+            return Request(lambda: (request.wait(), value)[1])
+        return self.irecv(root, tag, shape, dtype)
 
     def barrier(self, tag: Hashable = "barrier") -> None:
-        for peer in range(self.size):
-            if peer != self.rank:
-                self.isend(None, peer, ("barrier", tag))
-        for peer in range(self.size):
-            if peer != self.rank:
-                self.irecv(peer, ("barrier", tag)).wait()
+        peers = [p for p in range(self.size) if p != self.rank]
+        self.start([(0, p, ("barrier", tag)) for p in peers],
+                   [(p, ("barrier", tag), (), "int64") for p in peers]).wait()
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
 class GangContext:
-    """What a gang member's program receives: its communicator, array module, timers."""
+    """What a gang member's program receives: its communicator, array module, timers.
+
+    On CuPy, ``timed`` records CUDA events on the current stream instead of reading the host
+    clock (launches are asynchronous): a timed product measures the product's GPU time, a timed
+    wait measures how long the compute stream stalled for a shift. ``finish`` turns the events
+    into seconds once the device work is done.
+    """
 
     comm: Comm
     xp: Any
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    counters: dict[str, int] = field(default_factory=dict)  # events (summed over workers)
     advance: Callable[[int], None] = lambda n: None  # report progress units done
+    events: list = field(default_factory=list)
+
+    @property
+    def gpu(self) -> bool:
+        return self.xp.__name__ != "numpy"
 
     @contextmanager
     def timed(self, phase: str):
+        if self.gpu:
+            stream = self.xp.cuda.get_current_stream()
+            start = stream.record()
+            try:
+                yield
+            finally:
+                self.events.append((phase, start, stream.record()))
+            return
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.stats[phase] = self.stats.get(phase, 0.0) + time.perf_counter() - start
+            self.add_time(phase, time.perf_counter() - start)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.stats[phase] = self.stats.get(phase, 0.0) + seconds
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
     def wait(self, request: Request, phase: str = "wait") -> Any:
         with self.timed(phase):
             return request.wait()
+
+    def finish(self) -> None:
+        """Wait for queued device work and convert recorded events to seconds."""
+        if not self.gpu:
+            return
+        self.xp.cuda.get_current_stream().synchronize()
+        for phase, start, end in self.events:
+            self.add_time(phase, self.xp.cuda.get_elapsed_time(start, end) / 1000.0)
+        self.events.clear()
+
+    def to_host(self, block):
+        """A device block as a NumPy array (for writing to storage)."""
+        if not self.gpu:
+            return block
+        start = time.perf_counter()
+        host = self.xp.asnumpy(block)
+        self.add_time("to-host", time.perf_counter() - start)
+        return host
 
 
 class Mailroom:
@@ -141,10 +189,8 @@ class LocalComm(Comm):
         self.rank = rank
         self.size = size
 
-    def isend(self, value, dest, tag):
-        self.mailroom.post((self.rank, dest, tag), value)
-        return done()
-
-    def irecv(self, source, tag):
-        key = (source, self.rank, tag)
-        return Request(lambda: self.mailroom.take(key))
+    def start(self, sends, recvs):
+        for value, dest, tag in sends:
+            self.mailroom.post((self.rank, dest, tag), value)
+        keys = [(source, self.rank, tag) for source, tag, _, _ in recvs]
+        return Request(lambda: [self.mailroom.take(key) for key in keys])

@@ -32,6 +32,21 @@ def require_gpus(wanted: int, available: int, why: str, where: str) -> None:
         raise UserError(f"resources.gpus: {wanted} asked for but {where} has {have}{detail}; {fix}")
 
 
+def select_gpu(ray_gpu_ids: list) -> int:
+    """Make this process use its assigned GPU. Ray masks the others with CUDA_VISIBLE_DEVICES
+    (then the GPU is device 0), unless RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES is set (then
+    the id Ray assigned is used directly)."""
+    import os
+
+    import cupy
+
+    device = 0
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES") and ray_gpu_ids:
+        device = int(ray_gpu_ids[0])
+    cupy.cuda.Device(device).use()
+    return device
+
+
 def array_module(gpu: bool):
     if not gpu:
         return np

@@ -49,7 +49,8 @@ def run(key: Key, node, values: dict, worker: int, label: str | None,
         raise TaskError(key, worker, exc) from exc
     info = {"key": key, "worker": worker, "label": label, "start": start_wall,
             "seconds": time.perf_counter() - start,
-            "stats": dict(gang.stats) if gang is not None else {}}
+            "stats": dict(gang.stats) if gang is not None else {},
+            "counters": dict(gang.counters) if gang is not None else {}}
     return value, info
 
 

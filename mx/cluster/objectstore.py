@@ -59,33 +59,31 @@ class ObjectStoreComm(Comm):
         self.size = size
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"mx-send-{gang}")
 
-    def isend(self, value: Any, dest: int, tag: Hashable) -> Request:
-        key = (self.gang, self.rank, dest, tag)
+    def start(self, sends, recvs):
+        # one object-store copy per distinct value, one reference per receiver
+        def post():
+            refs: dict[int, Any] = {}
+            posted = []
+            for value, dest, tag in sends:
+                ref = refs.get(id(value))
+                if ref is None:
+                    ref = refs[id(value)] = ray.put(value)
+                # boxed in a list so Ray passes the reference itself, not its value
+                posted.append(self.rendezvous.post.remote((self.gang, self.rank, dest, tag), [ref]))
+            ray.get(posted)
 
-        def send():
-            # boxed in a list so Ray passes the reference itself, not its value
-            ray.get(self.rendezvous.post.remote(key, [ray.put(value)]))
+        sent = self.pool.submit(post) if sends else None
+        pending = [self.rendezvous.take.remote((self.gang, source, self.rank, tag))
+                   for source, tag, _, _ in recvs]
 
-        future = self.pool.submit(send)
-        return Request(future.result)
+        def wait():
+            boxes = ray.get(pending)
+            values = ray.get([box[0] for box in boxes])
+            if sent is not None:
+                sent.result()
+            return values
 
-    def irecv(self, source: int, tag: Hashable) -> Request:
-        pending = self.rendezvous.take.remote((self.gang, source, self.rank, tag))
-        return Request(lambda: ray.get(ray.get(pending)[0]))
-
-    def ibcast(self, value, root, group, tag):
-        if self.rank != root:
-            return self.irecv(root, tag)
-        # one copy in the object store, one reference per receiver
-        keys = [(self.gang, root, dest, tag) for dest in group if dest != root]
-
-        def send():
-            ref = ray.put(value)
-            ray.get([self.rendezvous.post.remote(key, [ref]) for key in keys])
-
-        future = self.pool.submit(send)
-        request = Request(lambda: (future.result(), value)[1])
-        return request
+        return Request(wait)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -45,6 +45,8 @@ class Worker:
         self.rank = rank
         self.gpu = gpu
         self.xp = devices.array_module(gpu)
+        if gpu:
+            devices.select_gpu(ray.get_gpu_ids())
         self.rendezvous = rendezvous
         self.store: dict[Any, Any] = {}
 
@@ -74,17 +76,22 @@ class Worker:
     def _run(self, key, node, local, keep, release, gang, remote, remote_values):
         values = {dep: self.store[dep] for dep in local}
         values.update(zip(remote, remote_values))
-        ctx = name = None
+        ctx = name = control = None
         if gang is not None:
-            name, rank, size = gang
-            comm = ObjectStoreComm(self.rendezvous, name, rank, size)
+            name, rank, size, members = gang
+            control = ObjectStoreComm(self.rendezvous, name, rank, size)
+            comm = control
+            if self.gpu:
+                from mx.cluster.nccl import NcclComm
+
+                comm = NcclComm.for_gang(control, members)
             ctx = GangContext(comm=comm, xp=self.xp,
                               advance=lambda n: self.rendezvous.advance.remote(n))
         try:
             value, info = execute.run(key, node, values, self.rank, None, ctx, name)
         finally:
-            if ctx is not None:
-                ctx.comm.close()
+            if control is not None:
+                control.close()
             for dep in release:
                 self.store.pop(dep, None)
         if keep:
@@ -222,7 +229,8 @@ class RayBackend:
             gang = None
             if key in gang_of:
                 members = graph.gangs[gang_of[key]]
-                gang = (gang_of[key], members.index(key), len(members))
+                gang = (gang_of[key], members.index(key), len(members),
+                        tuple(owner[m] for m in members))
             keep = any(owner[u] == rank for u in users[key])
             args = (key, graph.dsk[key], local, keep, releases[key], gang, key in outputs, remote,
                     *[exported[d] for d in remote])

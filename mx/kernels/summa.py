@@ -9,10 +9,8 @@ before the product of step k (double buffering).
 
 from __future__ import annotations
 
-import numpy as np
-
 from mx.cluster.comm import GangContext
-from mx.kernels import gemm
+from mx.kernels import abft, gemm, precision as prec
 
 
 def a_holder(i: int, k: int, pc: int) -> int:
@@ -26,37 +24,49 @@ def b_holder(k: int, j: int, pr: int) -> int:
 
 
 def run(a_index: list, a_held: list, b_index: list, b_held: list, *, grid: tuple[int, int],
-        panels: int, dtype: str, c_shape: tuple[int, int], ctx: GangContext):
-    """Return this rank's block of C. ``a_held[t]`` is panel A(i, a_index[t]) and
-    ``b_held[t]`` is panel B(b_index[t], j): the panels this rank holds."""
+        inner: list[int], precision: str, verify: str | None, c_shape: tuple[int, int],
+        ctx: GangContext):
+    """Return this rank's block of C (a host array). ``a_held[t]`` is panel A(i, a_index[t])
+    and ``b_held[t]`` is panel B(b_index[t], j): the panels this rank holds; ``inner`` lists
+    the panel widths."""
     comm, xp = ctx.comm, ctx.xp
-    a_panels = dict(zip(a_index, a_held))
-    b_panels = dict(zip(b_index, b_held))
     pr, pc = grid
     if comm.size != pr * pc:
         raise ValueError(f"SUMMA on {pr}×{pc} needs {pr * pc} ranks, the gang has {comm.size}")
     i, j = divmod(comm.rank, pc)
     row = [i * pc + jj for jj in range(pc)]
     col = [ii * pc + j for ii in range(pr)]
+    with ctx.timed("to-device"):
+        a_panels = {k: prec.to_device(xp, p, precision) for k, p in zip(a_index, a_held)}
+        b_panels = {k: prec.to_device(xp, p, precision) for k, p in zip(b_index, b_held)}
+        c = gemm.zeros(xp, tuple(c_shape), prec.output_dtype(precision))
+    stored = prec.stored_dtype(xp, precision)
 
     def start(k):
         a_root = i * pc + a_holder(i, k, pc)
         b_root = b_holder(k, j, pr) * pc + j
-        a = comm.ibcast(a_panels.get(k), a_root, row, ("a", k))
-        b = comm.ibcast(b_panels.get(k), b_root, col, ("b", k))
+        a = comm.ibcast(a_panels.get(k), a_root, row, ("a", k), (c_shape[0], inner[k]), stored)
+        b = comm.ibcast(b_panels.get(k), b_root, col, ("b", k), (inner[k], c_shape[1]), stored)
+        if comm.rank == a_root:
+            ctx.count("bytes-shifted", int(a_panels[k].nbytes) * (pc - 1))
+        if comm.rank == b_root:
+            ctx.count("bytes-shifted", int(b_panels[k].nbytes) * (pr - 1))
         return a, b
 
-    with ctx.timed("to-device"):
-        c = gemm.zeros(xp, tuple(c_shape), np.dtype(dtype))
-    scratch = None
-    pending = start(0) if panels else None
-    for k in range(panels):
+    faults = abft.planned_fault(comm.rank) if verify == "abft" else set()
+    pending = start(0) if inner else None
+    for k in range(len(inner)):
         a_req, b_req = pending
-        a = xp.asarray(ctx.wait(a_req, "bcast-wait"))
-        b = xp.asarray(ctx.wait(b_req, "bcast-wait"))
-        if k + 1 < panels:
+        a = ctx.wait(a_req, "bcast-wait")
+        b = ctx.wait(b_req, "bcast-wait")
+        if k + 1 < len(inner):
             pending = start(k + 1)
         with ctx.timed("compute"):
-            gemm.accumulate(xp, c, a, b, scratch)
+            if verify == "abft":
+                abft.checked_accumulate(xp, c, a, b, precision, ctx.counters,
+                                        f"worker ({i},{j}) panel {k}", k in faults)
+            else:
+                gemm.accumulate(xp, c, a, b, precision)
         ctx.advance(1)
-    return c
+    ctx.finish()
+    return ctx.to_host(c)

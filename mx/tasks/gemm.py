@@ -16,6 +16,7 @@ from dask.task_spec import List, Task, TaskRef
 
 from mx.errors import UserError
 from mx.kernels import cannon, summa
+from mx.kernels import precision as prec
 from mx.storage import dense
 from mx.tasks import blocks
 from mx.tasks.graph import StepGraph, comm_key
@@ -30,6 +31,9 @@ MAX_PANEL = 4096
 
 class GemmParams(Strict):
     algorithm: Literal["cannon", "summa", "auto"] = "auto"
+    # default: fp32 when both inputs are float32, else fp64
+    precision: Literal["fp64", "fp32", "tf32", "bf16"] | None = None
+    verify: Literal["none", "abft"] = "none"
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,9 @@ class GemmPlan:
     m: int
     k: int
     n: int
-    dtype: str
+    dtype: str  # of C
+    precision: str
+    verify: str
     algorithm: str
     reason: str
     grid: tuple[int, int]
@@ -54,7 +60,8 @@ class GemmPlan:
     def describe(self) -> list[str]:
         pr, pc = self.grid
         lines = [f"gemm {self.m}×{self.k} · {self.k}×{self.n} -> {self.m}×{self.n} "
-                 f"{np.dtype(self.dtype).name}, {self.flops / 1e9:.3g} GFLOP",
+                 f"{np.dtype(self.dtype).name}, precision {self.precision}, "
+                 f"{self.flops / 1e9:.3g} GFLOP" + (", ABFT checksums on" if self.verify == "abft" else ""),
                  f"algorithm {self.algorithm} on a {pr}×{pc} grid: {self.reason}",
                  f"C blocks up to {max(map(blocks.length, self.rows))}×"
                  f"{max(map(blocks.length, self.cols))}, output chunks {self.chunks[0]}×{self.chunks[1]}"]
@@ -110,7 +117,8 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str) -> GemmPlan:
     if k != k2:
         raise UserError(f"{what}: A is {m}×{k} but B is {k2}×{n}: A's columns must equal B's "
                         f"rows ({k} ≠ {k2}); check the inputs' order and shapes")
-    dtype = dense.compute_dtype(a.dtype, b.dtype)
+    precision = params.precision or prec.default(dense.compute_dtype(a.dtype, b.dtype))
+    dtype = prec.output_dtype(precision)
     algorithm, grid, reason = choose(m, k, n, workers, params.algorithm, what)
     pr, pc = grid
     side = dense.chunk_side(dtype.itemsize)
@@ -123,7 +131,8 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str) -> GemmPlan:
         panels *= max(1, -(-k // (panels * MAX_PANEL)))
         inner = blocks.even(k, panels)
     output = dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=(row_chunk, col_chunk))
-    return GemmPlan(m=m, k=k, n=n, dtype=dtype.str, algorithm=algorithm, reason=reason, grid=grid,
+    return GemmPlan(m=m, k=k, n=n, dtype=dtype.str, precision=precision, verify=params.verify,
+                    algorithm=algorithm, reason=reason, grid=grid,
                     rows=rows, cols=cols, inner=inner, chunks=(row_chunk, col_chunk), output=output)
 
 
@@ -133,6 +142,8 @@ def create_output(p: GemmPlan, path: str, attributes: dict) -> None:
 
 def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGraph:
     pr, pc = p.grid
+    verify = p.verify if p.verify != "none" else None
+    inner = [blocks.length(b) for b in p.inner]
     gang = f"{step}:{p.algorithm}"
     ctx = TaskRef(comm_key(gang))
     dsk, placement, labels = {}, {}, {}
@@ -155,7 +166,8 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGra
             for j in range(q):
                 key = ("cannon", step, i, j)
                 add(key, Task(key, cannon.run, TaskRef(("read-a", step, i, j)),
-                              TaskRef(("read-b", step, i, j)), q=q, dtype=p.dtype, ctx=ctx),
+                              TaskRef(("read-b", step, i, j)), q=q, inner=inner,
+                              precision=p.precision, verify=verify, ctx=ctx),
                     i * q + j, "compute")
                 compute_keys.append(key)
         rounds = q
@@ -178,7 +190,8 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGra
                 key = ("summa", step, i, j)
                 c_shape = (blocks.length(p.rows[i]), blocks.length(p.cols[j]))
                 add(key, Task(key, summa.run, ka, a_refs, kb, b_refs, grid=(pr, pc),
-                              panels=len(p.inner), dtype=p.dtype, c_shape=c_shape, ctx=ctx),
+                              inner=inner, precision=p.precision, verify=verify,
+                              c_shape=c_shape, ctx=ctx),
                     i * pc + j, "compute")
                 compute_keys.append(key)
         rounds = len(p.inner)

@@ -187,11 +187,15 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
         commit.commit(tmp, sp.output, job_id)
     phases = summarize(infos)
     phases["commit"] = round(timing["seconds"], 4)
-    step_rec.update(state="succeeded", ended=record.now(), seconds=round(run_s, 3), phases=phases)
+    counters = count(infos)
+    step_rec.update(state="succeeded", ended=record.now(), seconds=round(run_s, 3), phases=phases,
+                    counters=counters)
     flops = getattr(sp.plan, "flops", None)
     rate = f", {flops / run_s / 1e9:.3g} GFLOP/s" if flops else ""
     log(f"step {sp.step.id}: done in {run_s:.2f} s{rate}; " +
         ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
+    if counters:
+        log(f"step {sp.step.id}: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     record.write(job_id, rec)
 
 
@@ -209,6 +213,15 @@ def summarize(infos: list[dict]) -> dict[str, float]:
     out = {label: round(hi - lo, 4) for label, (lo, hi) in spans.items()}
     out.update({f"gang:{phase}": round(seconds, 4) for phase, seconds in inner.items()})
     return out
+
+
+def count(infos: list[dict]) -> dict[str, int]:
+    """Events counted by gang programs, summed over workers (bytes shifted, ABFT retries)."""
+    totals: dict[str, int] = {}
+    for info in infos:
+        for name, n in info.get("counters", {}).items():
+            totals[name] = totals.get(name, 0) + n
+    return totals
 
 
 class _phase:
