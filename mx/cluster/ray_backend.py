@@ -144,6 +144,8 @@ class RayBackend:
             for rank in range(self.workers)
         ]
         described = ray.get([a.describe.remote() for a in self.actors])
+        log(f"workers: {self.workers} actors in placement group mx:{self.job_id}; gang transport "
+            + ("nccl (GPU to GPU)" if gpu else "ray object store"))
         for d in described:
             log(f"worker {d['worker']}: actor {d['actor']} pid {d['pid']} on {d['host']} "
                 f"(node {d['node']}), {d['device']}"

@@ -34,6 +34,15 @@ def run(a, b, *, q: int, inner: list[int], precision: str, verify: str | None,
         b = prec.to_device(xp, b, precision)
         c = gemm.zeros(xp, (a.shape[0], b.shape[1]), prec.output_dtype(precision))
     faults = abft.planned_fault(comm.rank) if verify == "abft" else set()
+    with ctx.timed("rounds"):  # all rounds, blocks resident: the compute-only time
+        _rounds(ctx, a, b, c, q, i, j, (left, right, up, down), inner, precision, verify, faults)
+    ctx.finish()
+    return ctx.to_host(c)
+
+
+def _rounds(ctx, a, b, c, q, i, j, neighbours, inner, precision, verify, faults):
+    comm, xp = ctx.comm, ctx.xp
+    left, right, up, down = neighbours
     for step in range(q):
         last = step == q - 1
         if not last:
@@ -52,5 +61,3 @@ def run(a, b, *, q: int, inner: list[int], precision: str, verify: str | None,
         ctx.advance(1)
         if not last:
             a, b = ctx.wait(exchange, "shift-wait")
-    ctx.finish()
-    return ctx.to_host(c)

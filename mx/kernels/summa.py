@@ -54,6 +54,14 @@ def run(a_index: list, a_held: list, b_index: list, b_held: list, *, grid: tuple
         return a, b
 
     faults = abft.planned_fault(comm.rank) if verify == "abft" else set()
+    with ctx.timed("rounds"):  # all panels, blocks resident: the compute-only time
+        _steps(ctx, c, start, inner, precision, verify, faults, (i, j))
+    ctx.finish()
+    return ctx.to_host(c)
+
+
+def _steps(ctx, c, start, inner, precision, verify, faults, where):
+    xp = ctx.xp
     pending = start(0) if inner else None
     for k in range(len(inner)):
         a_req, b_req = pending
@@ -64,9 +72,7 @@ def run(a_index: list, a_held: list, b_index: list, b_held: list, *, grid: tuple
         with ctx.timed("compute"):
             if verify == "abft":
                 abft.checked_accumulate(xp, c, a, b, precision, ctx.counters,
-                                        f"worker ({i},{j}) panel {k}", k in faults)
+                                        f"worker {where} panel {k}", k in faults)
             else:
                 gemm.accumulate(xp, c, a, b, precision)
         ctx.advance(1)
-    ctx.finish()
-    return ctx.to_host(c)

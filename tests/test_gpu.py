@@ -1,0 +1,104 @@
+"""GPU paths against the NumPy reference: CuPy kernels, cuBLAS precisions, NCCL shifts across
+GPU actors, ABFT on the GPU. Skipped where no GPU is present (CI); run on a GPU machine."""
+
+import numpy as np
+import pytest
+
+import mx
+from conftest import read_dense, rel_error, write_dense
+from mx.cluster import devices
+from mx.kernels import abft, gemm, precision as prec
+
+GPUS, WHY = devices.gpu_count()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason=f"no GPU: {WHY}")]
+
+
+def test_bf16_conversion_is_bit_exact_with_the_numpy_twin(rng):
+    import cupy
+
+    x = (rng.standard_normal(1_000_003) * 10.0 ** rng.integers(-30, 30, 1_000_003)).astype(np.float32)
+    x[:5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
+    x[5:7] = [1 + 2**-8, 1 + 3 * 2**-8]
+    got = cupy.asnumpy(prec.to_device(cupy, x, "bf16"))
+    want = prec.round_bf16(x)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(prec.bf16_to_float32(got[nan])).all()
+
+
+@pytest.mark.parametrize("precision,tol_exact,tol_rounded", [
+    ("fp64", 1e-12, None), ("fp32", 1e-5, None), ("tf32", 5e-3, None), ("bf16", 2e-2, 1e-5)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_cublas_products_match_numpy(rng, precision, tol_exact, tol_rounded, beta):
+    import cupy
+
+    m, k, n = 517, 1031, 263
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    c0 = rng.standard_normal((m, n))
+    dtype = prec.output_dtype(precision)
+    c = cupy.asarray(c0.astype(dtype))
+    gemm.accumulate(cupy, c, prec.to_device(cupy, a, precision), prec.to_device(cupy, b, precision),
+                    precision, beta=beta)
+    got = cupy.asnumpy(c)
+    assert rel_error(got, a @ b + beta * c0) < tol_exact
+    if tol_rounded:
+        ar = prec.bf16_to_float32(prec.round_bf16(a.astype(np.float32))).astype(np.float64)
+        br = prec.bf16_to_float32(prec.round_bf16(b.astype(np.float32))).astype(np.float64)
+        assert rel_error(got, ar @ br + beta * c0.astype(np.float32)) < tol_rounded
+
+
+def gemm_job(gpus, precision=None, verify="none", algorithm="auto", backend="ray"):
+    params = {"algorithm": algorithm, "verify": verify}
+    if precision:
+        params["precision"] = precision
+    return {"backend": backend, "resources": {"gpus": gpus},
+            "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+                       "output": "C.zarr", "params": params}]}
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "bf16"])
+def test_one_gpu_actor(tmp_path, rng, ray_session, precision):
+    m, k, n = 1001, 777, 1333
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    job_id = mx.submit(gemm_job(1, precision), base=str(tmp_path))
+    tol = {"fp64": 1e-12, "fp32": 1e-5, "bf16": 2e-2}[precision]
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < tol
+    assert "gpu0" in mx.logs(job_id)
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("gpus", sorted({2, min(GPUS, 4), min(GPUS, 3)}))
+def test_multi_gpu_over_nccl(tmp_path, rng, ray_session, gpus):
+    m, k, n = 2049, 1537, 1025
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    job_id = mx.submit(gemm_job(gpus, "fp64"), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-12
+    log = mx.logs(job_id)
+    assert "gang transport nccl" in log
+    rec = mx.status(job_id)
+    assert rec["steps"][0]["counters"].get("bytes-shifted", 0) > 0
+
+
+@pytest.mark.skipif(GPUS < 4, reason="needs 4 GPUs")
+def test_cannon_and_summa_on_four_gpus_bf16(tmp_path, rng, ray_session):
+    m, k, n = 3001, 2999, 1999
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(tmp_path / "A.zarr", a.astype(np.float32))
+    write_dense(tmp_path / "B.zarr", b.astype(np.float32))
+    for algorithm in ("cannon", "summa"):
+        mx.submit(gemm_job(4, "bf16", algorithm=algorithm), base=str(tmp_path))
+        assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 2e-2
+
+
+def test_abft_on_the_gpu(tmp_path, rng, monkeypatch):
+    a, b = rng.standard_normal((700, 900)), rng.standard_normal((900, 650))
+    write_dense(tmp_path / "A.zarr", a.astype(np.float32))
+    write_dense(tmp_path / "B.zarr", b.astype(np.float32))
+    monkeypatch.setenv(abft.FAULT_ENV, "abft:0:0")
+    job_id = mx.submit(gemm_job(1, "fp32", "abft", backend="local"), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-5
+    assert mx.status(job_id)["steps"][0]["counters"]["abft-recomputed"] == 1
