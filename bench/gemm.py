@@ -78,10 +78,11 @@ def sink(block):
     return tuple(np.shape(block))
 
 
-def compute_graph(m, k, n, precision, workers, gpu, algorithm="auto"):
+def compute_graph(m, k, n, precision, workers, gpu, algorithm="auto", verify="none"):
     """mx's gemm graph with reads replaced by on-device generation and writes by a sink."""
     info = {"a": dense.DenseInfo("", (m, k), "<f4", (m, k)), "b": dense.DenseInfo("", (k, n), "<f4", (k, n))}
-    plan = tgemm.plan(info, tgemm.GemmParams(algorithm=algorithm, precision=precision), workers, "bench")
+    params = tgemm.GemmParams(algorithm=algorithm, precision=precision, verify=verify)
+    plan = tgemm.plan(info, params, workers, "bench", gpus=workers if gpu else 0)
     graph = tgemm.build(plan, {"a": "", "b": ""}, "", f"bench-{m}-{k}-{n}-{precision}")
     for seed, (key, task) in enumerate(list(graph.dsk.items())):
         label = graph.labels[key]
@@ -93,11 +94,11 @@ def compute_graph(m, k, n, precision, workers, gpu, algorithm="auto"):
     return plan, graph
 
 
-def mx_compute(backend, m, k, n, precision, workers, gpu, repeat=2):
+def mx_compute(backend, m, k, n, precision, workers, gpu, repeat=2, verify="none"):
     """Median over runs (after one warm-up) of the slowest actor's span of the rounds."""
     spans, plan, infos = [], None, None
     for it in range(repeat + 1):
-        plan, graph = compute_graph(m, k, n, precision, workers, gpu)
+        plan, graph = compute_graph(m, k, n, precision, workers, gpu, verify=verify)
         infos = backend.run(graph)
         rounds = max(i["stats"].get("rounds", 0.0) for i in infos if i["label"] == "compute")
         if it:
@@ -201,6 +202,7 @@ def main(argv=None):
     ap.add_argument("--rect", action="store_true", help="also 65536×8192 · 8192×65536")
     ap.add_argument("--e2e-sizes", default="16384", help="sizes also run Zarr to Zarr")
     ap.add_argument("--no-dask", action="store_true")
+    ap.add_argument("--abft", action="store_true", help="also time compute-only with verify: abft")
     ap.add_argument("--cpu", default="", help="CPU runs: sizes for mx vs dask vs NumPy on CPU actors")
     ap.add_argument("--cpu-workers", type=int, default=4)
     ap.add_argument("--data", default=None, help="folder for inputs (default: a temp folder)")
@@ -245,13 +247,18 @@ def main(argv=None):
                         cub = ceiling[(m, k, n, p)]
                         row = {"device": device, "gpus": g, "shape": [m, k, n], "precision": p,
                                "algorithm": plan.algorithm, "grid": plan.grid,
+                               "plan": plan.describe(),
                                "cublas_s": cub, "cublas_tflops": tflops(m, k, n, cub),
                                "mx_compute_s": span, "mx_compute_tflops": tflops(m, k, n, span),
                                "efficiency": cub / (g * span),
                                "timeline": timeline(infos)}
+                        if args.abft:
+                            abft_span, _, _ = mx_compute(backend, m, k, n, p, g, gpu=True, verify="abft")
+                            row.update(mx_abft_s=abft_span, abft_overhead=abft_span / span - 1)
                         results.append(row)
                         print(f"mx compute g={g} {m}x{k}x{n} {p}: {row['mx_compute_tflops']:.1f} TFLOP/s "
-                              f"eff {row['efficiency']:.2f}", flush=True)
+                              f"eff {row['efficiency']:.2f}"
+                              + (f" abft +{row['abft_overhead']:.1%}" if args.abft else ""), flush=True)
             finally:
                 backend.stop()
             for (m, k, n) in shapes:

@@ -102,3 +102,16 @@ def test_abft_on_the_gpu(tmp_path, rng, monkeypatch):
     job_id = mx.submit(gemm_job(1, "fp32", "abft", backend="local"), base=str(tmp_path))
     assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-5
     assert mx.status(job_id)["steps"][0]["counters"]["abft-recomputed"] == 1
+
+
+def test_gemm_model_measures_this_gpu(tmp_path, monkeypatch):
+    from mx.kernels import gemm_model
+
+    monkeypatch.setenv("MX_HOME", str(tmp_path))
+    table = gemm_model.load_or_measure("test-gpu", "fp32", allow_measure=True)
+    assert len(table) == len(gemm_model.SIDES) * len(gemm_model.WIDTHS)
+    assert all(rate > 0 for rate in table.values())
+    # thin panels starve the GPU: the widest panel beats the thinnest at the largest side
+    side = gemm_model.SIDES[-1]
+    assert table[f"{side},{gemm_model.WIDTHS[-1]}"] > table[f"{side},{gemm_model.WIDTHS[0]}"]
+    assert gemm_model.load_or_measure("test-gpu", "fp32", allow_measure=False) == table

@@ -143,11 +143,14 @@ class GangContext:
         self.events.clear()
 
     def to_host(self, block):
-        """A device block as a NumPy array (for writing to storage)."""
+        """A device block as a NumPy array in pinned memory (for writing to storage)."""
         if not self.gpu:
             return block
+        from mx.storage.dense import empty_host
+
         start = time.perf_counter()
-        host = self.xp.asnumpy(block)
+        host = empty_host(block.shape, block.dtype, pinned=True)
+        block.get(out=host)
         self.add_time("to-host", time.perf_counter() - start)
         return host
 

@@ -9,6 +9,7 @@ whole chunks (zarr-python loses data when two writers share a chunk).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,14 +83,56 @@ def _is_group(path: str) -> bool:
         return False
 
 
+def _pool() -> ThreadPoolExecutor:
+    """Threads for chunk I/O: Zarr's codecs (zstd, blosc) release the GIL, so decoding and
+    encoding the chunks of one block in parallel uses the worker's cores."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="mx-io")
+    return _POOL
+
+
+_POOL: ThreadPoolExecutor | None = None
+IO_THREADS = min(32, os.cpu_count() or 1)
+
+
+def _tiles(rows: tuple[int, int], cols: tuple[int, int], chunks: tuple[int, int]):
+    """The region split at the store's chunk boundaries (row bands of whole chunk rows)."""
+    r0, r1 = rows
+    band = chunks[0]
+    start = r0
+    while start < r1:
+        stop = min(r1, (start // band + 1) * band)
+        yield (start, stop), cols
+        start = stop
+
+
+def empty_host(shape, dtype, pinned: bool = False) -> np.ndarray:
+    """A host array, page-locked when it is bound for (or comes from) a GPU: pinned memory
+    moves at full PCIe/NVLink-C2C speed and lets copies run asynchronously."""
+    dtype = np.dtype(dtype)
+    if not pinned or not int(np.prod(shape)):
+        return np.empty(shape, dtype)
+    import cupy
+
+    count = int(np.prod(shape))
+    mem = cupy.cuda.alloc_pinned_memory(count * dtype.itemsize)
+    return np.frombuffer(mem, dtype, count).reshape(shape)
+
+
 def read_block(path: str, rows: tuple[int, int], cols: tuple[int, int],
-               dtype: str | None = None) -> np.ndarray:
-    """Read ``A[r0:r1, c0:c1]`` as a C-contiguous NumPy array (optionally cast)."""
+               dtype: str | None = None, pinned: bool = False) -> np.ndarray:
+    """Read ``A[r0:r1, c0:c1]`` into a C-contiguous array (optionally cast, optionally in
+    pinned memory), the store's chunk rows decoded in parallel."""
     arr = zarr.open_array(store=path, mode="r")
-    block = np.asarray(arr[rows[0]:rows[1], cols[0]:cols[1]])
-    if dtype is not None and block.dtype != np.dtype(dtype):
-        block = block.astype(dtype)
-    return np.ascontiguousarray(block)
+    out = empty_host((rows[1] - rows[0], cols[1] - cols[0]), dtype or arr.dtype, pinned)
+
+    def fill(tile):
+        (t0, t1), (c0, c1) = tile
+        out[t0 - rows[0]:t1 - rows[0]] = arr[t0:t1, c0:c1]
+
+    list(_pool().map(fill, _tiles(rows, cols, arr.chunks)))
+    return out
 
 
 def create(path: str, shape: tuple[int, int], chunks: tuple[int, int], dtype,
@@ -101,14 +144,20 @@ def create(path: str, shape: tuple[int, int], chunks: tuple[int, int], dtype,
 
 
 def write_block(path: str, rows: tuple[int, int], cols: tuple[int, int], block) -> dict:
-    """Write ``block`` into ``C[r0:r1, c0:c1]``; the region must cover whole chunks."""
+    """Write ``block`` into ``C[r0:r1, c0:c1]``; the region must cover whole chunks. Chunk rows
+    are encoded and written in parallel (each thread owns whole chunks)."""
     block = np.asarray(block)
     expect = (rows[1] - rows[0], cols[1] - cols[0])
     if block.shape != expect:
         raise ValueError(f"block of shape {block.shape} written to a {expect} region")
     if block.size:
         arr = zarr.open_array(store=path, mode="r+")
-        arr[rows[0]:rows[1], cols[0]:cols[1]] = block
+
+        def put(tile):
+            (t0, t1), (c0, c1) = tile
+            arr[t0:t1, c0:c1] = block[t0 - rows[0]:t1 - rows[0]]
+
+        list(_pool().map(put, _tiles(rows, cols, arr.chunks)))
     return {"rows": list(rows), "cols": list(cols), "bytes": int(block.nbytes)}
 
 

@@ -25,7 +25,8 @@ from mx.tasks.spec import Strict
 
 # Cannon is kept when its traffic is within this factor of the best SUMMA grid's.
 CANNON_TRAFFIC_SLACK = 1.25
-# Widest SUMMA panel (columns of A / rows of B) broadcast in one step.
+# Widest SUMMA panel (columns of A / rows of B) broadcast in one step when no measured model
+# of the device is at hand (CPU workers, or a cluster whose GPU type was never measured).
 MAX_PANEL = 4096
 
 
@@ -46,12 +47,14 @@ class GemmPlan:
     verify: str
     algorithm: str
     reason: str
+    panel_reason: str
     grid: tuple[int, int]
     rows: list  # row bounds of C blocks (one per grid row)
     cols: list  # column bounds of C blocks (one per grid column)
     inner: list  # bounds of the k blocks (Cannon) or panels (SUMMA)
     chunks: tuple[int, int]
     output: dense.DenseInfo
+    gpu: bool = False  # blocks go to GPUs: read into pinned host memory
 
     @property
     def flops(self) -> int:
@@ -72,7 +75,7 @@ class GemmPlan:
         else:
             lines.append(f"{len(self.inner)} panels of width up to "
                          f"{max(map(blocks.length, self.inner))}, broadcast along grid rows "
-                         f"(A) and columns (B)")
+                         f"(A) and columns (B); {self.panel_reason}")
         return lines
 
 
@@ -111,7 +114,7 @@ def choose(m: int, k: int, n: int, p: int, algorithm: str, what: str) -> tuple[s
     return "cannon", (q, q), f"{p} workers form a square grid and the shape suits it"
 
 
-def plan(inputs: dict, params: GemmParams, workers: int, what: str) -> GemmPlan:
+def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 0) -> GemmPlan:
     a, b = inputs["a"], inputs["b"]
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2:
@@ -124,16 +127,36 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str) -> GemmPlan:
     side = dense.chunk_side(dtype.itemsize)
     row_chunk, rows = blocks.aligned(m, pr, side)
     col_chunk, cols = blocks.aligned(n, pc, side)
+    panel_reason = ""
     if algorithm == "cannon":
         inner = blocks.even(k, pr)
     else:
+        width, panel_reason = panel_width(m / pr, n / pc, k, precision, gpus)
         panels = math.lcm(pr, pc)
-        panels *= max(1, -(-k // (panels * MAX_PANEL)))
+        panels *= max(1, -(-k // (panels * width)))
         inner = blocks.even(k, panels)
     output = dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=(row_chunk, col_chunk))
     return GemmPlan(m=m, k=k, n=n, dtype=dtype.str, precision=precision, verify=params.verify,
-                    algorithm=algorithm, reason=reason, grid=grid,
-                    rows=rows, cols=cols, inner=inner, chunks=(row_chunk, col_chunk), output=output)
+                    algorithm=algorithm, reason=reason, panel_reason=panel_reason, grid=grid,
+                    rows=rows, cols=cols, inner=inner, chunks=(row_chunk, col_chunk), output=output,
+                    gpu=gpus > 0)
+
+
+def panel_width(rows: float, cols: float, k: int, precision: str, gpus: int) -> tuple[int, str]:
+    """The SUMMA panel width: from the measured cuBLAS model of this GPU type when there is
+    one (measured here and cached when this machine has the GPUs), else MAX_PANEL."""
+    if gpus <= 0:
+        return MAX_PANEL, f"panel width {MAX_PANEL} (CPU workers: BLAS panels this wide run at full speed)"
+    from mx.cluster import devices
+    from mx.kernels import gemm_model
+
+    count, _ = devices.gpu_count()
+    device = devices.device_name(True).split(" ", 1)[1] if count else None
+    table = gemm_model.load_or_measure(device, precision, allow_measure=True) if device else None
+    if table is None:
+        return MAX_PANEL, f"panel width {MAX_PANEL} (no cuBLAS model for these GPUs on this host)"
+    width, why = gemm_model.choose_width(table, (rows * cols) ** 0.5, k)
+    return width, f"panel width {width} from the {device} {why}"
 
 
 def create_output(p: GemmPlan, path: str, attributes: dict) -> None:
@@ -160,8 +183,10 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGra
             for j in range(q):
                 s = cannon.skewed_index(i, j, q)
                 ka, kb = ("read-a", step, i, j), ("read-b", step, i, j)
-                add(ka, Task(ka, dense.read_block, paths["a"], p.rows[i], p.inner[s], p.dtype), i * q + j, "read")
-                add(kb, Task(kb, dense.read_block, paths["b"], p.inner[s], p.cols[j], p.dtype), i * q + j, "read")
+                add(ka, Task(ka, dense.read_block, paths["a"], p.rows[i], p.inner[s], p.dtype, p.gpu),
+                    i * q + j, "read")
+                add(kb, Task(kb, dense.read_block, paths["b"], p.inner[s], p.cols[j], p.dtype, p.gpu),
+                    i * q + j, "read")
         for i in range(q):
             for j in range(q):
                 key = ("cannon", step, i, j)
@@ -175,11 +200,11 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGra
         for k, bounds in enumerate(p.inner):
             for i in range(pr):
                 key = ("read-a", step, i, k)
-                add(key, Task(key, dense.read_block, paths["a"], p.rows[i], bounds, p.dtype),
+                add(key, Task(key, dense.read_block, paths["a"], p.rows[i], bounds, p.dtype, p.gpu),
                     i * pc + summa.a_holder(i, k, pc), "read")
             for j in range(pc):
                 key = ("read-b", step, k, j)
-                add(key, Task(key, dense.read_block, paths["b"], bounds, p.cols[j], p.dtype),
+                add(key, Task(key, dense.read_block, paths["b"], bounds, p.cols[j], p.dtype, p.gpu),
                     summa.b_holder(k, j, pr) * pc + j, "read")
         for i in range(pr):
             for j in range(pc):

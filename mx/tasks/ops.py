@@ -2,7 +2,7 @@
 
 An op is plain data plus three functions:
 
-- ``plan(inputs, params, workers, what)``: check the inputs (``DenseInfo``/``SparseInfo``)
+- ``plan(inputs, params, workers, what, gpus)``: check the inputs (``DenseInfo``/``SparseInfo``)
   and params, decide how to run (algorithm, grid, blocks) and return a plan whose ``output``
   describes the result (so later steps can be checked before anything runs) and whose
   ``describe()`` gives the log lines saying what was chosen and why. Raises ``UserError``.

@@ -97,7 +97,7 @@ def plan_job(job: spec.Job, base: str) -> JobPlan:
             raise UserError(f"{what}.output: {step.output} is read by {first_use[_key(output)]}; "
                             f"write the result to another path")
         commit.check_writable(output, f"{what}.output")
-        op_plan = op.plan(infos, params, workers, what)
+        op_plan = op.plan(infos, params, workers, what, gpus=job.resources.gpus)
         planned[step.id] = (output, op_plan.output)
         first_use.setdefault(_key(output), f"{what}.output")
         steps.append(StepPlan(index=index, step=step, op=op, inputs=paths, output=output,
