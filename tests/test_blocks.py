@@ -18,11 +18,28 @@ def test_partitions_cover_and_balance(trial):
     assert max(sizes) - min(sizes) <= 1
 
     chunk, aligned = blocks.aligned(n, parts, max_chunk)
-    assert 1 <= chunk <= max_chunk
+    assert 1 <= chunk <= max(max_chunk, blocks.ALIGN)
     assert aligned[0][0] == 0 and aligned[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(aligned, aligned[1:]))
     for lo, hi in aligned:
+        if lo == hi == n:
+            continue  # an empty trailing block (n small against parts)
         assert lo % chunk == 0  # every writer starts on a chunk boundary
         assert hi == n or hi % chunk == 0  # ... and owns whole chunks
     ideal = -(-n // parts)
-    assert max(blocks.length(b) for b in aligned) < ideal + ideal / chunk + 1
+    assert max(blocks.length(b) for b in aligned) <= ideal + 2 * blocks.ALIGN * (ideal // chunk + 1)
+    if ideal >= 4 * blocks.ALIGN and max_chunk >= 4 * blocks.ALIGN:
+        assert chunk % blocks.ALIGN == 0
+
+    bal = blocks.balanced(n, parts)
+    assert bal[0][0] == 0 and bal[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bal, bal[1:]))
+    if n >= blocks.ALIGN * parts:
+        assert all(blocks.length(b) % blocks.ALIGN == 0 for b in bal[:-1])
+        lengths = [blocks.length(b) for b in bal]
+        assert max(lengths) - min(lengths) <= 2 * blocks.ALIGN
+
+
+def test_aligned_splits_power_of_two_sizes_exactly():
+    chunk, bounds = blocks.aligned(16384, 2, 2896)
+    assert bounds == [(0, 8192), (8192, 16384)] and 8192 % chunk == 0 and chunk % 128 == 0

@@ -88,6 +88,8 @@ def _pool() -> ThreadPoolExecutor:
     encoding the chunks of one block in parallel uses the worker's cores."""
     global _POOL
     if _POOL is None:
+        # let each call keep more chunks in flight than Zarr's default of 10
+        zarr.config.set({"async.concurrency": max(16, 2 * IO_THREADS)})
         _POOL = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="mx-io")
     return _POOL
 

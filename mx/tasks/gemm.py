@@ -129,12 +129,12 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
     col_chunk, cols = blocks.aligned(n, pc, side)
     panel_reason = ""
     if algorithm == "cannon":
-        inner = blocks.even(k, pr)
+        inner = blocks.balanced(k, pr)
     else:
         width, panel_reason = panel_width(m / pr, n / pc, k, precision, gpus)
         panels = math.lcm(pr, pc)
         panels *= max(1, -(-k // (panels * width)))
-        inner = blocks.even(k, panels)
+        inner = blocks.balanced(k, panels)
     output = dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=(row_chunk, col_chunk))
     return GemmPlan(m=m, k=k, n=n, dtype=dtype.str, precision=precision, verify=params.verify,
                     algorithm=algorithm, reason=reason, panel_reason=panel_reason, grid=grid,
