@@ -131,3 +131,44 @@ def test_auto_prefers_summa_for_very_rectangular_shapes():
     assert algorithm == "summa" and grid == (4, 1) and "fewer bytes" in reason
     algorithm, grid, _ = gemm.choose(4096, 4096, 4096, 4, "auto", "steps[0]")
     assert algorithm == "cannon" and grid == (2, 2)
+
+
+@pytest.mark.parametrize("backend,workers", [("local", 3), ("ray", 4)])
+def test_out_of_core_streaming_matches_numpy(tmp_path, rng, request, backend, workers):
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    m, k, n = 700, 1500, 650
+    a, b = make_pair(rng, tmp_path, m, k, n)
+    step = gemm_step("c", "A.zarr", "B.zarr", "C.zarr")
+    step["params"]["memory"] = "1536KiB"  # far less than A, B and C need: must stream
+    job_id = mx.submit(gemm_job(backend, workers, [step]), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), expected(a, b)) < TOL[np.float64]
+    log = mx.logs(job_id)
+    assert "algorithm stream (out of core): A, B and C do not fit" in log
+    from mx.tasks import gemm
+    plan = gemm.plan({"a": dense_info(tmp_path / "A.zarr"), "b": dense_info(tmp_path / "B.zarr")},
+                     gemm.GemmParams(memory="1536KiB"), workers, "t")
+    assert len(plan.rows) * len(plan.cols) > workers and len(plan.inner) > 1  # really tiled
+
+
+def test_forced_stream_and_too_little_memory(tmp_path, rng):
+    a, b = make_pair(rng, tmp_path, 300, 200, 100)
+    step = gemm_step("c", "A.zarr", "B.zarr", "C.zarr", "stream")
+    mx.submit(gemm_job("local", 2, [step]), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), expected(a, b)) < TOL[np.float64]
+    from mx.errors import UserError
+    step["params"]["memory"] = "10KB"
+    step["output"] = "D.zarr"
+    with pytest.raises(UserError, match="too little to stream"):
+        mx.submit(gemm_job("local", 2, [step]), base=str(tmp_path))
+    step["params"].update(algorithm="cannon", memory="1MB")
+    with pytest.raises(UserError, match="needs .* per worker"):
+        mx.submit(gemm_job("local", 4, [step]), base=str(tmp_path))
+    step["params"].update(algorithm="auto", memory="lots")
+    with pytest.raises(UserError, match="not an amount of memory"):
+        mx.submit(gemm_job("local", 4, [step]), base=str(tmp_path))
+
+
+def dense_info(path):
+    from mx.storage import dense
+    return dense.inspect(str(path))

@@ -96,12 +96,18 @@ class GangContext:
     into seconds once the device work is done.
     """
 
-    comm: Comm
+    comm_or_factory: Any  # a Comm, or a function making one on first use
     xp: Any
     stats: dict[str, float] = field(default_factory=dict)  # seconds per phase
     counters: dict[str, int] = field(default_factory=dict)  # events (summed over workers)
     advance: Callable[[int], None] = lambda n: None  # report progress units done
     events: list = field(default_factory=list)
+
+    @property
+    def comm(self) -> Comm:
+        if not isinstance(self.comm_or_factory, Comm):
+            self.comm_or_factory = self.comm_or_factory()
+        return self.comm_or_factory
 
     @property
     def gpu(self) -> bool:

@@ -32,6 +32,15 @@ def require_gpus(wanted: int, available: int, why: str, where: str) -> None:
         raise UserError(f"resources.gpus: {wanted} asked for but {where} has {have}{detail}; {fix}")
 
 
+def gpu_memory() -> int | None:
+    """Bytes of memory of GPU 0 here (read from its properties: no CUDA context is made)."""
+    if gpu_count()[0] == 0:
+        return None
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceProperties(0)["totalGlobalMem"])
+
+
 def select_gpu(ray_gpu_ids: list) -> int:
     """Make this process use its assigned GPU. Ray masks the others with CUDA_VISIBLE_DEVICES
     (then the GPU is device 0), unless RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES is set (then

@@ -79,7 +79,7 @@ class LocalBackend:
         errors: list[BaseException] = []
 
         def member(rank: int, key) -> None:
-            ctx = GangContext(comm=LocalComm(mailroom, rank, len(keys)), xp=self.xp, advance=advance)
+            ctx = GangContext(comm_or_factory=LocalComm(mailroom, rank, len(keys)), xp=self.xp, advance=advance)
             values = {d: store[d] for d in graph.dependencies(key)}
             try:
                 results[rank] = execute.run(key, graph.dsk[key], values, graph.placement[key],

@@ -84,8 +84,9 @@ class Worker:
             if self.gpu:
                 from mx.cluster.nccl import NcclComm
 
-                comm = NcclComm.for_gang(control, members)
-            ctx = GangContext(comm=comm, xp=self.xp,
+                # made on first use: gangs that never exchange need no communicator
+                comm = lambda: NcclComm.for_gang(control, members)  # noqa: E731
+            ctx = GangContext(comm_or_factory=comm, xp=self.xp,
                               advance=lambda n: self.rendezvous.advance.remote(n))
         try:
             value, info = execute.run(key, node, values, self.rank, None, ctx, name)

@@ -15,7 +15,7 @@ import numpy as np
 from dask.task_spec import List, Task, TaskRef
 
 from mx.errors import UserError
-from mx.kernels import cannon, summa
+from mx.kernels import cannon, stream, summa
 from mx.kernels import precision as prec
 from mx.storage import dense
 from mx.tasks import blocks
@@ -31,7 +31,10 @@ MAX_PANEL = 4096
 
 
 class GemmParams(Strict):
-    algorithm: Literal["cannon", "summa", "auto"] = "auto"
+    algorithm: Literal["cannon", "summa", "stream", "auto"] = "auto"
+    # memory each worker may use for blocks (e.g. "8GiB"); default: 80% of a GPU's memory,
+    # no limit on CPU workers. Past it, auto streams panels from storage (out of core).
+    memory: int | str | None = None
     # default: fp32 when both inputs are float32, else fp64
     precision: Literal["fp64", "fp32", "tf32", "bf16"] | None = None
     verify: Literal["none", "abft"] = "none"
@@ -48,13 +51,15 @@ class GemmPlan:
     algorithm: str
     reason: str
     panel_reason: str
-    grid: tuple[int, int]
+    memory_reason: str
+    grid: tuple[int, int]  # process grid, or the tile grid when streaming
     rows: list  # row bounds of C blocks (one per grid row)
     cols: list  # column bounds of C blocks (one per grid column)
     inner: list  # bounds of the k blocks (Cannon) or panels (SUMMA)
     chunks: tuple[int, int]
     output: dense.DenseInfo
     gpu: bool = False  # blocks go to GPUs: read into pinned host memory
+    workers: int = 1
 
     @property
     def flops(self) -> int:
@@ -62,20 +67,28 @@ class GemmPlan:
 
     def describe(self) -> list[str]:
         pr, pc = self.grid
+        biggest = f"{max(map(blocks.length, self.rows))}×{max(map(blocks.length, self.cols))}"
         lines = [f"gemm {self.m}×{self.k} · {self.k}×{self.n} -> {self.m}×{self.n} "
                  f"{np.dtype(self.dtype).name}, precision {self.precision}, "
-                 f"{self.flops / 1e9:.3g} GFLOP" + (", ABFT checksums on" if self.verify == "abft" else ""),
-                 f"algorithm {self.algorithm} on a {pr}×{pc} grid: {self.reason}",
-                 f"C blocks up to {max(map(blocks.length, self.rows))}×"
-                 f"{max(map(blocks.length, self.cols))}, output chunks {self.chunks[0]}×{self.chunks[1]}"]
+                 f"{self.flops / 1e9:.3g} GFLOP" + (", ABFT checksums on" if self.verify == "abft" else "")]
+        if self.algorithm == "stream":
+            lines += [f"algorithm stream (out of core): {self.reason}",
+                      f"{pr}×{pc} tiles of C up to {biggest} shared by {self.workers} workers, "
+                      f"{len(self.inner)} k-slabs per tile read from storage; output chunks "
+                      f"{self.chunks[0]}×{self.chunks[1]}", self.panel_reason]
+        else:
+            lines += [f"algorithm {self.algorithm} on a {pr}×{pc} grid: {self.reason}",
+                      f"C blocks up to {biggest}, output chunks {self.chunks[0]}×{self.chunks[1]}"]
         if self.algorithm == "cannon":
             lines.append(f"initial skew applied at read: worker (i,j) loads A(i,(i+j) mod {pr}) "
                          f"and B((i+j) mod {pr},j); then {pr} rounds of product + shift "
                          f"(A left, B up)")
-        else:
+        elif self.algorithm == "summa":
             lines.append(f"{len(self.inner)} panels of width up to "
                          f"{max(map(blocks.length, self.inner))}, broadcast along grid rows "
                          f"(A) and columns (B); {self.panel_reason}")
+        if self.memory_reason:
+            lines.append(self.memory_reason)
         return lines
 
 
@@ -122,24 +135,145 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
                         f"rows ({k} ≠ {k2}); check the inputs' order and shapes")
     precision = params.precision or prec.default(dense.compute_dtype(a.dtype, b.dtype))
     dtype = prec.output_dtype(precision)
-    algorithm, grid, reason = choose(m, k, n, workers, params.algorithm, what)
-    pr, pc = grid
+    budget, budget_source = memory_budget(params.memory, gpus, f"{what}.params.memory")
     side = dense.chunk_side(dtype.itemsize)
-    row_chunk, rows = blocks.aligned(m, pr, side)
-    col_chunk, cols = blocks.aligned(n, pc, side)
-    panel_reason = ""
-    if algorithm == "cannon":
-        inner = blocks.balanced(k, pr)
+    common = dict(m=m, k=k, n=n, dtype=dtype.str, precision=precision, verify=params.verify,
+                  gpu=gpus > 0, workers=workers)
+    memory_reason = ""
+    if params.algorithm != "stream":
+        algorithm, grid, reason = choose(m, k, n, workers, params.algorithm, what)
+        pr, pc = grid
+        row_chunk, rows = blocks.aligned(m, pr, side)
+        col_chunk, cols = blocks.aligned(n, pc, side)
+        panel_reason = ""
+        if algorithm == "cannon":
+            inner = blocks.balanced(k, pr)
+        else:
+            width, panel_reason = panel_width(m / pr, n / pc, k, precision, gpus)
+            panels = math.lcm(pr, pc)
+            panels *= max(1, -(-k // (panels * width)))
+            inner = blocks.balanced(k, panels)
+        need = in_core_bytes(algorithm, rows, cols, inner, grid, precision, params.verify)
+        if budget is not None:
+            memory_reason = (f"memory per worker: {_human(need)} needed in core, {_human(budget)} "
+                             f"available ({budget_source})")
+        if budget is None or need <= budget:
+            return GemmPlan(**common, algorithm=algorithm, reason=reason, panel_reason=panel_reason,
+                            memory_reason=memory_reason, grid=grid, rows=rows, cols=cols,
+                            inner=inner, chunks=(row_chunk, col_chunk),
+                            output=_output_info(m, n, dtype, (row_chunk, col_chunk)))
+        if params.algorithm != "auto":
+            raise UserError(f"{what}.params.algorithm: {params.algorithm} needs {_human(need)} per "
+                            f"worker but {_human(budget)} is available ({budget_source}); use "
+                            f"algorithm auto or stream (out of core), or more workers")
+        reason = f"A, B and C do not fit: {memory_reason}"
     else:
-        width, panel_reason = panel_width(m / pr, n / pc, k, precision, gpus)
-        panels = math.lcm(pr, pc)
-        panels *= max(1, -(-k // (panels * width)))
-        inner = blocks.balanced(k, panels)
-    output = dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=(row_chunk, col_chunk))
-    return GemmPlan(m=m, k=k, n=n, dtype=dtype.str, precision=precision, verify=params.verify,
-                    algorithm=algorithm, reason=reason, panel_reason=panel_reason, grid=grid,
-                    rows=rows, cols=cols, inner=inner, chunks=(row_chunk, col_chunk), output=output,
-                    gpu=gpus > 0)
+        reason = "asked for in the job file"
+    if budget is None:
+        budget = 8 * 2**30  # streaming asked for with no limit given: tiles of a few GiB
+        budget_source = "default tile budget"
+    width, panel_reason = stream_width(precision, gpus)
+    tile, width = stream_tile(budget, width, k, precision, params.verify, what)
+    row_chunk, rows = blocks.aligned(m, max(1, -(-m // tile)), side)
+    col_chunk, cols = blocks.aligned(n, max(1, -(-n // tile)), side)
+    inner = blocks.balanced(k, max(1, -(-k // width)))
+    memory_reason = memory_reason or f"memory per worker: {_human(budget)} ({budget_source})"
+    return GemmPlan(**common, algorithm="stream", reason=reason, panel_reason=panel_reason,
+                    memory_reason=memory_reason, grid=(len(rows), len(cols)), rows=rows,
+                    cols=cols, inner=inner, chunks=(row_chunk, col_chunk),
+                    output=_output_info(m, n, dtype, (row_chunk, col_chunk)))
+
+
+def _output_info(m, n, dtype, chunks) -> dense.DenseInfo:
+    return dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=chunks)
+
+
+def _human(nbytes: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def element_bytes(precision: str) -> tuple[int, int]:
+    """(bytes of an input element on the device, of an output element); bf16 counts the
+    float32 staging its conversion needs."""
+    return {"fp64": (8, 8), "fp32": (4, 4), "tf32": (4, 4), "bf16": (6, 4)}[precision]
+
+
+def in_core_bytes(algorithm, rows, cols, inner, grid, precision, verify) -> int:
+    """Device memory one worker needs to keep its blocks resident (largest worker)."""
+    ib, ob = element_bytes(precision)
+    bm, bn = max(map(blocks.length, rows)), max(map(blocks.length, cols))
+    c = bm * bn * ob * (2 if verify == "abft" else 1)
+    if algorithm == "cannon":
+        bk = max(map(blocks.length, inner))
+        return c + 2 * (bm * bk + bk * bn) * ib  # current blocks and the ones arriving
+    pr, pc = grid
+    k = sum(map(blocks.length, inner))
+    w = max(map(blocks.length, inner))
+    held = bm * -(-k // pc) + -(-k // pr) * bn
+    return c + (held + 2 * (bm * w + w * bn)) * ib
+
+
+def stream_tile(budget: int, width: int, k: int, precision: str, verify: str,
+                what: str) -> tuple[int, int]:
+    """(side of a square C tile, k-slab width) that fit ``budget`` with two slabs in flight:
+    the tile takes about half, the slabs the rest, the slab no wider than ``width``."""
+    ib, ob = element_bytes(precision)
+    copies = 2 if verify == "abft" else 1
+    usable = 0.8 * budget
+    tile = int(math.sqrt(usable / 2 / (copies * ob)))
+    tile -= tile % blocks.ALIGN
+    if tile < blocks.ALIGN:
+        raise UserError(f"{what}: {_human(budget)} per worker is too little to stream GEMM "
+                        f"tiles of {blocks.ALIGN}×{blocks.ALIGN}; raise params.memory")
+    # 2 slabs in flight, each a (tile × w) panel of A and a (w × tile) panel of B
+    fit = int((usable - copies * ob * tile * tile) / (4 * tile * ib))
+    width = max(1, min(width, k, fit))
+    if width >= blocks.ALIGN:
+        width -= width % blocks.ALIGN
+    return tile, width
+
+
+def stream_width(precision: str, gpus: int) -> tuple[int, str]:
+    width, why = panel_width(16384, 16384, 1 << 30, precision, gpus)
+    return width, why.replace("panel width", "slab width", 1)
+
+
+def memory_budget(memory, gpus: int, what: str) -> tuple[int | None, str]:
+    """Bytes each worker may hold: the job's ``memory`` param, else 80% of a local GPU's
+    memory, else no limit."""
+    if memory is not None:
+        return parse_bytes(memory, what), "params.memory"
+    if gpus > 0:
+        from mx.cluster import devices
+
+        total = devices.gpu_memory()
+        if total:
+            return int(0.8 * total), "80% of the GPU's memory"
+    return None, "no limit"
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        nbytes = value
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            nbytes = int(float(number) * UNITS[unit])
+        except (ValueError, KeyError):
+            raise UserError(f"{what}: {value!r} is not an amount of memory; write e.g. 8GiB, "
+                            f"512MB or a number of bytes") from None
+    if nbytes <= 0:
+        raise UserError(f"{what}: {value!r} must be positive")
+    return nbytes
 
 
 def panel_width(rows: float, cols: float, k: int, precision: str, gpus: int) -> tuple[int, str]:
@@ -176,6 +310,8 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGra
         placement[key] = rank
         labels[key] = label
 
+    if p.algorithm == "stream":
+        return _build_stream(p, paths, output, step)
     compute_keys = []
     if p.algorithm == "cannon":
         q = pr
@@ -230,6 +366,23 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGra
     reads = sum(1 for label in labels.values() if label == "read")
     return StepGraph(dsk=dsk, placement=placement, gangs={gang: compute_keys}, outputs=writes,
                      progress=reads + rounds * len(compute_keys) + len(writes), labels=labels)
+
+
+def _build_stream(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGraph:
+    gang = f"{step}:stream"
+    tiles = [(r, c) for r in p.rows for c in p.cols if blocks.length(r) and blocks.length(c)]
+    share = [tiles[w::p.workers] for w in range(p.workers)]
+    dsk, placement, labels, keys = {}, {}, {}, []
+    for w in range(p.workers):
+        key = ("stream", step, w)
+        dsk[key] = Task(key, stream.run, share[w], p.inner, a_path=paths["a"], b_path=paths["b"],
+                        out_path=output, read_dtype=p.dtype, precision=p.precision,
+                        verify=p.verify if p.verify != "none" else None,
+                        ctx=TaskRef(comm_key(gang)))
+        placement[key], labels[key] = w, "compute"
+        keys.append(key)
+    return StepGraph(dsk=dsk, placement=placement, gangs={gang: keys}, outputs=keys,
+                     progress=len(tiles) * len(p.inner), labels=labels)
 
 
 OP = Op(name="gemm", inputs={"a": "dense", "b": "dense"}, params=GemmParams, plan=plan,
