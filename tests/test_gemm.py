@@ -161,7 +161,7 @@ def test_forced_stream_and_too_little_memory(tmp_path, rng):
     step["output"] = "D.zarr"
     with pytest.raises(UserError, match="too little to stream"):
         mx.submit(gemm_job("local", 2, [step]), base=str(tmp_path))
-    step["params"].update(algorithm="cannon", memory="1MB")
+    step["params"].update(algorithm="cannon", memory="100KB")
     with pytest.raises(UserError, match="needs .* per worker"):
         mx.submit(gemm_job("local", 4, [step]), base=str(tmp_path))
     step["params"].update(algorithm="auto", memory="lots")
