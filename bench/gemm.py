@@ -107,10 +107,12 @@ def mx_compute(backend, m, k, n, precision, workers, gpu, repeat=2, verify="none
 
 
 # ------------------------------------------------------------------------------- mx e2e
-def mx_e2e(folder, a_path, b_path, precision, workers, gpus, backend_name="ray"):
-    """An mx job of two identical steps (the first warms cuBLAS and NCCL); the second is timed."""
+def mx_e2e(folder, a_path, b_path, precision, workers, gpus, backend_name="ray", memory=None):
+    """An mx job of two identical steps (the first warms cuBLAS and NCCL); the second is timed.
+    ``memory`` caps each worker's memory (forcing the out-of-core path when it is small)."""
+    params = {"precision": precision, **({"memory": memory} if memory else {})}
     steps = [{"id": f"c{t}", "op": "gemm", "inputs": {"a": a_path, "b": b_path},
-              "output": os.path.join(folder, f"C{t}.zarr"), "params": {"precision": precision}}
+              "output": os.path.join(folder, f"C{t}.zarr"), "params": params}
              for t in range(2)]
     job = {"name": "bench", "backend": backend_name,
            "resources": {"workers": workers, "gpus": gpus}, "steps": steps}
@@ -203,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--e2e-sizes", default="16384", help="sizes also run Zarr to Zarr")
     ap.add_argument("--no-dask", action="store_true")
     ap.add_argument("--abft", action="store_true", help="also time compute-only with verify: abft")
+    ap.add_argument("--ooc-memory", default="", help="e.g. 2GiB: also run e2e sizes out of core "
+                    "with this memory cap per GPU, beside the in-memory run")
     ap.add_argument("--cpu", default="", help="CPU runs: sizes for mx vs dask vs NumPy on CPU actors")
     ap.add_argument("--cpu-workers", type=int, default=4)
     ap.add_argument("--data", default=None, help="folder for inputs (default: a temp folder)")
@@ -277,7 +281,12 @@ def main(argv=None):
                                 dask_run(a, b, None, True, True))
                         row["dask_e2e_s"], row["dask_compute_s"] = dask_cache[(m, p)]
                         row["dask_compute_tflops"] = tflops(m, k, n, row["dask_compute_s"])
+                    if args.ooc_memory:
+                        ooc, ooc_step, _ = mx_e2e(folder, a, b, p, g, g, memory=args.ooc_memory)
+                        row.update(mx_ooc_s=ooc, mx_ooc_phases=ooc_step.get("phases"),
+                                   ooc_memory=args.ooc_memory)
                     print(f"e2e g={g} {m} {p}: mx {seconds:.2f} s"
+                          + (f", out of core {row['mx_ooc_s']:.2f} s" if "mx_ooc_s" in row else "")
                           + (f", dask {row['dask_e2e_s']:.2f} s" if "dask_e2e_s" in row else ""), flush=True)
 
     for n in [int(x) for x in args.cpu.split(",") if x]:
@@ -297,7 +306,7 @@ def main(argv=None):
 
     print(f"\nGEMM benchmark, {device}, {meta['date']} (TFLOP/s; ratios: higher is better for mx)")
     print(f"{'gpus':>4} {'shape':>20} {'prec':>5} {'alg':>7} {'cuBLAS':>7} {'mx-comp':>8} {'eff':>5} "
-          f"{'dask-comp':>9} {'mx-e2e s':>8} {'dask-e2e s':>10} {'e2e ×':>6}")
+          f"{'dask-comp':>9} {'mx-e2e s':>8} {'dask-e2e s':>10} {'e2e ×':>6} {'ooc s':>6}")
     for r in results:
         shape = "x".join(map(str, r["shape"]))
         if r["gpus"] == 0:
@@ -312,7 +321,8 @@ def main(argv=None):
               f"{r['cublas_tflops']:7.1f} {r['mx_compute_tflops']:8.1f} {r['efficiency']:5.2f} "
               f"{r.get('dask_compute_tflops', float('nan')):9.1f} "
               f"{e2e if e2e else float('nan'):8.2f} {de2e if de2e else float('nan'):10.2f} "
-              f"{(de2e / e2e) if (e2e and de2e) else float('nan'):6.2f}")
+              f"{(de2e / e2e) if (e2e and de2e) else float('nan'):6.2f} "
+              f"{r.get('mx_ooc_s', float('nan')):6.2f}")
 
 
 if __name__ == "__main__":

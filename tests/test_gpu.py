@@ -115,3 +115,15 @@ def test_gemm_model_measures_this_gpu(tmp_path, monkeypatch):
     side = gemm_model.SIDES[-1]
     assert table[f"{side},{gemm_model.WIDTHS[-1]}"] > table[f"{side},{gemm_model.WIDTHS[0]}"]
     assert gemm_model.load_or_measure("test-gpu", "fp32", allow_measure=False) == table
+
+
+def test_out_of_core_on_the_gpu(tmp_path, rng, ray_session):
+    m, k, n = 3001, 2500, 2777
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(tmp_path / "A.zarr", a.astype(np.float32))
+    write_dense(tmp_path / "B.zarr", b.astype(np.float32))
+    job = gemm_job(1, "fp32")
+    job["steps"][0]["params"]["memory"] = "24MiB"
+    job_id = mx.submit(job, base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-5
+    assert "algorithm stream (out of core)" in mx.logs(job_id)
