@@ -222,6 +222,69 @@ def data_random(output, shape, chunks, seed, dtype, distribution, overwrite) -> 
     click.echo(f"{output}: {m}×{n} {dtype}, chunks {ch[0]}×{ch[1]}, seed {seed}", err=True)
 
 
+def _sparse_summary(info, what: str) -> str:
+    m, n = info.shape
+    return (f"{info.path}: sparse CSR {m}×{n} {info.dtype}, nnz {info.nnz} "
+            f"({info.nnz / max(m, 1):.2f} per row), {what}")
+
+
+@data.command(name="rmat")
+@click.argument("output", type=click.Path())
+@click.option("--scale", required=True, type=int, help="2**SCALE vertices (1..31)")
+@click.option("--edge-factor", default=16, show_default=True, type=int, help="Edges per vertex.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def data_rmat(output, scale, edge_factor, seed, dtype, overwrite) -> None:
+    """Write a Graph500 R-MAT sparse matrix to the binsparse CSR group OUTPUT."""
+    from mx.storage import generate
+
+    try:
+        info = generate.rmat(output, scale, edge_factor=edge_factor, seed=seed, dtype=dtype,
+                             overwrite=overwrite)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(_sparse_summary(info, f"R-MAT scale {scale} edge factor {edge_factor}, "
+                                     f"seed {seed}"), err=True)
+
+
+@data.command(name="sparse")
+@click.argument("output", type=click.Path())
+@click.option("--kind", required=True, type=click.Choice(["banded", "web", "road"]))
+@click.option("--n", "n", required=True, type=int,
+              help="Rows (vertices); road uses a round(sqrt(N))² grid.")
+@click.option("--bandwidth", default=16, show_default=True, type=int, help="banded: half-width.")
+@click.option("--density", default=1.0, show_default=True, type=float,
+              help="banded: fraction of the band kept.")
+@click.option("--avg-degree", default=8.0, show_default=True, type=float,
+              help="web: mean out-links per page.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def data_sparse(output, kind, n, bandwidth, density, avg_degree, seed, dtype, overwrite) -> None:
+    """Write a sparse look-alike of a real matrix (FEM band, web graph, road network) to the
+    binsparse CSR group OUTPUT."""
+    from mx.storage import generate
+
+    common = dict(seed=seed, dtype=dtype, overwrite=overwrite)
+    try:
+        if n < 1:
+            raise UserError(f"--n {n}: must be at least 1")
+        if kind == "banded":
+            info = generate.banded(output, n, bandwidth, density=density, **common)
+            what = f"banded, bandwidth {bandwidth}, density {density}"
+        elif kind == "web":
+            info = generate.web(output, n, avg_degree=avg_degree, **common)
+            what = f"web graph, average degree {avg_degree}"
+        else:
+            side = max(1, round(n ** 0.5))
+            info = generate.road(output, side, **common)
+            what = f"road network on a {side}×{side} grid"
+    except UserError as exc:
+        _fail(exc)
+    click.echo(_sparse_summary(info, f"{what}, seed {seed}"), err=True)
+
+
 @data.command(name="import")
 @click.argument("source", type=click.Path())
 @click.argument("output", type=click.Path())

@@ -102,12 +102,18 @@ class GangContext:
     counters: dict[str, int] = field(default_factory=dict)  # events (summed over workers)
     advance: Callable[[int], None] = lambda n: None  # report progress units done
     events: list = field(default_factory=list)
+    control_comm: Comm | None = None  # host-side small messages (default: ``comm``)
 
     @property
     def comm(self) -> Comm:
         if not isinstance(self.comm_or_factory, Comm):
             self.comm_or_factory = self.comm_or_factory()
         return self.comm_or_factory
+
+    @property
+    def control(self) -> Comm:
+        """A communicator for small host objects (counts, ids): the object store beside NCCL."""
+        return self.control_comm if self.control_comm is not None else self.comm
 
     @property
     def gpu(self) -> bool:
@@ -123,6 +129,15 @@ class GangContext:
             finally:
                 self.events.append((phase, start, stream.record()))
             return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_time(phase, time.perf_counter() - start)
+
+    @contextmanager
+    def timed_host(self, phase: str):
+        """Time host work (I/O, waits) with the host clock, on CPU and GPU alike."""
         start = time.perf_counter()
         try:
             yield

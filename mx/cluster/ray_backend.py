@@ -86,7 +86,7 @@ class Worker:
 
                 # made on first use: gangs that never exchange need no communicator
                 comm = lambda: NcclComm.for_gang(control, members)  # noqa: E731
-            ctx = GangContext(comm_or_factory=comm, xp=self.xp,
+            ctx = GangContext(comm_or_factory=comm, xp=self.xp, control_comm=control,
                               advance=lambda n: self.rendezvous.advance.remote(n))
         try:
             value, info = execute.run(key, node, values, self.rank, None, ctx, name)

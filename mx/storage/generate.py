@@ -1,8 +1,16 @@
-"""Generators of input matrices: random dense.
+"""Generators of input matrices: random dense, and sparse (R-MAT and look-alikes of real ones).
 
-Chunks are generated and written in parallel threads (NumPy's generators and Zarr's codecs
-release the GIL). Each chunk draws from its own stream, spawned from the seed and the chunk's
-index, so a matrix is reproducible for a given seed and chunking.
+Dense chunks are generated and written in parallel threads (NumPy's generators and Zarr's
+codecs release the GIL). Each chunk draws from its own stream, spawned from the seed and the
+chunk's index, so a matrix is reproducible for a given seed and chunking.
+
+Sparse generators are vectorised over edges and reproducible for a given seed and arguments.
+They write binsparse CSR groups (``mx.storage.sparse``); duplicate entries are summed:
+
+- ``rmat``: Graph500 R-MAT (Kronecker) graphs, skewed degrees, generated in bounded batches.
+- ``banded``: an FEM-like symmetric positive definite band matrix.
+- ``web``: a directed web-graph look-alike (power-law degrees, links to nearby ids).
+- ``road``: a symmetric road-network look-alike (a thinned grid with local shortcuts).
 """
 
 from __future__ import annotations
@@ -11,10 +19,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import scipy.sparse as sp
 import zarr
 
 from mx.errors import UserError
 from mx.storage import commit as _commit
+from mx.storage import sparse as _sparse
 
 DISTRIBUTIONS = ("uniform", "normal")
 
@@ -63,3 +73,193 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
         _commit.abort(tmp)
         raise
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse generators
+
+RMAT_BATCH = 1 << 22  # edges generated at once: bounds R-MAT's temporaries at any scale
+
+
+def _check_output(path: str, dtype: str, overwrite: bool) -> None:
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise UserError(f"--dtype {dtype}: use float32 or float64")
+    if os.path.lexists(path) and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it or choose "
+                        f"another path")
+
+
+def _check_n(n: int, name: str = "--n") -> None:
+    if not 1 <= n < 2**31:
+        raise UserError(f"{name} {n}: the matrix order must be between 1 and 2**31 - 1")
+
+
+def _values(rng: np.random.Generator, k: int, dtype: str) -> np.ndarray:
+    """``k`` values uniform in [0.5, 1.5) (clipped so float32 rounding cannot reach 1.5)."""
+    v = rng.random(k, dtype=dtype) + np.asarray(0.5, dtype=dtype)
+    return np.minimum(v, np.nextafter(np.asarray(1.5, dtype=dtype), 0))
+
+
+def _write_sparse(path: str, matrix, record: dict) -> _sparse.SparseInfo:
+    """Write ``matrix`` as binsparse CSR at ``path`` atomically; return what was written."""
+    csr = sp.csr_array(matrix)
+    csr.sum_duplicates()
+    job = f"gen{os.getpid()}"
+    tmp = _commit.begin(path, job)
+    try:
+        _sparse.write_csr(tmp, csr, attributes={"mx": _commit.stamp(record)})
+        _commit.commit(tmp, path, job, force=True)
+    except BaseException:
+        _commit.abort(tmp)
+        raise
+    return _sparse.SparseInfo(path=path, shape=csr.shape, dtype=csr.dtype.str, nnz=int(csr.nnz))
+
+
+def _symmetric(n: int, rows, cols, vals) -> sp.csr_array:
+    """The n×n symmetric matrix with the entries (i, j) given and their mirrors (j, i).
+
+    Pairs are merged in the upper triangle before mirroring, so the values are exactly
+    symmetric even where a pair was given more than once, in either orientation.
+    """
+    upper = sp.csr_array(sp.coo_array((vals, (np.minimum(rows, cols), np.maximum(rows, cols))),
+                                      shape=(n, n)))
+    upper.sum_duplicates()
+    return sp.csr_array(upper + sp.triu(upper, k=1).T)
+
+
+def rmat(path: str, scale: int, edge_factor: int = 16, seed: int = 0, dtype: str = "float64",
+         overwrite: bool = False, a: float = 0.57, b: float = 0.19,
+         c: float = 0.19) -> _sparse.SparseInfo:
+    """Write a Graph500 R-MAT matrix: 2**scale vertices, edge_factor * 2**scale edges.
+
+    Each edge picks its (row, column) by ``scale`` recursive choices of a quadrant: top-left
+    with probability a, top-right b, bottom-left c, bottom-right 1 - a - b - c. Values are
+    uniform in [0.5, 1.5); duplicate edges are merged by summing, so nnz <= the edge count.
+    Vertex ids are not permuted: row 0 is the heaviest.
+    """
+    if not 1 <= scale <= 31:
+        raise UserError(f"--scale {scale}: must be between 1 and 31 (2**scale vertices)")
+    if edge_factor < 1:
+        raise UserError(f"--edge-factor {edge_factor}: must be at least 1 (edges per vertex)")
+    if min(a, b, c) < 0 or a + b + c > 1:
+        raise UserError(f"R-MAT probabilities a={a}, b={b}, c={c}: each must be >= 0 and "
+                        f"a + b + c <= 1 (d = 1 - a - b - c)")
+    _check_output(path, dtype, overwrite)
+    n, edges = 1 << scale, edge_factor << scale
+    rng = np.random.default_rng(seed)
+    itype = np.int32 if scale < 31 else np.int64
+    total = None
+    for start in range(0, edges, RMAT_BATCH):
+        k = min(RMAT_BATCH, edges - start)
+        rows, cols = np.zeros(k, itype), np.zeros(k, itype)
+        for level in range(scale):
+            u = rng.random(k, dtype=np.float32)
+            down = u >= a + b                        # bottom half: quadrants c, d
+            right = (u >= a) & ~down | (u >= a + b + c)  # right half: quadrants b, d
+            bit = itype(1 << (scale - 1 - level))
+            rows |= down * bit
+            cols |= right * bit
+        batch = sp.csr_array(sp.coo_array((_values(rng, k, dtype), (rows, cols)), shape=(n, n)))
+        batch.sum_duplicates()
+        total = batch if total is None else total + batch
+    return _write_sparse(path, total, {"generator": "rmat", "scale": scale,
+                                       "edge_factor": edge_factor, "seed": seed,
+                                       "a": a, "b": b, "c": c})
+
+
+def banded(path: str, n: int, bandwidth: int, density: float = 1.0, seed: int = 0,
+           dtype: str = "float64", overwrite: bool = False) -> _sparse.SparseInfo:
+    """Write an FEM-like symmetric band matrix: entries (i, j) with |i - j| <= bandwidth.
+
+    Each off-diagonal pair is kept with probability ``density``; the diagonal always is.
+    Off-diagonal values are -U[0.5, 1.5) and each diagonal entry is the row's sum of their
+    magnitudes plus U[0.5, 1.5): the matrix is symmetric, diagonally dominant and positive
+    definite, like a stiffness matrix.
+    """
+    _check_n(n)
+    if not 0 <= bandwidth < n:
+        raise UserError(f"--bandwidth {bandwidth}: must be between 0 and n - 1 = {n - 1}")
+    if not 0 < density <= 1:
+        raise UserError(f"--density {density}: must be in (0, 1]")
+    _check_output(path, dtype, overwrite)
+    rng = np.random.default_rng(seed)
+    # the upper band by diagonals: offset d holds n - d pairs (i, i + d)
+    offsets = np.arange(1, bandwidth + 1, dtype=np.int64)
+    lengths = n - offsets
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    d = np.repeat(offsets, lengths)
+    i = np.arange(starts[-1], dtype=np.int64) - np.repeat(starts[:-1], lengths)
+    if density < 1:
+        keep = rng.random(i.size) < density
+        i, d = i[keep], d[keep]
+    vals = -_values(rng, i.size, dtype)
+    diag = (np.bincount(i, -vals, minlength=n) + np.bincount(i + d, -vals, minlength=n)
+            + _values(rng, n, dtype)).astype(dtype)
+    ids = np.arange(n, dtype=np.int64)
+    m = _symmetric(n, np.concatenate([i, ids]), np.concatenate([i + d, ids]),
+                   np.concatenate([vals, diag]))
+    return _write_sparse(path, m, {"generator": "banded", "n": n, "bandwidth": bandwidth,
+                                   "density": density, "seed": seed})
+
+
+def web(path: str, n: int, avg_degree: float = 8, seed: int = 0, dtype: str = "float64",
+        overwrite: bool = False, locality: float = 0.5) -> _sparse.SparseInfo:
+    """Write a directed web-graph look-alike (row i holds page i's out-links).
+
+    Out-degrees are Poisson around power-law (Pareto, exponent 2.7) weights scaled to mean
+    ``avg_degree`` and capped at n. A fraction ``locality`` of links goes to a nearby id (a
+    geometric distance, mean about 20, either side: pages of one site); the rest to a target
+    drawn by popularity, a power law of exponent 2.1 over randomly placed ids, so in-degrees
+    are heavier-tailed than out-degrees, as in web-Google or wb-edu. Duplicate links merge.
+    """
+    _check_n(n)
+    if not 0 < avg_degree <= n:
+        raise UserError(f"--avg-degree {avg_degree}: must be > 0 and at most n = {n}")
+    if not 0 <= locality <= 1:
+        raise UserError(f"locality {locality}: must be in [0, 1]")
+    _check_output(path, dtype, overwrite)
+    rng = np.random.default_rng(seed)
+    w_out = rng.pareto(1.7, n) + 1
+    deg = np.minimum(rng.poisson(w_out * (avg_degree / w_out.mean())), n)
+    src = np.repeat(np.arange(n, dtype=np.int64), deg)
+    k = src.size
+    popularity = np.cumsum(rng.pareto(1.1, n) + 1)
+    dst = np.searchsorted(popularity, rng.random(k) * popularity[-1], side="right")
+    local = rng.random(k) < locality
+    step = rng.geometric(1 / 20, k) * rng.choice(np.array([-1, 1]), k)
+    dst = np.where(local, (src + step) % n, np.minimum(dst, n - 1))
+    m = sp.coo_array((_values(rng, k, dtype), (src, dst)), shape=(n, n))
+    return _write_sparse(path, m, {"generator": "web", "n": n, "avg_degree": avg_degree,
+                                   "locality": locality, "seed": seed})
+
+
+def road(path: str, side: int, seed: int = 0, dtype: str = "float64",
+         overwrite: bool = False) -> _sparse.SparseInfo:
+    """Write a symmetric road-network look-alike on side² vertices (ids in row-major order).
+
+    Each vertex of a side×side grid links to its right and lower neighbours; each such link is
+    kept with probability 0.7, and 2% of vertices get a shortcut to a vertex up to 8 cells
+    away. The average degree is about 2.8 and the maximum small, like roadNet-CA; values
+    (lengths) are U[0.5, 1.5) and symmetric.
+    """
+    if side < 1:
+        raise UserError(f"road side {side}: must be at least 1 (side² vertices)")
+    _check_n(side * side, "--n")
+    _check_output(path, dtype, overwrite)
+    rng = np.random.default_rng(seed)
+    n = side * side
+    v = np.arange(n, dtype=np.int64)
+    r, c = np.divmod(v, side)
+    rows = np.concatenate([v[c < side - 1], v[r < side - 1]])
+    cols = np.concatenate([v[c < side - 1] + 1, v[r < side - 1] + side])
+    keep = rng.random(rows.size) < 0.7
+    rows, cols = rows[keep], cols[keep]
+    hubs = rng.choice(n, size=n // 50, replace=False)
+    hr = np.clip(r[hubs] + rng.integers(-8, 9, hubs.size), 0, side - 1)
+    hc = np.clip(c[hubs] + rng.integers(-8, 9, hubs.size), 0, side - 1)
+    far = hr * side + hc
+    rows, cols = np.concatenate([rows, hubs]), np.concatenate([cols, far])
+    ok = rows != cols
+    rows, cols = rows[ok], cols[ok]
+    m = _symmetric(n, rows, cols, _values(rng, rows.size, dtype))
+    return _write_sparse(path, m, {"generator": "road", "side": side, "seed": seed})

@@ -94,3 +94,97 @@ def read_csr(path: str, rows: tuple[int, int] | None = None) -> sp.csr_array:
     indices = np.asarray(group["indices_1"][lo:hi])
     values = np.asarray(group["values"][lo:hi])
     return sp.csr_array((values, indices, ptr - lo), shape=(r1 - r0, n))
+
+
+# ------------------------------------------------------------- writing by several workers
+# An output is created in two steps: the group (shape, types) before the job runs, the arrays
+# once the total number of stored values is known. Workers then write disjoint, chunk-aligned
+# pieces: row offsets by whole pointer chunks (row partitions are multiples of the pointer
+# chunk), indices and values by whole value chunks (see ``pieces``).
+
+def create_group(path: str, shape: tuple[int, int], dtype, attributes: dict | None = None) -> None:
+    group = zarr.open_group(store=path, mode="w-", zarr_format=3)
+    index_dtype = np.int32 if shape[1] < 2**31 else np.int64
+    group.attrs["binsparse"] = {
+        "version": "0.1", "format": "CSR", "shape": list(shape), "number_of_stored_values": 0,
+        "data_types": {"pointers_to_1": "int64", "indices_1": np.dtype(index_dtype).name,
+                       "values": np.dtype(dtype).name},
+    }
+    for key, value in (attributes or {}).items():
+        group.attrs[key] = value
+
+
+def create_arrays(path: str, nnz: int, pointer_chunk: int, value_chunk: int) -> None:
+    group = zarr.open_group(store=path, mode="r+")
+    meta = dict(group.attrs["binsparse"])
+    m = int(meta["shape"][0])
+    types = meta["data_types"]
+    group.create_array("pointers_to_1", shape=(m + 1,), dtype=types["pointers_to_1"],
+                       chunks=(max(1, pointer_chunk),), fill_value=0)
+    for name in ("indices_1", "values"):
+        group.create_array(name, shape=(nnz,), dtype=types[name],
+                           chunks=(max(1, value_chunk),), fill_value=0)
+    meta["number_of_stored_values"] = int(nnz)
+    group.attrs["binsparse"] = meta
+
+
+def write_pointers(path: str, start: int, offsets: np.ndarray) -> None:
+    """Row offsets ``offsets`` for rows ``start..`` (whole pointer chunks)."""
+    if len(offsets):
+        zarr.open_array(store=f"{path}/pointers_to_1", mode="r+")[start:start + len(offsets)] = offsets
+
+
+def write_entries(path: str, offset: int, indices: np.ndarray, values: np.ndarray) -> None:
+    """Column indices and values of stored entries ``offset..`` (whole value chunks)."""
+    if len(indices):
+        stop = offset + len(indices)
+        zarr.open_array(store=f"{path}/indices_1", mode="r+")[offset:stop] = indices
+        zarr.open_array(store=f"{path}/values", mode="r+")[offset:stop] = values
+
+
+def pieces(start: int, stop: int, chunk: int, total: int) -> list[tuple[int, int, bool]]:
+    """Split the entry range [start, stop) of an array of ``total`` entries at chunk
+    boundaries: (lo, hi, whole), where whole says the piece is its entire chunk."""
+    out = []
+    lo = start
+    while lo < stop:
+        end = min((lo // chunk + 1) * chunk, total)
+        hi = min(stop, end)
+        out.append((lo, hi, lo % chunk == 0 and hi == end))
+        lo = hi
+    return out
+
+
+def read_pointers(path: str) -> np.ndarray:
+    return np.asarray(zarr.open_group(store=path, mode="r")["pointers_to_1"][...]).astype(np.int64)
+
+
+def read_rows(path: str, rows: np.ndarray, max_gap: int = 64) -> sp.csr_array:
+    """The given rows (sorted, unique) as a compact CSR: row t of the result is rows[t].
+    Nearby rows are read as one range (gaps up to ``max_gap`` rows)."""
+    group = zarr.open_group(store=path, mode="r")
+    m, n = (int(x) for x in group.attrs["binsparse"]["shape"])
+    ptr = read_pointers(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return sp.csr_array((np.zeros(0, group["values"].dtype), np.zeros(0, np.int32),
+                             np.zeros(1, np.int64)), shape=(0, n))
+    breaks = np.nonzero(np.diff(rows) > max_gap)[0] + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [rows.size]])
+    idx_parts, val_parts = [], []
+    indices, values = group["indices_1"], group["values"]
+    for s, e in zip(starts, stops):
+        lo, hi = int(ptr[rows[s]]), int(ptr[rows[e - 1] + 1])
+        block_idx = np.asarray(indices[lo:hi])
+        block_val = np.asarray(values[lo:hi])
+        local = ptr[rows[s:e]] - lo
+        length = ptr[rows[s:e] + 1] - ptr[rows[s:e]]
+        take = np.repeat(local - np.concatenate([[0], np.cumsum(length)[:-1]]), length) + \
+            np.arange(int(length.sum()))
+        idx_parts.append(block_idx[take])
+        val_parts.append(block_val[take])
+    lengths = ptr[rows + 1] - ptr[rows]
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return sp.csr_array((np.concatenate(val_parts), np.concatenate(idx_parts), indptr),
+                        shape=(rows.size, n))

@@ -29,6 +29,6 @@ class Op:
 
 
 def registry() -> dict[str, Op]:
-    from mx.tasks import gemm
+    from mx.tasks import gemm, spgemm
 
-    return {op.name: op for op in (gemm.OP,)}
+    return {op.name: op for op in (gemm.OP, spgemm.OP)}

@@ -1,0 +1,195 @@
+"""Sparse generators: Graph500 R-MAT and look-alikes of FEM, web and road matrices."""
+
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import leftovers
+from mx.cli.main import cli
+from mx.errors import UserError
+from mx.storage import generate, sparse
+
+
+def seed_of(rng):
+    return int(rng.integers(1 << 30))
+
+
+def assert_canonical_csr(m):
+    """Row pointers nondecreasing; column indices in range, sorted and unique within each row."""
+    ptr, idx = m.indptr, m.indices
+    assert ptr[0] == 0 and ptr[-1] == m.nnz and (np.diff(ptr) >= 0).all()
+    assert m.nnz == 0 or (idx.min() >= 0 and idx.max() < m.shape[1])
+    step = np.diff(idx.astype(np.int64))
+    row_start = np.zeros(m.nnz, dtype=bool)
+    row_start[ptr[:-1][ptr[:-1] < m.nnz]] = True
+    assert (step[~row_start[1:]] > 0).all()
+
+
+def degrees(m):
+    return np.diff(m.indptr)
+
+
+def is_symmetric(m):
+    d = (m - m.T).tocsr()
+    d.eliminate_zeros()
+    return d.nnz == 0
+
+
+@pytest.mark.parametrize("scale", [6, 7, 8, 9, 10])
+def test_rmat_shape_nnz_and_layout(tmp_path, rng, scale):
+    ef, n = 16, 1 << scale
+    path = str(tmp_path / "R.zarr")
+    info = generate.rmat(path, scale, edge_factor=ef, seed=seed_of(rng))
+    m = sparse.read_csr(path)
+    assert m.shape == (n, n) == info.shape and m.nnz == info.nnz
+    # duplicates are merged: at scale 6 about half of the edges survive (0.50 ± 0.01), more
+    # at larger scales; never more than the edge count
+    assert 0.45 * ef * n < m.nnz <= ef * n
+    assert_canonical_csr(m)
+    assert m.dtype == np.float64 and m.data.min() >= 0.5
+    deg = degrees(m)
+    assert deg.max() > 4 * deg.mean()  # skewed: row 0 gets (a + b)**scale of the edges
+    if scale == 10:
+        assert deg.max() > 15 * deg.mean()
+    assert leftovers(tmp_path) == []
+
+
+def test_rmat_reproducible_per_seed_and_float32(tmp_path):
+    for name, seed in (("A", 3), ("B", 3), ("C", 4)):
+        generate.rmat(str(tmp_path / name), 9, edge_factor=8, seed=seed, dtype="float32")
+    a, b, c = (sparse.read_csr(str(tmp_path / x)) for x in "ABC")
+    assert a.dtype == np.float32
+    for x, y in ((a.indptr, b.indptr), (a.indices, b.indices), (a.data, b.data)):
+        np.testing.assert_array_equal(x, y)
+    assert a.nnz != c.nnz or not np.array_equal(a.indices, c.indices)
+    assert a.data.min() >= 0.5  # single edges lie in [0.5, 1.5), merged ones are sums
+
+
+@pytest.mark.parametrize("abc", [(0.57, 0.19, 0.19), (0.45, 0.15, 0.25), (0.25, 0.25, 0.25)])
+def test_rmat_quadrant_probabilities(tmp_path, rng, abc):
+    a, b, c = abc
+    path = str(tmp_path / "R.zarr")
+    generate.rmat(path, 10, edge_factor=16, seed=seed_of(rng), a=a, b=b, c=c)
+    m = sparse.read_csr(path)
+    h = m.shape[0] // 2
+    # every edge carries a value of mean 1, merged or not: value mass counts edges
+    total = m.sum()
+    got = [m[:h, :h].sum() / total, m[:h, h:].sum() / total, m[h:, :h].sum() / total]
+    np.testing.assert_allclose(got, [a, b, c], atol=0.025)
+    deg = degrees(m)
+    if a == b == c == 0.25:  # uniform: Erdős–Rényi, no hubs
+        assert deg.max() < 3 * deg.mean()
+
+
+def test_rmat_rejects_bad_arguments(tmp_path):
+    path = str(tmp_path / "R.zarr")
+    for kwargs, words in (({"scale": 0}, "--scale 0"), ({"scale": 32}, "--scale 32"),
+                          ({"scale": 5, "edge_factor": 0}, "--edge-factor 0"),
+                          ({"scale": 5, "a": 0.6, "b": 0.3, "c": 0.2}, "a + b + c"),
+                          ({"scale": 5, "dtype": "int32"}, "--dtype int32")):
+        with pytest.raises(UserError, match=words.replace("+", r"\+")):
+            generate.rmat(path, **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_rmat_cli(tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "R.zarr")
+    result = runner.invoke(cli, ["data", "rmat", out, "--scale", "8", "--edge-factor", "4",
+                                 "--seed", "7", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    m = sparse.read_csr(out)
+    assert m.shape == (256, 256) and m.dtype == np.float32
+    assert f"sparse CSR 256×256 <f4, nnz {m.nnz}" in result.output
+    info = runner.invoke(cli, ["data", "info", out])
+    assert info.exit_code == 0 and f"sparse CSR 256×256 <f4 nnz {m.nnz}" in info.output
+
+    before = sorted(os.listdir(tmp_path))
+    stamp = os.stat(os.path.join(out, "zarr.json")).st_mtime_ns
+    for args, words in ((["--scale", "0"], "--scale 0"), (["--scale", "40"], "--scale 40"),
+                        (["--scale", "5", "--edge-factor", "0"], "--edge-factor 0")):
+        result = runner.invoke(cli, ["data", "rmat", str(tmp_path / "new.zarr"), *args])
+        assert result.exit_code == 2 and words in result.output, result.output
+    result = runner.invoke(cli, ["data", "rmat", out, "--scale", "5"])
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temporaries
+    assert os.stat(os.path.join(out, "zarr.json")).st_mtime_ns == stamp
+    assert sparse.read_csr(out).shape == (256, 256)
+
+    result = runner.invoke(cli, ["data", "rmat", out, "--scale", "5", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sparse.read_csr(out).shape == (32, 32) and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("bandwidth,density", [(0, 1.0), (3, 1.0), (12, 0.3)])
+def test_banded(tmp_path, rng, bandwidth, density):
+    n, path = 300, str(tmp_path / "B.zarr")
+    generate.banded(path, n, bandwidth, density=density, seed=seed_of(rng))
+    m = sparse.read_csr(path)
+    assert m.shape == (n, n)
+    assert_canonical_csr(m)
+    assert is_symmetric(m)
+    coo = m.tocoo()
+    assert np.abs(coo.row - coo.col).max() <= bandwidth
+    assert (m.diagonal() > 0).all()  # the diagonal is always kept
+    band = bandwidth * n - bandwidth * (bandwidth + 1) // 2  # pairs above the diagonal
+    if density == 1:
+        assert m.nnz == n + 2 * band
+    else:
+        assert abs((m.nnz - n) / 2 - density * band) < 5 * np.sqrt(band * density * (1 - density))
+    assert np.linalg.eigvalsh(m.toarray()).min() > 0  # FEM-like: positive definite
+
+
+def test_web(tmp_path, rng):
+    n, path = 20000, str(tmp_path / "W.zarr")
+    generate.web(path, n, avg_degree=8, seed=seed_of(rng))
+    m = sparse.read_csr(path)
+    assert m.shape == (n, n)
+    assert_canonical_csr(m)
+    out_deg, in_deg = degrees(m), np.bincount(m.indices, minlength=n)
+    assert 6 < out_deg.mean() < 9  # avg_degree, less the merged duplicate links
+    assert out_deg.max() > 15 * out_deg.mean()  # power-law out-degrees
+    assert in_deg.max() > 100 * in_deg.mean()  # heavier-tailed in-degrees
+    assert in_deg.max() > out_deg.max()
+    assert not is_symmetric(m)
+    coo = m.tocoo()
+    near = np.abs(coo.row - coo.col) <= 200
+    assert 0.4 < near.mean() < 0.65  # about half the links are local
+
+
+def test_road(tmp_path, rng):
+    side, path = 60, str(tmp_path / "Road.zarr")
+    generate.road(path, side, seed=seed_of(rng))
+    m = sparse.read_csr(path)
+    n = side * side
+    assert m.shape == (n, n)
+    assert_canonical_csr(m)
+    assert is_symmetric(m)
+    assert (m.diagonal() == 0).all()
+    deg = degrees(m)
+    assert 2.5 <= deg.mean() <= 3.1 and deg.max() <= 10
+    coo = m.tocoo()
+    span = np.abs(coo.row - coo.col)
+    assert np.isin(span, [1, side]).mean() > 0.9  # mostly grid neighbours
+    assert span.max() <= 8 * side + 8  # shortcuts stay local
+
+
+@pytest.mark.parametrize("kind,n,shape", [("banded", 500, 500), ("web", 3000, 3000),
+                                          ("road", 1000, 1024)])
+def test_sparse_cli(tmp_path, kind, n, shape):
+    runner = CliRunner()
+    out = str(tmp_path / "S.zarr")
+    result = runner.invoke(cli, ["data", "sparse", out, "--kind", kind, "--n", str(n),
+                                 "--seed", "2", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    m = sparse.read_csr(out)
+    assert m.shape == (shape, shape) and m.dtype == np.float32
+    assert f"sparse CSR {shape}×{shape} <f4, nnz {m.nnz}" in result.output
+    result = runner.invoke(cli, ["data", "sparse", out, "--kind", kind, "--n", str(n)])
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = runner.invoke(cli, ["data", "sparse", str(tmp_path / "T.zarr"), "--kind", kind,
+                                 "--n", "0"])
+    assert result.exit_code == 2 and "--n 0" in result.output
+    assert sorted(os.listdir(tmp_path)) == ["S.zarr"]
