@@ -127,3 +127,57 @@ def test_out_of_core_on_the_gpu(tmp_path, rng, ray_session):
     job_id = mx.submit(job, base=str(tmp_path))
     assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-5
     assert "algorithm stream (out of core)" in mx.logs(job_id)
+
+
+# ---------------------------------------------------------------------------------- SpGEMM
+def _powerlaw(rng, m, n, avg, dtype, heavy_rows=0):
+    import scipy.sparse as sp
+
+    lengths = np.minimum(n, (rng.pareto(1.1, m) * avg / 3).astype(np.int64))
+    lengths[rng.random(m) < 0.1] = 0
+    lengths[rng.choice(m, heavy_rows, replace=False)] = n  # rows long enough for global tables
+    rows = np.repeat(np.arange(m), lengths)
+    cols = np.concatenate([rng.choice(n, size=l, replace=False) for l in lengths])
+    vals = rng.standard_normal(rows.size).astype(dtype)
+    vals[rng.random(rows.size) < 0.02] = 0.0  # explicit zeros
+    return sp.csr_array((vals, (rows, cols)), shape=(m, n))
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol):
+    import cupy
+    from mx.kernels import spgemm
+
+    a = _powerlaw(rng, 3001, 2003, 20, dtype, heavy_rows=3)
+    b = _powerlaw(rng, 2003, 2501, 15, dtype, heavy_rows=2)
+    ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
+    want = spgemm.multiply(np, ca, cb)
+    product = spgemm._GpuProduct(ca, cb)
+    assert product.big.size > 0 and all(rows.size > 0 for rows, _, _ in product.bins[:3])
+    got = product.numeric()
+    np.testing.assert_array_equal(cupy.asnumpy(got.indptr), want.indptr)
+    np.testing.assert_array_equal(cupy.asnumpy(got.indices), want.indices)
+    assert rel_error(cupy.asnumpy(got.data), want.data) < tol
+    # the same product made in row batches, brought to the host
+    batched = spgemm.multiply_to_host(cupy, ca, cb, max_bytes=64 * 1024)
+    assert len(product.batches(64 * 1024 // (4 + np.dtype(dtype).itemsize))) > 3
+    np.testing.assert_array_equal(batched.indptr, want.indptr)
+    np.testing.assert_array_equal(batched.indices, want.indices)
+    assert rel_error(batched.data, want.data) < tol
+
+
+def test_spgemm_op_on_gpu_actors(tmp_path, rng, ray_session):
+    from mx.storage import sparse
+
+    a = _powerlaw(rng, 1500, 1200, 12, np.float32, heavy_rows=1)
+    b = _powerlaw(rng, 1200, 1300, 10, np.float32, heavy_rows=1)
+    sparse.write_csr(str(tmp_path / "A.zarr"), a)
+    sparse.write_csr(str(tmp_path / "B.zarr"), b)
+    gpus = min(GPUS, 2)
+    job = {"resources": {"gpus": gpus},
+           "steps": [{"id": "c", "op": "spgemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+                      "output": "C.zarr", "params": {"permute": True}}]}
+    mx.submit(job, base=str(tmp_path))
+    got = sparse.read_csr(str(tmp_path / "C.zarr"))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    assert rel_error(got.toarray(), want.toarray()) < 1e-5

@@ -25,7 +25,7 @@ from mx.storage import sparse
 
 def run(units: list, *, all_units: list, owners: list, a_path: str, b_path: str,
         out_path: str, shape: tuple[int, int], dtype: str, replicate_b: bool,
-        pointer_chunk: int, value_chunk: int, ctx: GangContext) -> dict:
+        pointer_chunk: int, value_chunk: int, batch_bytes: int | None, ctx: GangContext) -> dict:
     """``units``: the (r0, r1) row ranges this worker computes; ``all_units``/``owners``: every
     row range of C in order, and the gang rank computing it."""
     xp, control = ctx.xp, ctx.control
@@ -41,11 +41,10 @@ def run(units: list, *, all_units: list, owners: list, a_path: str, b_path: str,
                 needed = np.unique(a.indices)
                 b = sparse.read_rows(b_path, needed)
                 a = spgemm_remap(a, needed)
-        with ctx.timed("compute"):
-            c = spgemm.multiply(xp, _device(xp, spgemm.Csr.from_scipy(a), dtype),
-                                _device(xp, spgemm.Csr.from_scipy(b), dtype))
-        with ctx.timed_host("to-host"):
-            results[(r0, r1)] = _host(xp, c, dtype)
+        with ctx.timed_host("compute"):  # includes bringing C back to the host, in batches
+            c = spgemm.multiply_to_host(xp, _device(xp, spgemm.Csr.from_scipy(a), dtype),
+                                        _device(xp, spgemm.Csr.from_scipy(b), dtype), batch_bytes)
+        results[(r0, r1)] = spgemm.Csr(c.indptr, c.indices, np.asarray(c.data, dtype), c.shape)
         ctx.advance(1)
     ctx.finish()
 
@@ -101,12 +100,6 @@ def spgemm_remap(a, needed):
 def _device(xp, c: spgemm.Csr, dtype) -> spgemm.Csr:
     return spgemm.Csr(xp.asarray(c.indptr), xp.asarray(c.indices, dtype=np.int32),
                       xp.asarray(c.data, dtype=dtype), c.shape)
-
-
-def _host(xp, c: spgemm.Csr, dtype) -> spgemm.Csr:
-    get = (lambda x: x) if xp is np else (lambda x: x.get())
-    return spgemm.Csr(np.asarray(get(c.indptr), np.int64), get(c.indices),
-                      np.asarray(get(c.data), dtype), c.shape)
 
 
 def _chunk_first_owner(offsets, owners, chunk, total) -> dict:

@@ -301,76 +301,138 @@ def _global_tables(xp, products, rows, limit_slots):
     return size, batches
 
 
-def _multiply_gpu(a: Csr, b: Csr, table_budget: int = 1 << 28) -> Csr:
-    import cupy
+class _GpuProduct:
+    """One A·B on the GPU: inputs on the device, rows binned, the symbolic pass done on
+    construction; ``numeric(lo, hi)`` fills rows lo..hi (so an output larger than the GPU is
+    made in row batches)."""
 
-    val_dtype = np.result_type(a.data.dtype, b.data.dtype)
-    if val_dtype not in (np.float32, np.float64):
-        val_dtype = np.dtype(np.float64)
-    val_t = "double" if val_dtype == np.float64 else "float"
-    vsize = np.dtype(val_dtype).itemsize
-    if b.shape[1] >= 2**31 - 1:
-        raise ValueError("the GPU SpGEMM kernel handles up to 2^31 - 2 columns; split B by columns")
-    m = a.shape[0]
-    aptr = cupy.asarray(a.indptr, dtype=np.int64)
-    aptr = aptr - aptr[0]
-    aidx = cupy.asarray(a.indices, dtype=np.int32)
-    aval = cupy.asarray(a.data, dtype=val_dtype)
-    bptr = cupy.asarray(b.indptr, dtype=np.int64)
-    bptr = bptr - bptr[0]
-    bidx = cupy.asarray(b.indices, dtype=np.int32)
-    bval = cupy.asarray(b.data, dtype=val_dtype)
-    a_dev = Csr(aptr, aidx, aval, a.shape)
-    b_dev = Csr(bptr, bidx, bval, b.shape)
-    products = products_per_row(cupy, a_dev, b_dev)
+    def __init__(self, a: Csr, b: Csr, table_budget: int = 1 << 28):
+        import cupy
 
-    # bins by product count
-    row_nnz = cupy.zeros(m, dtype=np.int64)
-    lower = 0
-    bins = []
-    for upper, group, table in SHARED_BINS:
-        rows = cupy.nonzero((products > lower) & (products <= upper))[0].astype(np.int32)
-        bins.append((rows, group, table))
-        lower = upper
-    big = cupy.nonzero(products > lower)[0].astype(np.int32)
+        val_dtype = np.result_type(a.data.dtype, b.data.dtype)
+        if val_dtype not in (np.float32, np.float64):
+            val_dtype = np.dtype(np.float64)
+        if b.shape[1] >= 2**31 - 1:
+            raise ValueError("the GPU SpGEMM kernel handles up to 2^31 - 2 columns; split B by columns")
+        self.val_dtype = np.dtype(val_dtype)
+        self.val_t = "double" if val_dtype == np.float64 else "float"
+        self.vsize = self.val_dtype.itemsize
+        self.shape = (a.shape[0], b.shape[1])
+        self.table_budget = table_budget
+        as_dev = lambda x, t: cupy.asarray(x, dtype=t)  # noqa: E731
+        self.aptr = as_dev(a.indptr, np.int64)
+        self.aptr = self.aptr - self.aptr[0]
+        self.aidx, self.aval = as_dev(a.indices, np.int32), as_dev(a.data, val_dtype)
+        self.bptr = as_dev(b.indptr, np.int64)
+        self.bptr = self.bptr - self.bptr[0]
+        self.bidx, self.bval = as_dev(b.indices, np.int32), as_dev(b.data, val_dtype)
+        self.products = products_per_row(cupy, Csr(self.aptr, self.aidx, self.aval, a.shape),
+                                          Csr(self.bptr, self.bidx, self.bval, b.shape))
+        lower = 0
+        self.bins = []
+        for upper, group, table in SHARED_BINS:
+            rows = cupy.nonzero((self.products > lower) & (self.products <= upper))[0]
+            self.bins.append((rows.astype(np.int32), group, table))
+            lower = upper
+        self.big = cupy.nonzero(self.products > lower)[0].astype(np.int32)
+        self.row_nnz = self._symbolic()
+        self.cptr = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(self.row_nnz)])
 
-    for rows, group, table in bins:
-        _launch_shared("symbolic_shared", val_t, vsize, rows, group, table,
-                       (aptr, aidx, bptr, bidx, row_nnz))
-    big_batches = []
-    if big.size:
-        size, batches = _global_tables(cupy, products, big, table_budget // (4 + vsize))
-        sym = _kernel("symbolic_global", val_t)
+    @property
+    def flops(self) -> int:
+        return 2 * int(self.products.sum())
+
+    def _big_batches(self, rows):
+        import cupy
+
+        size, batches = _global_tables(cupy, self.products, rows, self.table_budget // (4 + self.vsize))
         for lo, hi in batches:
             sizes = size[lo:hi]
             offset = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(sizes)[:-1]])
-            table = cupy.empty(int(sizes.sum()), dtype=np.int32)
-            rows = big[lo:hi]
-            sym((int(rows.size),), (GLOBAL_THREADS,),
-                (rows, cupy.int32(rows.size), aptr, aidx, bptr, bidx, offset,
-                 sizes.astype(np.int32), table, row_nnz))
-            big_batches.append((rows, sizes, offset))
-            del table
+            yield rows[lo:hi], sizes, offset
 
-    cptr = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(row_nnz)])
-    total = int(cptr[-1])
-    cidx = cupy.empty(total, dtype=np.int32)
-    cval = cupy.empty(total, dtype=val_dtype)
-    for rows, group, table in bins:
-        _launch_shared("numeric_shared", val_t, vsize, rows, group, table,
-                       (aptr, aidx, aval, bptr, bidx, bval, cptr, cidx, cval))
-    if big_batches:
-        num = _kernel("numeric_global", val_t)
-        for rows, sizes, offset in big_batches:
-            slots = int(sizes.sum())
-            table = cupy.empty(slots, dtype=np.int32)
-            table_vals = cupy.empty(slots, dtype=val_dtype)
-            num((int(rows.size),), (GLOBAL_THREADS,),
-                (rows, cupy.int32(rows.size), aptr, aidx, aval, bptr, bidx, bval, offset,
-                 sizes.astype(np.int32), table, table_vals, cptr, cidx, cval))
-            del table, table_vals
-        _sort_rows(cupy, big, cptr, cidx, cval, b.shape[1])
-    return Csr(cptr, cidx, cval, (m, b.shape[1]))
+    def _symbolic(self):
+        import cupy
+
+        row_nnz = cupy.zeros(self.shape[0], dtype=np.int64)
+        for rows, group, table in self.bins:
+            _launch_shared("symbolic_shared", self.val_t, self.vsize, rows, group, table,
+                           (self.aptr, self.aidx, self.bptr, self.bidx, row_nnz))
+        if self.big.size:
+            sym = _kernel("symbolic_global", self.val_t)
+            for rows, sizes, offset in self._big_batches(self.big):
+                table = cupy.empty(int(sizes.sum()), dtype=np.int32)
+                sym((int(rows.size),), (GLOBAL_THREADS,),
+                    (rows, cupy.int32(rows.size), self.aptr, self.aidx, self.bptr, self.bidx,
+                     offset, sizes.astype(np.int32), table, row_nnz))
+                del table
+        return row_nnz
+
+    def batches(self, max_entries: int) -> list[tuple[int, int]]:
+        """Contiguous row ranges whose outputs hold at most ``max_entries`` each (a single
+        row larger than that is a batch of its own)."""
+        cptr = self.cptr.get()
+        out, lo, m = [], 0, self.shape[0]
+        while lo < m:
+            hi = int(np.searchsorted(cptr, cptr[lo] + max_entries, side="right")) - 1
+            hi = min(m, max(hi, lo + 1))
+            out.append((lo, hi))
+            lo = hi
+        return out or [(0, 0)]
+
+    def numeric(self, lo: int = 0, hi: int | None = None) -> Csr:
+        """Rows lo..hi of C, on the device."""
+        import cupy
+
+        hi = self.shape[0] if hi is None else hi
+        base = int(self.cptr[lo])
+        cptr = self.cptr - base  # the kernels address rows by their index in A
+        total = int(self.cptr[hi]) - base
+        cidx = cupy.empty(total, dtype=np.int32)
+        cval = cupy.empty(total, dtype=self.val_dtype)
+        pick = lambda rows: rows[(rows >= lo) & (rows < hi)]  # noqa: E731
+        args = (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, cptr, cidx, cval)
+        for rows, group, table in self.bins:
+            _launch_shared("numeric_shared", self.val_t, self.vsize, pick(rows), group, table, args)
+        big = pick(self.big)
+        if big.size:
+            num = _kernel("numeric_global", self.val_t)
+            for rows, sizes, offset in self._big_batches(big):
+                slots = int(sizes.sum())
+                table = cupy.empty(slots, dtype=np.int32)
+                table_vals = cupy.empty(slots, dtype=self.val_dtype)
+                num((int(rows.size),), (GLOBAL_THREADS,),
+                    (rows, cupy.int32(rows.size), self.aptr, self.aidx, self.aval, self.bptr,
+                     self.bidx, self.bval, offset, sizes.astype(np.int32), table, table_vals,
+                     cptr, cidx, cval))
+                del table, table_vals
+            _sort_rows(cupy, big, cptr, cidx, cval, self.shape[1])
+        return Csr(self.cptr[lo:hi + 1] - base, cidx, cval, (hi - lo, self.shape[1]))
+
+
+def _multiply_gpu(a: Csr, b: Csr) -> Csr:
+    return _GpuProduct(a, b).numeric()
+
+
+def multiply_to_host(xp, a: Csr, b: Csr, max_bytes: int | None = None) -> Csr:
+    """A·B as NumPy arrays; on the GPU, made in row batches of at most ``max_bytes`` of
+    output each when C is larger than that (C may be larger than the GPU)."""
+    if xp is np:
+        return multiply(np, a, b)
+    product = _GpuProduct(a, b)
+    entry = 4 + product.vsize
+    limit = max(1, (max_bytes or 1 << 62) // entry)
+    parts = []
+    for lo, hi in product.batches(limit):
+        c = product.numeric(lo, hi)
+        parts.append((c.indptr.get(), c.indices.get(), c.data.get()))
+        del c
+    indptrs, offset = [np.zeros(1, np.int64)], 0
+    for ptr, _, _ in parts:
+        indptrs.append(ptr[1:] + offset)
+        offset += int(ptr[-1])
+    return Csr(np.concatenate(indptrs), np.concatenate([p[1] for p in parts]),
+               np.concatenate([p[2] for p in parts]), product.shape)
 
 
 def _sort_rows(cupy, rows, cptr, cidx, cval, ncols):

@@ -206,11 +206,13 @@ def web(path: str, n: int, avg_degree: float = 8, seed: int = 0, dtype: str = "f
         overwrite: bool = False, locality: float = 0.5) -> _sparse.SparseInfo:
     """Write a directed web-graph look-alike (row i holds page i's out-links).
 
-    Out-degrees are Poisson around power-law (Pareto, exponent 2.7) weights scaled to mean
-    ``avg_degree`` and capped at n. A fraction ``locality`` of links goes to a nearby id (a
-    geometric distance, mean about 20, either side: pages of one site); the rest to a target
-    drawn by popularity, a power law of exponent 2.1 over randomly placed ids, so in-degrees
-    are heavier-tailed than out-degrees, as in web-Google or wb-edu. Duplicate links merge.
+    Out-degrees are Poisson around Zipf-like weights (rank**-0.6, a power law of exponent
+    about 2.7) placed on random ids, scaled to mean ``avg_degree`` and capped at n. A fraction
+    ``locality`` of links goes to a nearby id (a geometric distance, mean 16 + the page's
+    out-degree, either side: pages of one site); the rest to a target drawn by popularity,
+    Zipf-like weights rank**-0.9 on other random ids (in-degree exponent about 2.1), so
+    in-degrees are heavier-tailed than out-degrees, as in web-Google or wb-edu. Duplicate
+    links merge.
     """
     _check_n(n)
     if not 0 < avg_degree <= n:
@@ -219,14 +221,15 @@ def web(path: str, n: int, avg_degree: float = 8, seed: int = 0, dtype: str = "f
         raise UserError(f"locality {locality}: must be in [0, 1]")
     _check_output(path, dtype, overwrite)
     rng = np.random.default_rng(seed)
-    w_out = rng.pareto(1.7, n) + 1
+    ranks = np.arange(1, n + 1, dtype=np.float64)
+    w_out = rng.permutation(ranks ** -0.6)
     deg = np.minimum(rng.poisson(w_out * (avg_degree / w_out.mean())), n)
     src = np.repeat(np.arange(n, dtype=np.int64), deg)
     k = src.size
-    popularity = np.cumsum(rng.pareto(1.1, n) + 1)
+    popularity = np.cumsum(rng.permutation(ranks ** -0.9))
     dst = np.searchsorted(popularity, rng.random(k) * popularity[-1], side="right")
     local = rng.random(k) < locality
-    step = rng.geometric(1 / 20, k) * rng.choice(np.array([-1, 1]), k)
+    step = rng.geometric(1 / (16 + deg[src]), k) * rng.choice(np.array([-1, 1]), k)
     dst = np.where(local, (src + step) % n, np.minimum(dst, n - 1))
     m = sp.coo_array((_values(rng, k, dtype), (src, dst)), shape=(n, n))
     return _write_sparse(path, m, {"generator": "web", "n": n, "avg_degree": avg_degree,

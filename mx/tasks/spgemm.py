@@ -48,6 +48,7 @@ class SpgemmPlan:
     replicate_b: bool
     b_reason: str
     pointer_chunk: int
+    batch_bytes: int | None  # most output a worker makes on its device at once
     workers: int
     permute: bool
     output: sparse.SparseInfo
@@ -94,6 +95,7 @@ def plan(inputs: dict, params: SpgemmParams, workers: int, what: str, gpus: int 
     return SpgemmPlan(shape=(m, n), inner=k, dtype=dtype.str, a_nnz=a.nnz, b_nnz=b.nnz,
                       units=units, owners=owners, replicate_b=bool(replicate), b_reason=b_reason,
                       pointer_chunk=pointer_chunk, workers=workers, permute=params.permute,
+                      batch_bytes=int(0.4 * budget) if budget else None,
                       output=output)
 
 
@@ -140,6 +142,7 @@ def build(p: SpgemmPlan, paths: dict[str, str], output: str, step: str) -> StepG
                         a_path=paths["a"], b_path=paths["b"], out_path=output, shape=p.shape,
                         dtype=p.dtype, replicate_b=p.replicate_b,
                         pointer_chunk=p.pointer_chunk, value_chunk=VALUE_CHUNK,
+                        batch_bytes=p.batch_bytes,
                         ctx=TaskRef(comm_key(gang)))
         placement[key], labels[key] = w, "compute"
         keys.append(key)
