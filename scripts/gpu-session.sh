@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (device tool): GPU tests, then the GEMM benchmark.
-# Usage: bash scripts/gpu-session.sh "<pytest args>" "<bench args>"   (writes under $OUT)
+# Usage: bash scripts/gpu-session.sh "<pytest args>" "<bench script and args>"   (writes under $OUT)
+#   e.g. bash scripts/gpu-session.sh "tests/test_gpu.py" "bench/gemm.py --gpus 1,2"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source .devbundle/activate.sh
@@ -13,5 +14,5 @@ if [ -n "${1:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider $1 2>&1 | tee "$OUT/pytest.txt" | tail -25
 fi
 if [ -n "${2:-}" ]; then
-  timeout 420 python3 bench/gemm.py $2 --data /tmp/mx-bench --out "$OUT/gemm.json" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\s*$" | tail -40
+  timeout 420 python3 $2 --data /tmp/mx-bench --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | grep -v "^\s*$" | tail -40
 fi
