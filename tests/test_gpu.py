@@ -149,11 +149,15 @@ def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol):
     from mx.kernels import spgemm
 
     a = _powerlaw(rng, 3001, 2003, 20, dtype, heavy_rows=3)
-    b = _powerlaw(rng, 2003, 2501, 15, dtype, heavy_rows=2)
+    b = _powerlaw(rng, 2003, 20011, 15, dtype, heavy_rows=2)
     ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
     want = spgemm.multiply(np, ca, cb)
     product = spgemm._GpuProduct(ca, cb)
-    assert product.big.size > 0 and all(rows.size > 0 for rows, _, _ in product.bins[:3])
+    # every path is taken: each shared bin, and dense rows in both passes
+    sym_bins, sym_dense = spgemm._bin(cupy, product.products, spgemm.SYMBOLIC_BINS)
+    num_bins, num_dense = spgemm._bin(cupy, product.row_nnz, spgemm.NUMERIC_BINS)
+    assert all(rows.size for rows, _, _ in sym_bins[:4]) and sym_dense.size
+    assert all(rows.size for rows, _, _ in num_bins[:4]) and num_dense.size
     got = product.numeric()
     np.testing.assert_array_equal(cupy.asnumpy(got.indptr), want.indptr)
     np.testing.assert_array_equal(cupy.asnumpy(got.indices), want.indices)

@@ -20,6 +20,7 @@ import numpy as np
 
 from mx.cluster.comm import GangContext
 from mx.kernels import spgemm
+from mx.storage import dense as dense_io
 from mx.storage import sparse
 
 
@@ -64,6 +65,7 @@ def run(units: list, *, all_units: list, owners: list, a_path: str, b_path: str,
     first_owner = _chunk_first_owner(offsets, owners, value_chunk, total)
     outgoing: dict[int, list] = {rank: [] for rank in range(control.size)}
     mine_partial: list = []
+    whole_chunks: list = []
     with ctx.timed_host("write"):
         for u, unit in enumerate(all_units):
             if owners[u] != me:
@@ -76,10 +78,12 @@ def run(units: list, *, all_units: list, owners: list, a_path: str, b_path: str,
             for lo, hi, whole in sparse.pieces(base, base + len(c.indices), value_chunk, total):
                 idx, val = c.indices[lo - base:hi - base], c.data[lo - base:hi - base]
                 if whole:
-                    sparse.write_entries(out_path, lo, idx, val)
+                    whole_chunks.append((lo, idx, val))
                 else:
                     owner = first_owner[lo // value_chunk]
                     (mine_partial if owner == me else outgoing[owner]).append((lo, idx, val))
+        # whole chunks are independent: encode and write them on the I/O threads
+        list(dense_io.pool().map(lambda piece: sparse.write_entries(out_path, *piece), whole_chunks))
     with ctx.timed_host("exchange"):
         received = _alltoall(control, outgoing, "pieces")
     with ctx.timed_host("write"):

@@ -11,11 +11,12 @@ their number of partial products:
 
 - short rows share a block, a warp each, with a small shared-memory table;
 - longer rows get a whole block and a larger shared-memory table;
-- rows too long for shared memory use a table in global memory.
+- rows too long for shared tables use a bitmap of all columns in shared memory, and a dense
+  accumulator in global memory for the numeric pass.
 
-A shared table is sorted in place (bitonic) before it is written. Global-table rows are
-compacted, then sorted by one radix sort over (row, column). The NumPy/SciPy path defines the
-expected result.
+The symbolic pass bins rows by partial products, the numeric pass by the exact counts. A
+shared table is sorted in place (bitonic) before it is written. A dense row comes out sorted
+from a scan of its bitmap. The NumPy/SciPy path defines the expected result.
 """
 
 from __future__ import annotations
@@ -89,12 +90,17 @@ def _multiply_scipy(a: Csr, b: Csr) -> Csr:
 
 
 # ----------------------------------------------------------------------------------- GPU
-# bins: (largest product count, threads per row, table slots); tables hold at most half
-# their slots (nnz of a row <= its products), so linear probing stays short
-SHARED_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
-               (4096, 512, 8192))
-BLOCK = 256  # threads per block for the small (warp-per-row) bins
-GLOBAL_THREADS = 512
+# Shared-table bins: (largest count, threads per row, table slots). The symbolic pass bins rows
+# by partial products (an upper bound on their nonzeros); the numeric pass bins them by the
+# exact nonzeros the symbolic pass counted, so its tables (and the sorts) are as small as the
+# rows allow. A table holds at most half its slots, so linear probing stays short.
+SYMBOLIC_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
+                 (16384, 1024, 32768))
+NUMERIC_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
+                (8192, 1024, 16384))
+BLOCK = 256  # threads per block for the warp-per-row bins
+DENSE_THREADS = 1024
+MAX_DENSE_COLUMNS = 8 * 160 * 1024  # a row bitmap of this many columns fits in shared memory
 EMPTY = 0x7FFFFFFF  # an empty slot; larger than any column, so it sorts last
 
 _SOURCE = r"""
@@ -105,7 +111,7 @@ __device__ __forceinline__ int slot_of(int key, int mask) {
     return (int)(((unsigned int)key * 2654435761u) & (unsigned int)mask);
 }
 
-// returns the slot of key, inserting it; *fresh says whether it was new
+// the slot of key, inserting it; *fresh says whether it was new
 __device__ __forceinline__ int insert(int* keys, int key, int mask, bool* fresh) {
     int h = slot_of(key, mask);
     while (true) {
@@ -116,7 +122,19 @@ __device__ __forceinline__ int insert(int* keys, int key, int mask, bool* fresh)
     }
 }
 
-// one group of G threads per row, a table of T slots per group in shared memory
+// The partial products of a row: each warp of the group takes one entry of A's row at a time
+// and its lanes stride over the matching row of B (B's rows are short: a warp per entry keeps
+// the lanes busy where a whole block per entry would idle).
+#define FOR_PRODUCTS(G_, row, body)                                                     \
+    {                                                                                   \
+        const int warp_ = (threadIdx.x % (G_)) / 32, warps_ = ((G_) + 31) / 32;          \
+        const int lane_ = threadIdx.x % 32;                                             \
+        for (long long p = aptr[row] + warp_; p < aptr[row + 1]; p += warps_) {         \
+            const int k = aidx[p];                                                      \
+            for (long long q = bptr[k] + lane_; q < bptr[k + 1]; q += 32) { body }      \
+        }                                                                               \
+    }
+
 extern "C" __global__ void symbolic_shared(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const long long* bptr, const int* bidx, long long* row_nnz) {
     extern __shared__ int smem[];
@@ -129,14 +147,11 @@ extern "C" __global__ void symbolic_shared(const int* rows, int nrows, const lon
     __syncthreads();
     if (r < nrows) {
         const int row = rows[r];
-        for (long long p = aptr[row]; p < aptr[row + 1]; ++p) {
-            const int k = aidx[p];
-            for (long long q = bptr[k] + lane; q < bptr[k + 1]; q += G) {
-                bool fresh;
-                insert(keys, bidx[q], T - 1, &fresh);
-                if (fresh) atomicAdd(&counts[g], 1);
-            }
-        }
+        FOR_PRODUCTS(G, row, {
+            bool fresh;
+            insert(keys, bidx[q], T - 1, &fresh);
+            if (fresh) atomicAdd(&counts[g], 1);
+        })
     }
     __syncthreads();
     if (r < nrows && lane == 0) row_nnz[rows[r]] = counts[g];
@@ -154,18 +169,14 @@ extern "C" __global__ void numeric_shared(const int* rows, int nrows, const long
     __syncthreads();
     if (r < nrows) {
         const int row = rows[r];
-        for (long long p = aptr[row]; p < aptr[row + 1]; ++p) {
-            const int k = aidx[p];
-            const val_t av = aval[p];
-            for (long long q = bptr[k] + lane; q < bptr[k + 1]; q += G) {
-                bool fresh;
-                const int h = insert(keys, bidx[q], T - 1, &fresh);
-                atomicAdd(&vals[h], av * bval[q]);
-            }
-        }
+        FOR_PRODUCTS(G, row, {
+            bool fresh;
+            const int h = insert(keys, bidx[q], T - 1, &fresh);
+            atomicAdd(&vals[h], aval[p] * bval[q]);
+        })
     }
     __syncthreads();
-    // bitonic sort of the whole table by key; empty slots (EMPTY) sort last
+    // bitonic sort of the table by key; empty slots (EMPTY) sort last
     for (int size = 2; size <= T; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
             for (int i = lane; i < T; i += G) {
@@ -189,61 +200,72 @@ extern "C" __global__ void numeric_shared(const int* rows, int nrows, const long
     }
 }
 
-// one block per row, its table in global memory at offset[r] with size[r] slots (power of 2)
-extern "C" __global__ void symbolic_global(const int* rows, int nrows, const long long* aptr,
-        const int* aidx, const long long* bptr, const int* bidx, const long long* offset,
-        const int* size, int* table, long long* row_nnz) {
+// Rows too long for a shared table: a bitmap of all n columns in shared memory (and, for
+// the numeric pass, a dense accumulator of n values in global memory). Scanning the bitmap
+// in column order writes the row sorted, with no sort at all.
+extern "C" __global__ void symbolic_dense(const int* rows, int nrows, const long long* aptr,
+        const int* aidx, const long long* bptr, const int* bidx, int ncols, long long* row_nnz) {
+    extern __shared__ unsigned int bits[];
     __shared__ unsigned long long count;
-    const long long r = blockIdx.x;
-    if (r >= nrows) return;
-    int* keys = table + offset[r];
-    const int mask = size[r] - 1;
-    for (long long s = threadIdx.x; s < size[r]; s += blockDim.x) keys[s] = EMPTY;
+    const int words = (ncols + 31) / 32;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
     if (threadIdx.x == 0) count = 0;
     __syncthreads();
-    const int row = rows[r];
-    for (long long p = aptr[row]; p < aptr[row + 1]; ++p) {
-        const int k = aidx[p];
-        for (long long q = bptr[k] + threadIdx.x; q < bptr[k + 1]; q += blockDim.x) {
-            bool fresh;
-            insert(keys, bidx[q], mask, &fresh);
-            if (fresh) atomicAdd(&count, 1ull);
-        }
-    }
+    const int row = rows[blockIdx.x];
+    FOR_PRODUCTS(DENSE_G, row, {
+        const int col = bidx[q];
+        atomicOr(&bits[col >> 5], 1u << (col & 31));
+    })
+    __syncthreads();
+    unsigned long long mine = 0;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) mine += __popc(bits[w]);
+    atomicAdd(&count, mine);
     __syncthreads();
     if (threadIdx.x == 0) row_nnz[row] = (long long)count;
 }
 
-extern "C" __global__ void numeric_global(const int* rows, int nrows, const long long* aptr,
+extern "C" __global__ void numeric_dense(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const val_t* aval, const long long* bptr, const int* bidx,
-        const val_t* bval, const long long* offset, const int* size, int* table,
-        val_t* table_vals, const long long* cptr, int* cidx, val_t* cval) {
-    __shared__ unsigned long long next;
-    const long long r = blockIdx.x;
-    if (r >= nrows) return;
-    int* keys = table + offset[r];
-    val_t* vals = table_vals + offset[r];
-    const int mask = size[r] - 1;
-    for (long long s = threadIdx.x; s < size[r]; s += blockDim.x) { keys[s] = EMPTY; vals[s] = 0; }
-    if (threadIdx.x == 0) next = 0;
+        const val_t* bval, int ncols, val_t* dense, const long long* cptr, int* cidx,
+        val_t* cval) {
+    extern __shared__ unsigned int bits[];
+    __shared__ int scan[DENSE_G];
+    const int words = (ncols + 31) / 32;
+    val_t* acc = dense + (long long)blockIdx.x * ncols;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
+    for (int c = threadIdx.x; c < ncols; c += blockDim.x) acc[c] = 0;
     __syncthreads();
-    const int row = rows[r];
-    for (long long p = aptr[row]; p < aptr[row + 1]; ++p) {
-        const int k = aidx[p];
-        const val_t av = aval[p];
-        for (long long q = bptr[k] + threadIdx.x; q < bptr[k + 1]; q += blockDim.x) {
-            bool fresh;
-            const int h = insert(keys, bidx[q], mask, &fresh);
-            atomicAdd(&vals[h], av * bval[q]);
-        }
+    const int row = rows[blockIdx.x];
+    FOR_PRODUCTS(DENSE_G, row, {
+        const int col = bidx[q];
+        atomicOr(&bits[col >> 5], 1u << (col & 31));
+        atomicAdd(&acc[col], aval[p] * bval[q]);
+    })
+    __syncthreads();
+    // each thread takes a contiguous run of words; a block scan of their counts gives where
+    // each run's entries go, in column order
+    const int per = (words + blockDim.x - 1) / blockDim.x;
+    const int w0 = min(words, threadIdx.x * per), w1 = min(words, w0 + per);
+    int mine = 0;
+    for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
+    scan[threadIdx.x] = mine;
+    __syncthreads();
+    for (int off = 1; off < blockDim.x; off <<= 1) {
+        const int add = threadIdx.x >= off ? scan[threadIdx.x - off] : 0;
+        __syncthreads();
+        scan[threadIdx.x] += add;
+        __syncthreads();
     }
-    __syncthreads();
-    // compact, unsorted; a radix sort over (row, column) orders these rows afterwards
-    const long long base = cptr[row];
-    for (long long s = threadIdx.x; s < size[r]; s += blockDim.x) {
-        if (keys[s] != EMPTY) {
-            const long long at = base + (long long)atomicAdd(&next, 1ull);
-            cidx[at] = keys[s]; cval[at] = vals[s];
+    long long at = cptr[row] + scan[threadIdx.x] - mine;
+    for (int w = w0; w < w1; ++w) {
+        unsigned int word = bits[w];
+        while (word) {
+            const int bit = __ffs(word) - 1;
+            word &= word - 1;
+            const int col = w * 32 + bit;
+            cidx[at] = col;
+            cval[at] = acc[col];
+            ++at;
         }
     }
 }
@@ -258,67 +280,62 @@ def _kernel(name: str, val_t: str, group: int = 0, table: int = 0):
     key = (val_t, group, table)
     module = _MODULES.get(key)
     if module is None:
-        code = f"#define VAL_T {val_t}\n#define G {max(group, 1)}\n#define T {max(table, 2)}\n" + _SOURCE
+        code = (f"#define VAL_T {val_t}\n#define G {max(group, 1)}\n#define T {max(table, 2)}\n"
+                f"#define DENSE_G {DENSE_THREADS}\n" + _SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[key] = module
     return module.get_function(name)
 
 
-def _shared_bytes(val_size: int, groups: int, table: int, numeric: bool) -> int:
-    return groups * table * (4 + (val_size if numeric else 0))
+def _launch(fn, blocks: int, threads: int, smem: int, args) -> None:
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    if blocks:
+        fn((blocks,), (threads,), args, shared_mem=smem)
 
 
 def _launch_shared(name, val_t, val_size, rows, group, table, args):
-    """Launch a shared-table kernel over ``rows`` (int32 row ids)."""
+    """Launch a shared-table kernel over ``rows`` (int32 row ids), a group of threads each."""
     import cupy
 
-    threads = BLOCK if group < BLOCK and table * (4 + val_size) * (BLOCK // group) <= 48 * 1024 \
-        else group
+    entry = 4 + (val_size if name.startswith("numeric") else 0)
+    threads = BLOCK if group < BLOCK and table * entry * (BLOCK // group) <= 48 * 1024 else group
     groups = threads // group
-    smem = _shared_bytes(val_size, groups, table, name.startswith("numeric"))
-    fn = _kernel(name, val_t, group, table)
-    if smem > 48 * 1024:
-        fn.max_dynamic_shared_size_bytes = smem
     n = int(rows.size)
-    blocks = -(-n // groups)
-    if blocks:
-        fn((blocks,), (threads,), (rows, cupy.int32(n), *args), shared_mem=smem)
+    _launch(_kernel(name, val_t, group, table), -(-n // groups), threads,
+            groups * table * entry, (rows, cupy.int32(n), *args))
 
 
-def _global_tables(xp, products, rows, limit_slots):
-    """Table sizes (power of 2 >= 2·products) and offsets for ``rows``, split into batches of
-    at most ``limit_slots`` slots."""
-    need = products[rows]
-    size = (2 ** xp.ceil(xp.log2(xp.maximum(2 * need, 2)))).astype(np.int64)
-    sizes = size.get()
-    batches, start, total = [], 0, 0
-    for i, s in enumerate(sizes.tolist()):
-        if total and total + s > limit_slots:
-            batches.append((start, i))
-            start, total = i, 0
-        total += s
-    batches.append((start, len(sizes)))
-    return size, batches
+def _bin(cupy, counts, bins):
+    """Row ids (int32) per bin of ``bins`` by ``counts``, and the rows above the last bin."""
+    out, lower = [], 0
+    for upper, group, table in bins:
+        out.append((cupy.nonzero((counts > lower) & (counts <= upper))[0].astype(np.int32), group, table))
+        lower = upper
+    return out, cupy.nonzero(counts > lower)[0].astype(np.int32)
 
 
 class _GpuProduct:
-    """One A·B on the GPU: inputs on the device, rows binned, the symbolic pass done on
-    construction; ``numeric(lo, hi)`` fills rows lo..hi (so an output larger than the GPU is
-    made in row batches)."""
+    """One A·B on the GPU: inputs on the device and the symbolic pass done on construction;
+    ``numeric(lo, hi)`` fills rows lo..hi (an output larger than the GPU is made in batches)."""
 
-    def __init__(self, a: Csr, b: Csr, table_budget: int = 1 << 28):
+    def __init__(self, a: Csr, b: Csr, dense_budget: int = 1 << 30):
         import cupy
 
         val_dtype = np.result_type(a.data.dtype, b.data.dtype)
         if val_dtype not in (np.float32, np.float64):
             val_dtype = np.dtype(np.float64)
-        if b.shape[1] >= 2**31 - 1:
+        n = b.shape[1]
+        if n >= 2**31 - 1:
             raise ValueError("the GPU SpGEMM kernel handles up to 2^31 - 2 columns; split B by columns")
+        if n > MAX_DENSE_COLUMNS:
+            raise ValueError(f"the GPU SpGEMM kernel handles up to {MAX_DENSE_COLUMNS} columns "
+                             f"of B per product (B has {n}); split B by columns")
         self.val_dtype = np.dtype(val_dtype)
         self.val_t = "double" if val_dtype == np.float64 else "float"
         self.vsize = self.val_dtype.itemsize
-        self.shape = (a.shape[0], b.shape[1])
-        self.table_budget = table_budget
+        self.shape = (a.shape[0], n)
+        self.dense_budget = dense_budget
         as_dev = lambda x, t: cupy.asarray(x, dtype=t)  # noqa: E731
         self.aptr = as_dev(a.indptr, np.int64)
         self.aptr = self.aptr - self.aptr[0]
@@ -328,13 +345,6 @@ class _GpuProduct:
         self.bidx, self.bval = as_dev(b.indices, np.int32), as_dev(b.data, val_dtype)
         self.products = products_per_row(cupy, Csr(self.aptr, self.aidx, self.aval, a.shape),
                                           Csr(self.bptr, self.bidx, self.bval, b.shape))
-        lower = 0
-        self.bins = []
-        for upper, group, table in SHARED_BINS:
-            rows = cupy.nonzero((self.products > lower) & (self.products <= upper))[0]
-            self.bins.append((rows.astype(np.int32), group, table))
-            lower = upper
-        self.big = cupy.nonzero(self.products > lower)[0].astype(np.int32)
         self.row_nnz = self._symbolic()
         self.cptr = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(self.row_nnz)])
 
@@ -342,30 +352,21 @@ class _GpuProduct:
     def flops(self) -> int:
         return 2 * int(self.products.sum())
 
-    def _big_batches(self, rows):
-        import cupy
-
-        size, batches = _global_tables(cupy, self.products, rows, self.table_budget // (4 + self.vsize))
-        for lo, hi in batches:
-            sizes = size[lo:hi]
-            offset = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(sizes)[:-1]])
-            yield rows[lo:hi], sizes, offset
+    def _bitmap_bytes(self) -> int:
+        return 4 * ((self.shape[1] + 31) // 32)
 
     def _symbolic(self):
         import cupy
 
         row_nnz = cupy.zeros(self.shape[0], dtype=np.int64)
-        for rows, group, table in self.bins:
+        bins, dense = _bin(cupy, self.products, SYMBOLIC_BINS)
+        for rows, group, table in bins:
             _launch_shared("symbolic_shared", self.val_t, self.vsize, rows, group, table,
                            (self.aptr, self.aidx, self.bptr, self.bidx, row_nnz))
-        if self.big.size:
-            sym = _kernel("symbolic_global", self.val_t)
-            for rows, sizes, offset in self._big_batches(self.big):
-                table = cupy.empty(int(sizes.sum()), dtype=np.int32)
-                sym((int(rows.size),), (GLOBAL_THREADS,),
-                    (rows, cupy.int32(rows.size), self.aptr, self.aidx, self.bptr, self.bidx,
-                     offset, sizes.astype(np.int32), table, row_nnz))
-                del table
+        _launch(_kernel("symbolic_dense", self.val_t), int(dense.size), DENSE_THREADS,
+                self._bitmap_bytes(),
+                (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.bptr, self.bidx,
+                 cupy.int32(self.shape[1]), row_nnz))
         return row_nnz
 
     def batches(self, max_entries: int) -> list[tuple[int, int]]:
@@ -390,23 +391,25 @@ class _GpuProduct:
         total = int(self.cptr[hi]) - base
         cidx = cupy.empty(total, dtype=np.int32)
         cval = cupy.empty(total, dtype=self.val_dtype)
-        pick = lambda rows: rows[(rows >= lo) & (rows < hi)]  # noqa: E731
-        args = (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, cptr, cidx, cval)
-        for rows, group, table in self.bins:
-            _launch_shared("numeric_shared", self.val_t, self.vsize, pick(rows), group, table, args)
-        big = pick(self.big)
-        if big.size:
-            num = _kernel("numeric_global", self.val_t)
-            for rows, sizes, offset in self._big_batches(big):
-                slots = int(sizes.sum())
-                table = cupy.empty(slots, dtype=np.int32)
-                table_vals = cupy.empty(slots, dtype=self.val_dtype)
-                num((int(rows.size),), (GLOBAL_THREADS,),
-                    (rows, cupy.int32(rows.size), self.aptr, self.aidx, self.aval, self.bptr,
-                     self.bidx, self.bval, offset, sizes.astype(np.int32), table, table_vals,
-                     cptr, cidx, cval))
-                del table, table_vals
-            _sort_rows(cupy, big, cptr, cidx, cval, self.shape[1])
+        counts = cupy.zeros_like(self.row_nnz)
+        counts[lo:hi] = self.row_nnz[lo:hi]
+        bins, dense = _bin(cupy, counts, NUMERIC_BINS)
+        for rows, group, table in bins:
+            _launch_shared("numeric_shared", self.val_t, self.vsize, rows, group, table,
+                           (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval,
+                            cptr, cidx, cval))
+        if dense.size:
+            # dense accumulators for as many rows at a time as the budget allows
+            per = max(1, self.dense_budget // (self.shape[1] * self.vsize))
+            fn = _kernel("numeric_dense", self.val_t)
+            for start in range(0, int(dense.size), per):
+                rows = dense[start:start + per]
+                acc = cupy.empty(int(rows.size) * self.shape[1], dtype=self.val_dtype)
+                _launch(fn, int(rows.size), DENSE_THREADS, self._bitmap_bytes(),
+                        (rows, cupy.int32(rows.size), self.aptr, self.aidx, self.aval,
+                         self.bptr, self.bidx, self.bval, cupy.int32(self.shape[1]), acc,
+                         cptr, cidx, cval))
+                del acc
         return Csr(self.cptr[lo:hi + 1] - base, cidx, cval, (hi - lo, self.shape[1]))
 
 
@@ -433,20 +436,3 @@ def multiply_to_host(xp, a: Csr, b: Csr, max_bytes: int | None = None) -> Csr:
         offset += int(ptr[-1])
     return Csr(np.concatenate(indptrs), np.concatenate([p[1] for p in parts]),
                np.concatenate([p[2] for p in parts]), product.shape)
-
-
-def _sort_rows(cupy, rows, cptr, cidx, cval, ncols):
-    """Sort the entries of ``rows`` by column (they were written unsorted)."""
-    starts, stops = cptr[rows.astype(np.int64)], cptr[rows.astype(np.int64) + 1]
-    lengths = stops - starts
-    total = int(lengths.sum())
-    if not total:
-        return
-    # positions of every entry of these rows, and which row (0..len(rows)) each belongs to
-    owner = cupy.repeat(cupy.arange(rows.size, dtype=np.int64), lengths)
-    first = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(lengths)[:-1]])
-    pos = starts[owner] + (cupy.arange(total, dtype=np.int64) - first[owner])
-    keys = owner * np.int64(ncols + 1) + cidx[pos].astype(np.int64)
-    order = cupy.argsort(keys)
-    cidx[pos] = cidx[pos][order]
-    cval[pos] = cval[pos][order]

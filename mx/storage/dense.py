@@ -83,7 +83,7 @@ def _is_group(path: str) -> bool:
         return False
 
 
-def _pool() -> ThreadPoolExecutor:
+def pool() -> ThreadPoolExecutor:
     """Threads for chunk I/O: Zarr's codecs (zstd, blosc) release the GIL, so decoding and
     encoding the chunks of one block in parallel uses the worker's cores."""
     global _POOL
@@ -133,7 +133,7 @@ def read_block(path: str, rows: tuple[int, int], cols: tuple[int, int],
         (t0, t1), (c0, c1) = tile
         out[t0 - rows[0]:t1 - rows[0]] = arr[t0:t1, c0:c1]
 
-    list(_pool().map(fill, _tiles(rows, cols, arr.chunks)))
+    list(pool().map(fill, _tiles(rows, cols, arr.chunks)))
     return out
 
 
@@ -159,7 +159,7 @@ def write_block(path: str, rows: tuple[int, int], cols: tuple[int, int], block) 
             (t0, t1), (c0, c1) = tile
             arr[t0:t1, c0:c1] = block[t0 - rows[0]:t1 - rows[0]]
 
-        list(_pool().map(put, _tiles(rows, cols, arr.chunks)))
+        list(pool().map(put, _tiles(rows, cols, arr.chunks)))
     return {"rows": list(rows), "cols": list(cols), "bytes": int(block.nbytes)}
 
 

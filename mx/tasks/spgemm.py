@@ -26,7 +26,7 @@ from mx.tasks.spec import Strict
 
 # Row chunks per worker: enough to balance skewed rows, few enough to keep pieces large.
 CHUNKS_PER_WORKER = 8
-VALUE_CHUNK = 1 << 18  # entries per Zarr chunk of C's indices and values
+VALUE_CHUNK = 1 << 20  # entries per Zarr chunk of C's indices and values
 
 
 class SpgemmParams(Strict):
