@@ -122,16 +122,16 @@ __device__ __forceinline__ int insert(int* keys, int key, int mask, bool* fresh)
     }
 }
 
-// The partial products of a row: the group's threads form teams of SUB lanes; each team
-// takes one entry of A's row at a time and its lanes stride over the matching row of B.
-// SUB is picked near B's mean row length, so lanes stay busy on short rows of B.
+// The partial products of a row: each warp of the group takes one entry of A's row at a time
+// and its lanes stride over the matching row of B (B's rows are short: a warp per entry keeps
+// the lanes busy where a whole block per entry would idle).
 #define FOR_PRODUCTS(G_, row, body)                                                     \
     {                                                                                   \
-        const int team_ = (threadIdx.x % (G_)) / SUB, teams_ = (G_) / SUB;              \
-        const int lane_ = threadIdx.x % SUB;                                            \
-        for (long long p = aptr[row] + team_; p < aptr[row + 1]; p += teams_) {         \
+        const int warp_ = (threadIdx.x % (G_)) / 32, warps_ = ((G_) + 31) / 32;          \
+        const int lane_ = threadIdx.x % 32;                                             \
+        for (long long p = aptr[row] + warp_; p < aptr[row + 1]; p += warps_) {         \
             const int k = aidx[p];                                                      \
-            for (long long q = bptr[k] + lane_; q < bptr[k + 1]; q += SUB) { body }     \
+            for (long long q = bptr[k] + lane_; q < bptr[k + 1]; q += 32) { body }      \
         }                                                                               \
     }
 
@@ -274,14 +274,14 @@ extern "C" __global__ void numeric_dense(const int* rows, int nrows, const long 
 _MODULES: dict = {}
 
 
-def _kernel(name: str, val_t: str, group: int = 0, table: int = 0, sub: int = 32):
+def _kernel(name: str, val_t: str, group: int = 0, table: int = 0):
     import cupy
 
-    key = (val_t, group, table, sub)
+    key = (val_t, group, table)
     module = _MODULES.get(key)
     if module is None:
         code = (f"#define VAL_T {val_t}\n#define G {max(group, 1)}\n#define T {max(table, 2)}\n"
-                f"#define SUB {sub}\n#define DENSE_G {DENSE_THREADS}\n" + _SOURCE)
+                f"#define DENSE_G {DENSE_THREADS}\n" + _SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[key] = module
     return module.get_function(name)
@@ -294,7 +294,7 @@ def _launch(fn, blocks: int, threads: int, smem: int, args) -> None:
         fn((blocks,), (threads,), args, shared_mem=smem)
 
 
-def _launch_shared(name, val_t, val_size, rows, group, table, sub, args):
+def _launch_shared(name, val_t, val_size, rows, group, table, args):
     """Launch a shared-table kernel over ``rows`` (int32 row ids), a group of threads each."""
     import cupy
 
@@ -302,30 +302,17 @@ def _launch_shared(name, val_t, val_size, rows, group, table, sub, args):
     threads = BLOCK if group < BLOCK and table * entry * (BLOCK // group) <= 48 * 1024 else group
     groups = threads // group
     n = int(rows.size)
-    _launch(_kernel(name, val_t, group, table, sub), -(-n // groups), threads,
+    _launch(_kernel(name, val_t, group, table), -(-n // groups), threads,
             groups * table * entry, (rows, cupy.int32(n), *args))
 
 
 def _bin(cupy, counts, bins):
-    """Row ids (int32) per bin of ``bins`` by ``counts``, and the rows above the last bin;
-    one sort and one transfer of the bin sizes, however many bins."""
-    edges = cupy.asarray([0] + [upper for upper, _, _ in bins], dtype=counts.dtype)
-    which = cupy.searchsorted(edges, counts, side="left")  # 0: empty row, len(bins)+1: dense
-    order = cupy.argsort(which).astype(np.int32)
-    sizes = cupy.bincount(which, minlength=len(bins) + 2).get()
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    out = [(order[starts[b + 1]:starts[b + 2]], group, table)
-           for b, (_, group, table) in enumerate(bins)]
-    return out, order[starts[len(bins) + 1]:starts[len(bins) + 2]]
-
-
-def team_size(b: Csr) -> int:
-    """Lanes per entry of A: a power of two near B's mean row length, 4 to 32."""
-    mean = b.nnz / max(1, b.shape[0])
-    team = 4
-    while team < 32 and team < mean:
-        team *= 2
-    return team
+    """Row ids (int32) per bin of ``bins`` by ``counts``, and the rows above the last bin."""
+    out, lower = [], 0
+    for upper, group, table in bins:
+        out.append((cupy.nonzero((counts > lower) & (counts <= upper))[0].astype(np.int32), group, table))
+        lower = upper
+    return out, cupy.nonzero(counts > lower)[0].astype(np.int32)
 
 
 class _GpuProduct:
@@ -356,9 +343,8 @@ class _GpuProduct:
         self.bptr = as_dev(b.indptr, np.int64)
         self.bptr = self.bptr - self.bptr[0]
         self.bidx, self.bval = as_dev(b.indices, np.int32), as_dev(b.data, val_dtype)
-        b_dev = Csr(self.bptr, self.bidx, self.bval, b.shape)
-        self.sub = team_size(b_dev)
-        self.products = products_per_row(cupy, Csr(self.aptr, self.aidx, self.aval, a.shape), b_dev)
+        self.products = products_per_row(cupy, Csr(self.aptr, self.aidx, self.aval, a.shape),
+                                          Csr(self.bptr, self.bidx, self.bval, b.shape))
         self.row_nnz = self._symbolic()
         self.cptr = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(self.row_nnz)])
 
@@ -375,9 +361,9 @@ class _GpuProduct:
         row_nnz = cupy.zeros(self.shape[0], dtype=np.int64)
         bins, dense = _bin(cupy, self.products, SYMBOLIC_BINS)
         for rows, group, table in bins:
-            _launch_shared("symbolic_shared", self.val_t, self.vsize, rows, group, table, self.sub,
+            _launch_shared("symbolic_shared", self.val_t, self.vsize, rows, group, table,
                            (self.aptr, self.aidx, self.bptr, self.bidx, row_nnz))
-        _launch(_kernel("symbolic_dense", self.val_t, sub=self.sub), int(dense.size), DENSE_THREADS,
+        _launch(_kernel("symbolic_dense", self.val_t), int(dense.size), DENSE_THREADS,
                 self._bitmap_bytes(),
                 (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.bptr, self.bidx,
                  cupy.int32(self.shape[1]), row_nnz))
@@ -409,13 +395,13 @@ class _GpuProduct:
         counts[lo:hi] = self.row_nnz[lo:hi]
         bins, dense = _bin(cupy, counts, NUMERIC_BINS)
         for rows, group, table in bins:
-            _launch_shared("numeric_shared", self.val_t, self.vsize, rows, group, table, self.sub,
+            _launch_shared("numeric_shared", self.val_t, self.vsize, rows, group, table,
                            (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval,
                             cptr, cidx, cval))
         if dense.size:
             # dense accumulators for as many rows at a time as the budget allows
             per = max(1, self.dense_budget // (self.shape[1] * self.vsize))
-            fn = _kernel("numeric_dense", self.val_t, sub=self.sub)
+            fn = _kernel("numeric_dense", self.val_t)
             for start in range(0, int(dense.size), per):
                 rows = dense[start:start + per]
                 acc = cupy.empty(int(rows.size) * self.shape[1], dtype=self.val_dtype)
