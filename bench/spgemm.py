@@ -135,7 +135,7 @@ def run_one(name, path, args):
         cus = (c.indptr.get().astype(np.int64), c.indices.get(), c.data.get())
         row.update(cusparse_s=seconds, cusparse_gflops=flops / seconds / 1e9,
                    cusparse_peak_gib=peak / 2**30, cusparse_nnz=int(c.nnz))
-        del c, a_cx
+        del c
     except Exception as exc:  # cuSPARSE out of memory or int32 overflow: recorded, not hidden
         row["cusparse_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     cupy.get_default_memory_pool().free_all_blocks()

@@ -3,7 +3,6 @@ and nothing written (no job record, no output, no temporary)."""
 
 import os
 
-import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner

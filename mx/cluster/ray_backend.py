@@ -157,7 +157,7 @@ class RayBackend:
         """Connect to (or start) Ray; returns the CPUs each worker asks for."""
         cores = os.cpu_count() or 1
         if ray.is_initialized():
-            log(f"ray: using the Ray instance this process already runs")
+            log("ray: using the Ray instance this process already runs")
         elif self.address is None:
             # Token authentication stays on: Ray's default for local clusters since 2.59.
             self.started_ray = True  # set first: a cancel during init must still shut it down

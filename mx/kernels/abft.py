@@ -63,3 +63,12 @@ def checked_accumulate(xp, c, a, b, precision: str, counters: dict, label: str,
     raise ChecksumError(f"{label}: block product failed its checksums twice "
                         f"({int(bad_rows.sum())} rows, {int(bad_cols.sum())} columns off); "
                         f"the inputs may hold NaN/Inf or the device is faulty")
+
+
+def accumulate(xp, c, a, b, precision: str, verify: str | None, counters: dict, label: str,
+               corrupt: bool = False) -> None:
+    """``c += a @ b``, checked by checksums when ``verify`` is "abft"."""
+    if verify == "abft":
+        checked_accumulate(xp, c, a, b, precision, counters, label, corrupt)
+    else:
+        gemm.accumulate(xp, c, a, b, precision)

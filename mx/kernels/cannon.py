@@ -53,11 +53,8 @@ def _rounds(ctx, a, b, c, q, i, j, neighbours, inner, precision, verify, faults)
                  (down, ("b", step), (inner[s], b.shape[1]), b.dtype)])
             ctx.count("bytes-shifted", int(a.nbytes + b.nbytes))
         with ctx.timed("compute"):
-            if verify == "abft":
-                abft.checked_accumulate(xp, c, a, b, precision, ctx.counters,
-                                        f"worker ({i},{j}) round {step}", step in faults)
-            else:
-                gemm.accumulate(xp, c, a, b, precision)
+            abft.accumulate(xp, c, a, b, precision, verify, ctx.counters,
+                            f"worker ({i},{j}) round {step}", step in faults)
         ctx.advance(1)
         if not last:
             a, b = ctx.wait(exchange, "shift-wait")

@@ -43,11 +43,7 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
                     a = prec.to_device(xp, a_host, precision)
                     b = prec.to_device(xp, b_host, precision)
                 with ctx.timed("compute"):
-                    if verify == "abft":
-                        abft.checked_accumulate(xp, c, a, b, precision, ctx.counters,
-                                                f"tile {t} slab {s}")
-                    else:
-                        gemm.accumulate(xp, c, a, b, precision)
+                    abft.accumulate(xp, c, a, b, precision, verify, ctx.counters, f"tile {t} slab {s}")
                 ctx.advance(1)
             ctx.finish()
             host = ctx.to_host(c)

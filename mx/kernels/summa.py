@@ -70,9 +70,6 @@ def _steps(ctx, c, start, inner, precision, verify, faults, where):
         if k + 1 < len(inner):
             pending = start(k + 1)
         with ctx.timed("compute"):
-            if verify == "abft":
-                abft.checked_accumulate(xp, c, a, b, precision, ctx.counters,
-                                        f"worker {where} panel {k}", k in faults)
-            else:
-                gemm.accumulate(xp, c, a, b, precision)
+            abft.accumulate(xp, c, a, b, precision, verify, ctx.counters,
+                            f"worker {where} panel {k}", k in faults)
         ctx.advance(1)

@@ -127,12 +127,18 @@ def choose(m: int, k: int, n: int, p: int, algorithm: str, what: str) -> tuple[s
     return "cannon", (q, q), f"{p} workers form a square grid and the shape suits it"
 
 
-def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 0) -> GemmPlan:
-    a, b = inputs["a"], inputs["b"]
+def product_shape(a, b, what: str) -> tuple[int, int, int]:
+    """(m, k, n) of A·B, or the error that A's columns and B's rows differ."""
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2:
         raise UserError(f"{what}: A is {m}×{k} but B is {k2}×{n}: A's columns must equal B's "
                         f"rows ({k} ≠ {k2}); check the inputs' order and shapes")
+    return m, k, n
+
+
+def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 0) -> GemmPlan:
+    a, b = inputs["a"], inputs["b"]
+    m, k, n = product_shape(a, b, what)
     precision = params.precision or prec.default(dense.compute_dtype(a.dtype, b.dtype))
     dtype = prec.output_dtype(precision)
     budget, budget_source = memory_budget(params.memory, gpus, f"{what}.params.memory")

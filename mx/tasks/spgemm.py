@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from dask.task_spec import Task, TaskRef
 
-from mx.errors import UserError
 from mx.kernels import rowwise
 from mx.storage import sparse
 from mx.tasks import gemm as dense_gemm
@@ -68,10 +67,7 @@ class SpgemmPlan:
 
 def plan(inputs: dict, params: SpgemmParams, workers: int, what: str, gpus: int = 0) -> SpgemmPlan:
     a, b = inputs["a"], inputs["b"]
-    (m, k), (k2, n) = a.shape, b.shape
-    if k != k2:
-        raise UserError(f"{what}: A is {m}×{k} but B is {k2}×{n}: A's columns must equal B's "
-                        f"rows ({k} ≠ {k2}); check the inputs' order and shapes")
+    m, k, n = dense_gemm.product_shape(a, b, what)
     dtype = np.result_type(np.dtype(a.dtype), np.dtype(b.dtype))
     if not np.issubdtype(dtype, np.floating):
         dtype = np.dtype(np.float64)
