@@ -121,19 +121,16 @@ class GangContext:
 
     @contextmanager
     def timed(self, phase: str):
-        if self.gpu:
-            stream = self.xp.cuda.get_current_stream()
-            start = stream.record()
-            try:
+        if not self.gpu:
+            with self.timed_host(phase):
                 yield
-            finally:
-                self.events.append((phase, start, stream.record()))
             return
-        start = time.perf_counter()
+        stream = self.xp.cuda.get_current_stream()
+        start = stream.record()
         try:
             yield
         finally:
-            self.add_time(phase, time.perf_counter() - start)
+            self.events.append((phase, start, stream.record()))
 
     @contextmanager
     def timed_host(self, phase: str):

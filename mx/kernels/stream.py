@@ -57,10 +57,5 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
 
 
 def _waited(ctx: GangContext, future, phase: str = "read-wait"):
-    import time
-
-    start = time.perf_counter()
-    try:
+    with ctx.timed_host(phase):
         return future.result()
-    finally:
-        ctx.add_time(phase, time.perf_counter() - start)
