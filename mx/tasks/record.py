@@ -98,9 +98,14 @@ def all_ids() -> list[str]:
 
 
 def effective_state(record: dict) -> str:
-    """The recorded state, or 'lost' for a live state whose runner process is gone."""
+    """The recorded state; 'failed' when a rank left a failure mark; 'lost' for a live state
+    whose runner process is gone."""
     state = record.get("state", "?")
-    if state in FINAL or record.get("host") != socket.gethostname():
+    if state in FINAL:
+        return state
+    if record.get("id") and os.path.exists(path(record["id"], "failed")):
+        return "failed"
+    if record.get("host") != socket.gethostname():
         return state
     pid = record.get("pid")
     if pid and not _alive(pid):
@@ -132,6 +137,20 @@ class Log:
                 f.write(f"{stamp} {part}\n")
         if self.echo is not None:
             self.echo(line)
+
+
+def mark_failed(job_id: str, message: str) -> None:
+    """Leave a failure mark (a rank that cannot reach the driver ends the job this way)."""
+    with open(path(job_id, "failed"), "a") as f:
+        f.write(message.rstrip() + "\n")
+
+
+def failure(job_id: str) -> str | None:
+    try:
+        with open(path(job_id, "failed")) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def request_cancel(job_id: str) -> None:
