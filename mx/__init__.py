@@ -38,5 +38,8 @@ def wait(job_id: str, timeout: float | None = None) -> dict:
 def logs(job_id: str) -> str:
     from mx.tasks import record
 
-    with open(record.path(record.find(job_id), "log")) as f:
-        return f.read()
+    try:
+        with open(record.path(record.find(job_id), "log")) as f:
+            return f.read()
+    except FileNotFoundError:  # recorded, not started yet
+        return ""

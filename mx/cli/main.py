@@ -87,15 +87,50 @@ def submit(job_file: str, detach: bool, quiet: bool, dashboard: bool) -> None:
     click.echo(job_id)
 
 
-@cli.command(hidden=True)
-@click.argument("job_id")
+@cli.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--job-id", default=None, help="Run a job already recorded (by submit).")
 @click.option("--dashboard", is_flag=True)
-def run(job_id: str, dashboard: bool) -> None:
-    """Run an already recorded job in this process (what --detach starts)."""
+def run(job_file: str | None, job_id: str | None, dashboard: bool) -> None:
+    """Run JOB_FILE in this process: the entry point of every rank under an MPI launch
+    (srun -n 4 mx run job.yaml; rank 0 records the job). Elsewhere it is `mx submit`."""
     from mx.tasks import jobs
 
-    state = jobs.run(job_id, dashboard=dashboard)
+    bar = Bar()
+    try:
+        if job_id is None:
+            if job_file is None:
+                raise UserError("give a job file, or --job-id of a recorded job")
+            job_id = _record_on_rank0(job_file)
+        state = jobs.run(job_id, echo=bar.echo, progress=bar.update, dashboard=dashboard)
+    except (UserError, JobFailed, JobCancelled) as exc:
+        bar.close()
+        _fail(exc)
+    bar.close()
+    click.echo(job_id)
     sys.exit(0 if state == "succeeded" else 1)
+
+
+def _record_on_rank0(job_file: str) -> str:
+    """Check and record the job once (rank 0) and share its id with every rank."""
+    from mx.cluster import mpi
+    from mx.tasks import jobs
+
+    if not mpi.launched():
+        return jobs.prepare(job_file)
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    job_id, error = None, None
+    if world.Get_rank() == 0:
+        try:
+            job_id = jobs.prepare(job_file)
+        except UserError as exc:
+            error = str(exc)
+    job_id, error = world.bcast((job_id, error), root=0)
+    if error:
+        raise UserError(error)
+    return job_id
 
 
 @cli.command()

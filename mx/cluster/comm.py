@@ -78,9 +78,10 @@ class Comm:
         return self.irecv(root, tag, shape, dtype)
 
     def barrier(self, tag: Hashable = "barrier") -> None:
+        """Wait until every rank has reached this barrier (host messages, no buffers)."""
         peers = [p for p in range(self.size) if p != self.rank]
-        self.start([(0, p, ("barrier", tag)) for p in peers],
-                   [(p, ("barrier", tag), (), "int64") for p in peers]).wait()
+        self.start([(None, p, ("barrier", tag)) for p in peers],
+                   [(p, ("barrier", tag), None, None) for p in peers]).wait()
 
     def close(self) -> None:
         pass

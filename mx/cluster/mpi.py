@@ -95,7 +95,9 @@ class MpiComm(Comm):
         for source, tag, shape, dtype in recvs:
             t = _tag(tag, self.tag_upper)
             if shape is None:
-                received.append((None, self.comm.irecv(source=source, tag=t)))
+                # pickled: received in wait() with recv, which sizes its buffer by probing
+                # (irecv's default buffer would truncate larger objects)
+                received.append((None, (source, t)))
             else:
                 buffer = self._recv_buffer(shape, dtype)
                 received.append((buffer, self.comm.Irecv(buffer, source=source, tag=t)))
@@ -104,7 +106,7 @@ class MpiComm(Comm):
             out = []
             for buffer, request in received:
                 if buffer is None:
-                    out.append(request.wait())
+                    out.append(self.comm.recv(source=request[0], tag=request[1]))
                 else:
                     request.Wait()
                     out.append(self._from_buffer(buffer))

@@ -26,10 +26,10 @@ def aligned(n: int, parts: int, max_chunk: int, align: int = ALIGN) -> tuple[int
     """Split 0..n into ``parts`` blocks made of whole chunks; returns (chunk, bounds).
 
     The chunk is at most ``max_chunk`` (unless ``align`` is larger) and divides the block
-    length, so each block's writer owns whole chunks of the output. Among the ways to cut,
-    the chunk is a multiple of ``align`` when the dimension is large enough, and the blocks
-    are as near-equal as possible; only the last block is shorter (empty only when n is tiny
-    against ``parts``).
+    length, so each block's writer owns whole chunks of the output. The chunk is a multiple
+    of ``align`` when some cut makes it one at a cost of at most 1/16 extra rows in a block;
+    otherwise blocks are as near-equal as possible. Only the last block is shorter (empty
+    only when n is tiny against ``parts``).
     """
     block = max(1, -(-n // parts))
     fewest = -(-block // max_chunk)
@@ -39,8 +39,9 @@ def aligned(n: int, parts: int, max_chunk: int, align: int = ALIGN) -> tuple[int
             break
         chunk = -(-block // pieces)
         chunk = -(-chunk // align) * align  # round up to a multiple of align
-        if chunk <= max(max_chunk, align):
-            options.append((chunk * pieces - block, pieces, chunk))
+        over = chunk * pieces - block
+        if chunk <= max(max_chunk, align) and over <= block // 16:  # alignment, not imbalance
+            options.append((over, pieces, chunk))
     aligned_options = options[1:] or options
     _, pieces, chunk = min(aligned_options)  # least excess over an exact share, fewest pieces
     step = chunk * pieces

@@ -10,6 +10,7 @@ A failure or a cancel removes the temporary output, stops every worker, and reco
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,15 +53,7 @@ def submit(source: Any, *, base: str | None = None, detach: bool = False,
     Raises ``UserError`` for a bad job (nothing is written), ``JobFailed``/``JobCancelled``
     when a job run in this process does not succeed.
     """
-    job, folder, text, job_file = load(source, base)
-    planning.plan_job(job, folder)  # every input and step checked before anything is written
-    name = job.name or (spec.slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job")
-    job_id = record.new_id(name)
-    record.create(job_id, {"name": name, "backend": job.backend, "base": folder,
-                           "job_file": job_file,
-                           "steps": [{"id": s.id, "op": s.op, "output": s.output, "state": "queued"}
-                                     for s in job.steps]},
-                  text)
+    job_id = prepare(source, base)
     if detach:
         _spawn(job_id, dashboard)
         return job_id
@@ -73,9 +66,23 @@ def submit(source: Any, *, base: str | None = None, detach: bool = False,
     return job_id
 
 
+def prepare(source: Any, base: str | None = None) -> str:
+    """Check a whole job (a bad job is a ``UserError`` and writes nothing) and record it."""
+    job, folder, text, job_file = load(source, base)
+    planning.plan_job(job, folder)
+    name = job.name or (spec.slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job")
+    job_id = record.new_id(name)
+    record.create(job_id, {"name": name, "backend": job.backend, "base": folder,
+                           "job_file": job_file,
+                           "steps": [{"id": s.id, "op": s.op, "output": s.output, "state": "queued"}
+                                     for s in job.steps]},
+                  text)
+    return job_id
+
+
 def _spawn(job_id: str, dashboard: bool) -> None:
     out = open(record.path(job_id, "runner.out"), "ab")
-    cmd = [sys.executable, "-m", "mx.cli.main", "run", job_id] + (["--dashboard"] if dashboard else [])
+    cmd = [sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id] + (["--dashboard"] if dashboard else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                             start_new_session=True, env={**os.environ, "MX_HOME": record.home()})
     rec = record.load(job_id)
@@ -84,7 +91,23 @@ def _spawn(job_id: str, dashboard: bool) -> None:
 
 def run(job_id: str, *, echo: Callable[[str], None] | None = None,
         progress: Progress | None = None, dashboard: bool = False) -> str:
-    """Run a recorded job in this process; returns its final state."""
+    """Run a recorded job; returns its final state. An MPI job started outside an MPI launch
+    launches its ranks (mpiexec); inside one, rank 0 drives and the other ranks follow."""
+    rec = record.load(job_id)
+    if rec.get("backend") == "mpi":
+        from mx.cluster import mpi
+
+        if not mpi.launched():
+            return _launch_mpi(job_id, echo, progress)
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() != 0:
+            return _follow(job_id)
+    return _drive(job_id, echo, progress, dashboard)
+
+
+def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
+    """Run a recorded job as its driver: the record, the log, the outputs' commits."""
     rec = record.load(job_id)
     log = record.Log(job_id, echo)
     rec = record.update(job_id, rec, state="running", pid=os.getpid(), started=record.now())
@@ -125,11 +148,6 @@ def run(job_id: str, *, echo: Callable[[str], None] | None = None,
         _restore_terminate(previous)
         if tmp is not None:
             commit.abort(tmp)
-        if backend is not None:
-            try:
-                backend.stop()
-            except Exception as exc:
-                log(f"stopping the workers failed: {exc}")
         for step in rec["steps"]:
             if step["state"] == "running":
                 step["state"] = state
@@ -137,11 +155,102 @@ def run(job_id: str, *, echo: Callable[[str], None] | None = None,
                 step["state"] = "not run"
         record.update(job_id, rec, state=state, error=error, ended=record.now(),
                       seconds=round(time.perf_counter() - t0, 3))
+        if backend is not None:
+            if state != "succeeded" and hasattr(backend, "abort"):
+                backend.abort(1)  # MPI: the other ranks may be blocked in a gang; end them
+            try:
+                backend.stop()
+            except Exception as exc:
+                log(f"stopping the workers failed: {exc}")
+    return state
+
+
+def _follow(job_id: str) -> str:
+    """An MPI rank other than 0: plan as the driver does, run its share of every step. A
+    failure here marks the job failed, removes the step's temporary output and ends all
+    ranks (the driver may be blocked waiting for this one)."""
+    from mx.cluster.mpi import MpiBackend
+
+    rec = record.load(job_id)
+    backend, tmp = None, None
+    try:
+        job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
+        job_plan = planning.plan_job(job, rec["base"])
+        backend = MpiBackend(job_plan.workers, job_plan.job.resources.gpus, job_id)
+        backend.start(lambda line: None)
+        for sp in job_plan.steps:
+            tmp = commit.temp_path(sp.output, job_id)
+            backend.run(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id))
+        backend.stop()
+        return "succeeded"
+    except BaseException as exc:
+        rank = backend.rank if backend is not None else "?"
+        record.mark_failed(job_id, f"rank {rank}: {type(exc).__name__}: {exc}")
+        record.Log(job_id)(f"rank {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        if tmp is not None:
+            commit.abort(tmp)
+        if backend is not None:
+            backend.abort(1)
+        raise
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the mpich wheel puts it there), else on the PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = here if os.path.exists(here) else shutil.which("mpiexec")
+    if not found:
+        raise UserError("backend: mpi needs mpiexec; install mx with its mpich dependency, or run "
+                        "the ranks yourself: srun -n <workers> mx run job.yaml")
+    return found
+
+
+def _launch_mpi(job_id: str, echo, progress) -> str:
+    """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
+    rec = record.load(job_id)
+    job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
+    workers = job.resources.worker_count()
+    cmd = [mpiexec(), "-n", str(workers), sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id]
+    with open(record.path(job_id, "mpi.out"), "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                env={**os.environ, "MX_HOME": record.home()})
+    log_path, seen = record.path(job_id, "log"), 0
+    while True:
+        code = proc.poll()
+        if echo is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                f.seek(seen)
+                for line in f.read().splitlines():
+                    echo(line.split(" ", 1)[-1])
+                seen = f.tell()
+        if progress is not None:
+            for step in record.load(job_id).get("steps", []):
+                if step.get("state") == "running" and step.get("progress"):
+                    progress(step["id"], step["progress"]["done"], step["progress"]["total"])
+        if code is not None:
+            break
+        time.sleep(0.2)
+    rec = record.load(job_id)
+    state = rec.get("state")
+    if state not in record.FINAL:  # the driver never recorded an end: a rank died or failed
+        reason = record.failure(job_id) or f"mpiexec exited with code {code}; see {record.path(job_id, 'mpi.out')}"
+        folder = rec["base"]
+        for step in job.steps:  # the ranks may have died before removing their temporaries
+            commit.abort(commit.temp_path(spec.resolve_path(step.output, folder), job_id))
+        for step in rec["steps"]:
+            if step["state"] in ("queued", "running"):
+                step["state"] = "failed" if step["state"] == "running" else "not run"
+        record.update(job_id, rec, state="failed", error=reason, ended=record.now())
+        record.Log(job_id, echo)(f"job {job_id}: failed: {reason}")
+        state = "failed"
     return state
 
 
 def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False):
     res = job_plan.job.resources
+    if job_plan.job.backend == "mpi":
+        from mx.cluster.mpi import MpiBackend
+
+        return MpiBackend(job_plan.workers, res.gpus, job_id)
     if job_plan.job.backend == "local":
         from mx.cluster.local import LocalBackend
 

@@ -42,9 +42,9 @@ INSPECT = {"dense": dense.inspect, "sparse": sparse.inspect}
 
 
 def plan_job(job: spec.Job, base: str) -> JobPlan:
-    if job.backend == "mpi":
-        raise UserError("backend: mpi is not available in this version of mx; use ray (the "
-                        "default) or local")
+    if job.backend == "mpi" and job.resources.address is not None:
+        raise UserError("resources.address: an MPI job runs as ranks started by mpiexec or srun, "
+                        "not on a Ray cluster; drop address or use backend: ray")
     workers = job.resources.worker_count()
     check_resources(job.resources, workers)
     registry = ops.registry()

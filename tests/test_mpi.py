@@ -1,0 +1,107 @@
+"""The MPI backend with real ranks (the mpich wheel's mpiexec): the same results as NumPy and
+as the Ray backend, the srun-style entry point, and ranks that fail or are killed."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import mx
+from conftest import leftovers, mx_cli, read_dense, rel_error, write_dense
+from mx.storage import sparse
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+pytestmark = pytest.mark.skipif(not os.path.exists(MPIEXEC) and not shutil.which("mpiexec"),
+                                reason="no mpiexec")
+
+
+def gemm_job(backend, workers, algorithm="auto", size=None):
+    return {"backend": backend, "resources": {"workers": workers},
+            "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+                       "output": f"C-{backend}.zarr", "params": {"algorithm": algorithm}},
+                      {"id": "s", "op": "spgemm", "inputs": {"a": "S.zarr", "b": "S.zarr"},
+                       "output": f"T-{backend}.zarr", "params": {"permute": True}}]}
+
+
+@pytest.mark.parametrize("workers", [1, 3, 4])
+def test_mpi_matches_numpy_scipy_and_ray(tmp_path, rng, ray_session, workers):
+    a, b = rng.standard_normal((301, 177)), rng.standard_normal((177, 233))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    s = sp.random(400, 400, density=0.02, format="csr", random_state=int(rng.integers(1 << 30)))
+    sparse.write_csr(str(tmp_path / "S.zarr"), s)
+    job_id = mx.submit(gemm_job("mpi", workers), base=str(tmp_path))
+    c_mpi = read_dense(tmp_path / "C-mpi.zarr")
+    assert rel_error(c_mpi, a @ b) < 1e-12
+    t_mpi = sparse.read_csr(str(tmp_path / "T-mpi.zarr"))
+    assert rel_error(t_mpi.toarray(), (s @ s).toarray()) < 1e-12
+    log = mx.logs(job_id)
+    assert f"mpi: {workers} ranks" in log and all(f"rank {r}: pid" in log for r in range(workers))
+    mx.submit(gemm_job("ray", workers), base=str(tmp_path))
+    assert rel_error(c_mpi, read_dense(tmp_path / "C-ray.zarr")) < 1e-14
+    t_ray = sparse.read_csr(str(tmp_path / "T-ray.zarr"))
+    assert (t_ray != t_mpi).nnz == 0 and np.array_equal(t_ray.indices, t_mpi.indices)
+
+
+def test_srun_style_entry_point(tmp_path, rng):
+    """Ranks started by the launcher run `mx run job.yaml`; rank 0 records the job."""
+    a, b = rng.standard_normal((90, 70)), rng.standard_normal((70, 50))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    (tmp_path / "job.yaml").write_text(
+        "backend: mpi\nresources: {workers: 4}\nsteps:\n"
+        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: C.zarr, params: {algorithm: cannon}}\n")
+    proc = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-m", "mx.cli.main", "run",
+                           str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    job_ids = set(proc.stdout.split())
+    assert len(job_ids) == 1  # every rank ran the one job rank 0 recorded
+    assert mx.status(job_ids.pop())["state"] == "succeeded"
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-12
+    proc = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "mx.cli.main", "run",
+                           str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "this MPI launch has 3 ranks" in proc.stderr
+
+
+def test_failing_rank_ends_the_job_with_no_output(tmp_path, rng):
+    write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    with open(tmp_path / "A.zarr" / "c" / "2" / "0", "wb") as f:
+        f.write(b"garbage")  # only the rank reading rows 80.. fails
+    job = {"backend": "mpi", "resources": {"workers": 4},
+           "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"}, "output": "C.zarr"}]}
+    with pytest.raises(mx.errors.JobFailed if hasattr(mx, "errors") else Exception) as err:
+        mx.submit(job, base=str(tmp_path))
+    assert "rank" in str(err.value)
+    assert not (tmp_path / "C.zarr").exists() and not leftovers(tmp_path)
+
+
+def test_killed_rank_ends_the_job_with_no_output(tmp_path):
+    n = 2200
+    for name, seed in (("A", 1), ("B", 2)):
+        mx_cli("data", "random", tmp_path / f"{name}.zarr", "--shape", f"{n},{n}", "--seed", seed, check=True)
+    steps = "".join(f"  - {{id: c{t}, op: gemm, inputs: {{a: A.zarr, b: B.zarr}}, output: C{t}.zarr}}\n"
+                    for t in range(4))
+    (tmp_path / "job.yaml").write_text(f"backend: mpi\nresources: {{workers: 4}}\nsteps:\n{steps}")
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
+    pid = None
+    deadline = time.monotonic() + 120
+    while pid is None and time.monotonic() < deadline:
+        for line in mx.logs(job_id).splitlines():
+            if "rank 2: pid" in line:
+                pid = int(line.split("pid")[1].split()[0])
+        time.sleep(0.05)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    rec = mx.wait(job_id, timeout=120)
+    assert rec["state"] == "failed", rec
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("C")] or \
+        all(mx.status(job_id)["steps"][int(p[1])]["state"] == "succeeded"
+            for p in os.listdir(tmp_path) if p.startswith("C") and p.endswith(".zarr"))
+    assert not leftovers(tmp_path)
