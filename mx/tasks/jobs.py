@@ -257,8 +257,7 @@ def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False):
         return LocalBackend(job_plan.workers, res.gpus)
     from mx.cluster.ray_backend import RayBackend
 
-    address = res.address or os.environ.get("MX_RAY_ADDRESS")
-    return RayBackend(job_plan.workers, res.gpus, address, job_id, dashboard)
+    return RayBackend(job_plan.workers, res.gpus, res.cluster_address(), job_id, dashboard)
 
 
 def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, progress,

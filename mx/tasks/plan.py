@@ -117,7 +117,7 @@ def check_resources(res: spec.Resources, workers: int) -> None:
     if res.gpus > 0 and workers != res.gpus:
         raise UserError(f"resources: workers ({workers}) must equal gpus ({res.gpus}): mx runs one "
                         f"worker per GPU; drop 'workers' or make them equal")
-    if res.gpus > 0 and res.address is None:
+    if res.gpus > 0 and res.cluster_address() is None:
         from mx.cluster import devices
 
         count, why = devices.gpu_count()

@@ -43,6 +43,11 @@ class Resources(Strict):
     gpus: int = Field(default=0, ge=0, le=4096)
     address: str | None = None
 
+    def cluster_address(self) -> str | None:
+        """The Ray cluster to run on: ``address``, else $MX_RAY_ADDRESS, else $RAY_ADDRESS
+        (set inside a Ray cluster's jobs); None means a local Ray started for the job."""
+        return self.address or os.environ.get("MX_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+
     def worker_count(self) -> int:
         """Workers asked for, or one per GPU, or 4 CPU workers."""
         if self.workers is not None:
