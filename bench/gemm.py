@@ -205,6 +205,7 @@ def main(argv=None):
     ap.add_argument("--e2e-sizes", default="16384", help="sizes also run Zarr to Zarr")
     ap.add_argument("--no-dask", action="store_true")
     ap.add_argument("--abft", action="store_true", help="also time compute-only with verify: abft")
+    ap.add_argument("--backends", default="ray", help="e2e runs on these backends, e.g. ray,mpi")
     ap.add_argument("--ooc-memory", default="", help="e.g. 2GiB: also run e2e sizes out of core "
                     "with this memory cap per GPU, beside the in-memory run")
     ap.add_argument("--cpu", default="", help="CPU runs: sizes for mx vs dask vs NumPy on CPU actors")
@@ -274,6 +275,15 @@ def main(argv=None):
                     row = next(r for r in results if r["gpus"] == g and r["shape"] == [m, k, n]
                                and r["precision"] == p)
                     row.update(mx_e2e_s=seconds, mx_e2e_phases=step.get("phases"), mx_e2e_job=job_id)
+                    for other in [x for x in args.backends.split(",") if x not in ("", "ray")]:
+                        s2, step2, job2 = mx_e2e(folder, a, b, p, g, g, backend_name=other)
+                        log_lines = mx.logs(job2).splitlines()
+                        row.update({f"{other}_e2e_s": s2, f"{other}_e2e_phases": step2.get("phases"),
+                                    f"{other}_transport": next((ln.split("gang transport: ")[1] for ln in log_lines
+                                                                if "gang transport: " in ln), "?")})
+                        print(f"e2e g={g} {m} {p} {other}: {s2:.2f} s (ray {seconds:.2f} s), rounds "
+                              f"{step2['phases'].get('gang:rounds')} vs {step['phases'].get('gang:rounds')}; "
+                              f"{row[f'{other}_transport']}", flush=True)
                     if not args.no_dask and p in ("fp32", "fp64"):
                         if (m, p) not in dask_cache:
                             dask_cache[(m, p)] = (
