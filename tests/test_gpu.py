@@ -51,7 +51,7 @@ def gemm_job(gpus, precision=None, verify="none", algorithm="auto", backend="ray
     params = {"algorithm": algorithm, "verify": verify}
     if precision:
         params["precision"] = precision
-    return {"backend": backend, "resources": {"gpus": gpus},
+    return {"backend": backend, "resources": {"gpus": gpus, "workers": gpus},
             "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
                        "output": "C.zarr", "params": params}]}
 
@@ -185,3 +185,20 @@ def test_spgemm_op_on_gpu_actors(tmp_path, rng, ray_session):
     got = sparse.read_csr(str(tmp_path / "C.zarr"))
     want = a.astype(np.float64) @ b.astype(np.float64)
     assert rel_error(got.toarray(), want.toarray()) < 1e-5
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_gemm_on_mpi_ranks_with_gpus(tmp_path, rng):
+    import shutil
+    import sys
+    import os as _os
+
+    if not (shutil.which("mpiexec") or _os.path.exists(_os.path.join(_os.path.dirname(sys.executable), "mpiexec"))):
+        pytest.skip("no mpiexec on this machine")
+    a, b = rng.standard_normal((2049, 1537)), rng.standard_normal((1537, 1025))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    job = gemm_job(2, "fp64", backend="mpi")
+    job_id = mx.submit(job, base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-12
+    assert "gang transport: " in mx.logs(job_id) and "MPI" in mx.logs(job_id)
