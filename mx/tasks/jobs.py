@@ -209,7 +209,13 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     rec = record.load(job_id)
     job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
     workers = job.resources.worker_count()
-    cmd = [mpiexec(), "-n", str(workers), sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id]
+    launcher = mpiexec()
+    cmd = [launcher, "-n", str(workers)]
+    version = subprocess.run([launcher, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        # Open MPI pins each rank to one core by default; a rank decodes chunks on many threads
+        cmd += ["--bind-to", "none"]
+    cmd += [sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id]
     with open(record.path(job_id, "mpi.out"), "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 env={**os.environ, "MX_HOME": record.home()})
