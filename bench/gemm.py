@@ -219,7 +219,7 @@ def main(argv=None):
     folder = args.data or tempfile.mkdtemp(prefix="mx-bench-")
     os.makedirs(folder, exist_ok=True)
     os.environ.setdefault("MX_HOME", os.path.join(folder, "mx-home"))
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     results = []
     device = "cpu"
     gpu_counts = [int(g) for g in args.gpus.split(",") if int(g) > 0]

@@ -208,7 +208,7 @@ def main(argv=None):
     if args.e2e:
         import ray
 
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         for name, path in mats:
             if name in args.e2e.split(","):
                 for g in [int(x) for x in args.gpus.split(",")]:

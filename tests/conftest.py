@@ -26,7 +26,7 @@ def ray_session():
     """A real local Ray shared by the tests that run jobs in-process (mx uses it as is)."""
     import ray
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", namespace="mx")
     yield
     ray.shutdown()

@@ -67,7 +67,7 @@ def test_mpi_sbatch(tmp_path, rng, slurm):
 
 
 @pytest.mark.skipif(shutil.which("ray", path=BIN) is None, reason="no ray command")
-def test_ray_sbatch(tmp_path, rng, slurm):
+def test_ray_sbatch(tmp_path, rng, slurm, ray_session):
     want = inputs(tmp_path, rng)
     (tmp_path / "job.yaml").write_text("resources: {workers: 2}\nsteps:\n"
                                        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: C.zarr}\n")
@@ -79,3 +79,11 @@ def test_ray_sbatch(tmp_path, rng, slurm):
     assert "mx-ray: Ray head" in proc.stdout
     assert rel_error(read_dense(tmp_path / "C.zarr"), want) < 1e-12
     assert not os.path.exists(os.path.join(env["MX_HOME"], "ray-token-4242"))  # cleaned up
+    import ray
+    assert ray.is_initialized() and ray.cluster_resources()  # another Ray on this node survives
+    time_left = 30
+    while time_left and subprocess.run(["pgrep", "-f", "port=6391"], capture_output=True).returncode == 0:
+        import time
+        time.sleep(1)
+        time_left -= 1
+    assert time_left, "the allocation's Ray processes outlived the script"

@@ -205,10 +205,6 @@ class MpiBackend:
                 comm.Free()
         self.comms.clear()
 
-    def abort(self, code: int = 1) -> None:
-        """End every rank now (a failed rank cannot tell the others in any gentler way)."""
-        self.world.Abort(code)
-
     def _gang_comm(self, ranks: tuple):
         comm = self.comms.get(ranks)
         if comm is None:

@@ -161,7 +161,8 @@ class RayBackend:
         elif self.address is None:
             # Token authentication stays on: Ray's default for local clusters since 2.59.
             self.started_ray = True  # set first: a cancel during init must still shut it down
-            ray.init(num_cpus=max(cores, self.workers), namespace=NAMESPACE,
+            # address="local": a new Ray for this job, even where another runs on the machine
+            ray.init(address="local", num_cpus=max(cores, self.workers), namespace=NAMESPACE,
                      include_dashboard=self.dashboard, log_to_driver=False,
                      logging_level="WARNING", configure_logging=True)
             log(f"ray: started a local Ray {ray.__version__} for this job at "

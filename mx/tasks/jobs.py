@@ -5,6 +5,8 @@ records it and runs it in this process, or in a detached process with ``detach=T
 ``run`` starts the backend (workers), and for each step creates its output under a temporary
 name, executes the step's graph, and commits the output only when every block is written.
 A failure or a cancel removes the temporary output, stops every worker, and records why.
+An MPI job run outside an MPI launch starts its ranks with mpiexec; inside one, rank 0 is
+the driver described here and the other ranks follow (``_follow``).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def submit(source: Any, *, base: str | None = None, detach: bool = False,
     if state == "cancelled":
         raise JobCancelled(f"job {job_id} was cancelled")
     if state != "succeeded":
-        raise JobFailed(f"job {job_id} failed: {rec.get('error', 'see mx logs ' + job_id)}")
+        raise JobFailed(f"job {job_id} failed: {rec.get('error') or 'see mx logs ' + job_id}")
     return job_id
 
 
@@ -110,7 +112,9 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     """Run a recorded job as its driver: the record, the log, the outputs' commits."""
     rec = record.load(job_id)
     log = record.Log(job_id, echo)
-    rec = record.update(job_id, rec, state="running", pid=os.getpid(), started=record.now())
+    # the pid that answers for the job: mx's mpiexec launcher when there is one, else this one
+    pid = rec["pid"] if rec.get("launcher") else os.getpid()
+    rec = record.update(job_id, rec, state="running", pid=pid, started=record.now())
     log(f"job {job_id}: running in pid {os.getpid()} on {rec['host']}")
     t0 = time.perf_counter()
     previous = _catch_terminate()
@@ -155,14 +159,24 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
                 step["state"] = "not run"
         record.update(job_id, rec, state=state, error=error, ended=record.now(),
                       seconds=round(time.perf_counter() - t0, 3))
+        if state != "succeeded" and rec.get("backend") == "mpi":
+            _abort_ranks()  # the other ranks may be blocked waiting for this one; end them
         if backend is not None:
-            if state != "succeeded" and hasattr(backend, "abort"):
-                backend.abort(1)  # MPI: the other ranks may be blocked in a gang; end them
             try:
                 backend.stop()
             except Exception as exc:
                 log(f"stopping the workers failed: {exc}")
     return state
+
+
+def _abort_ranks() -> None:
+    from mx.cluster import mpi
+
+    if mpi.launched():
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(1)
 
 
 def _follow(job_id: str) -> str:
@@ -189,8 +203,7 @@ def _follow(job_id: str) -> str:
         record.Log(job_id)(f"rank {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         if tmp is not None:
             commit.abort(tmp)
-        if backend is not None:
-            backend.abort(1)
+        _abort_ranks()
         raise
 
 
@@ -206,7 +219,7 @@ def mpiexec() -> str:
 
 def _launch_mpi(job_id: str, echo, progress) -> str:
     """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
-    rec = record.load(job_id)
+    rec = record.update(job_id, record.load(job_id), pid=os.getpid(), launcher=True)
     job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
     workers = job.resources.worker_count()
     launcher = mpiexec()
