@@ -320,6 +320,32 @@ def data_sparse(output, kind, n, bandwidth, density, avg_degree, seed, dtype, ov
     click.echo(_sparse_summary(info, f"{what}, seed {seed}"), err=True)
 
 
+@data.command(name="lowrank")
+@click.argument("output", type=click.Path())
+@click.option("--shape", required=True, help="M,N")
+@click.option("--rank", "rank", required=True, type=int)
+@click.option("--fraction", required=True, type=float, help="probability that an entry is observed")
+@click.option("--noise", default=0.0, show_default=True, type=float)
+@click.option("--condition", default=1.0, show_default=True, type=float,
+              help="ratio of the largest to the smallest singular value")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
+@click.option("--overwrite", is_flag=True)
+def data_lowrank(output, shape, rank, fraction, noise, condition, seed, dtype, overwrite) -> None:
+    """Observed entries of a planted incoherent rank-K matrix (binsparse CSR), with the true
+    factors kept in the group as truth_u and truth_v."""
+    from mx.storage import generate
+
+    try:
+        m, n = _pair(shape, "--shape")
+        info = generate.lowrank(output, (m, n), rank, fraction, noise=noise, condition=condition,
+                                seed=seed, dtype=dtype, overwrite=overwrite)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"{output}: {m}×{n} rank {rank}, {info.nnz} observed entries "
+               f"({info.nnz / (m * n):.3g}), noise {noise:g}, condition {condition:g}", err=True)
+
+
 @data.command(name="import")
 @click.argument("source", type=click.Path())
 @click.argument("output", type=click.Path())

@@ -266,3 +266,66 @@ def road(path: str, side: int, seed: int = 0, dtype: str = "float64",
     rows, cols = rows[ok], cols[ok]
     m = _symmetric(n, rows, cols, _values(rng, rows.size, dtype))
     return _write_sparse(path, m, {"generator": "road", "side": side, "seed": seed})
+
+
+def lowrank(path: str, shape: tuple[int, int], rank: int, fraction: float, noise: float = 0.0,
+            condition: float = 1.0, seed: int = 0, dtype: str = "float64",
+            overwrite: bool = False) -> _sparse.SparseInfo:
+    """Observed entries of a planted rank-``rank`` matrix M = U Vᵀ, as binsparse CSR.
+
+    U and V are random orthonormal bases (incoherent with high probability) scaled by singular
+    values spaced geometrically from 1 down to 1/``condition``, times sqrt(m·n/rank) so entries
+    are of order one. Each entry is observed with probability ``fraction`` (``noise``: the
+    standard deviation of Gaussian noise added to observed values). The ground-truth factors
+    are kept in the group as ``truth_u`` (m×rank) and ``truth_v`` (n×rank).
+    """
+    m, n = shape
+    _check_output(path, dtype, overwrite)
+    if m < 1 or n < 1:
+        raise UserError(f"--shape {m},{n}: both dimensions must be at least 1")
+    if not 1 <= rank <= min(m, n):
+        raise UserError(f"--rank {rank}: must be between 1 and min(m, n) = {min(m, n)}")
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction {fraction}: give the observed fraction, in (0, 1]")
+    if noise < 0 or condition < 1:
+        raise UserError("--noise must be >= 0 and --condition >= 1")
+    rng = np.random.default_rng(seed)
+    scale = np.geomspace(1.0, 1.0 / condition, rank) * np.sqrt(m * n / rank)
+    u = np.linalg.qr(rng.standard_normal((m, rank)))[0] * np.sqrt(scale)
+    v = np.linalg.qr(rng.standard_normal((n, rank)))[0] * np.sqrt(scale)
+    rows, cols = _sample_entries(rng, m, n, fraction)
+    vals = np.empty(rows.size, dtype=np.float64)
+    for lo in range(0, rows.size, 1 << 22):
+        hi = min(rows.size, lo + (1 << 22))
+        vals[lo:hi] = np.einsum("ij,ij->i", u[rows[lo:hi]], v[cols[lo:hi]])
+    if noise:
+        vals += noise * rng.standard_normal(vals.size)
+    matrix = sp.csr_array((vals.astype(dtype), (rows, cols)), shape=(m, n))
+    job = f"gen{os.getpid()}"
+    tmp = _commit.begin(path, job)
+    try:
+        record = {"generator": "lowrank", "rank": rank, "fraction": fraction, "noise": noise,
+                  "condition": condition, "seed": seed}
+        _sparse.write_csr(tmp, matrix, attributes={"mx": _commit.stamp(record)})
+        group = zarr.open_group(store=tmp, mode="r+")
+        for name, factor in (("truth_u", u), ("truth_v", v)):
+            arr = group.create_array(name, shape=factor.shape, dtype=dtype,
+                                     chunks=(min(factor.shape[0], 1 << 16), rank))
+            arr[...] = factor.astype(dtype)
+        _commit.commit(tmp, path, job, force=True)
+    except BaseException:
+        _commit.abort(tmp)
+        raise
+    return _sparse.SparseInfo(path=path, shape=(m, n), dtype=np.dtype(dtype).str, nnz=int(matrix.nnz))
+
+
+def _sample_entries(rng, m: int, n: int, fraction: float):
+    """Row and column indices of the observed entries, each entry kept with probability
+    ``fraction`` (exactly for small matrices; by sampling with replacement and merging
+    duplicates when m·n is large)."""
+    if m * n <= 1 << 26:
+        rows, cols = np.nonzero(rng.random((m, n)) < fraction)
+        return rows.astype(np.int64), cols.astype(np.int64)
+    count = int(-np.log1p(-fraction) * m * n) if fraction < 1 else m * n
+    keys = np.unique(rng.integers(0, m * n, size=count, dtype=np.int64))
+    return keys // n, keys % n

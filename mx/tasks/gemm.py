@@ -303,7 +303,8 @@ def create_output(p: GemmPlan, path: str, attributes: dict) -> None:
     dense.create(path, (p.m, p.n), p.chunks, p.dtype, attributes)
 
 
-def build(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGraph:
+def build(p: GemmPlan, paths: dict[str, str], output: str, step: str,
+          final_output: str | None = None) -> StepGraph:
     pr, pc = p.grid
     verify = p.verify if p.verify != "none" else None
     inner = [blocks.length(b) for b in p.inner]

@@ -194,7 +194,7 @@ def _follow(job_id: str) -> str:
         backend.start(lambda line: None)
         for sp in job_plan.steps:
             tmp = commit.temp_path(sp.output, job_id)
-            backend.run(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id))
+            backend.run(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output))
         backend.stop()
         return "succeeded"
     except BaseException as exc:
@@ -290,7 +290,7 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
         log(f"  {line}")
     t0 = time.perf_counter()
     sp.op.create_output(sp.plan, tmp, {"mx": {"job": job_id, "step": sp.step.id, "complete": False}})
-    graph = sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id)
+    graph = sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output)
     total = graph.progress
     last = [0.0]
 

@@ -7,7 +7,9 @@ An op is plain data plus three functions:
   describes the result (so later steps can be checked before anything runs) and whose
   ``describe()`` gives the log lines saying what was chosen and why. Raises ``UserError``.
 - ``create_output(plan, path, attributes)``: create the empty output the graph writes into.
-- ``build(plan, paths, output, step)``: the step's ``StepGraph`` (reads -> compute -> writes).
+- ``build(plan, paths, output, step, final_output)``: the step's ``StepGraph`` (reads ->
+  compute -> writes) writing into ``output`` (the temporary); ``final_output`` is where it
+  will be committed (for what must outlive a failed run, such as checkpoints).
 """
 
 from __future__ import annotations
@@ -29,6 +31,6 @@ class Op:
 
 
 def registry() -> dict[str, Op]:
-    from mx.tasks import gemm, spgemm
+    from mx.tasks import complete, gemm, spgemm
 
-    return {op.name: op for op in (gemm.OP, spgemm.OP)}
+    return {op.name: op for op in (gemm.OP, spgemm.OP, complete.OP)}

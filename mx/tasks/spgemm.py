@@ -128,7 +128,8 @@ def create_output(p: SpgemmPlan, path: str, attributes: dict) -> None:
     sparse.create_group(path, p.shape, p.dtype, attributes)
 
 
-def build(p: SpgemmPlan, paths: dict[str, str], output: str, step: str) -> StepGraph:
+def build(p: SpgemmPlan, paths: dict[str, str], output: str, step: str,
+          final_output: str | None = None) -> StepGraph:
     gang = f"{step}:spgemm"
     dsk, placement, labels, keys = {}, {}, {}, []
     for w in range(p.workers):

@@ -1,0 +1,306 @@
+"""Low-rank matrix completion by alternating minimisation: the SPMD program of a gang.
+
+Each worker owns a block of U's rows and a block of V's rows, and the observed entries Ω of
+its U rows (stored by rows) and of its V rows (stored by columns). It gets the latter once,
+at setup, from the workers that read those entries. Each half-sweep solves this worker's rows
+locally against the whole other factor. The factor is all-gathered first; it is k wide, so
+only factor blocks move between workers, never Ω.
+
+- **Initialisation** is as in the paper: the top-k subspace of the rescaled observed matrix,
+  from a randomized SVD that only multiplies the sparse matrix (two power iterations,
+  CholeskyQR across workers). Rows of U that are too heavy are clipped, for incoherence.
+- **Sweeps** then alternate V and U. Row solves are batched: ``exact`` (ALS), ``cg`` (a few
+  CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, sketch-preconditioned CG on
+  heavy rows and exact solves on light ones (``mx.kernels.lsq``).
+- **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
+  sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
+- **Checkpoints:** after every sweep, U and V go to one of two checkpoint slots, the one not
+  written last. A job stopped anywhere resumes from the last complete slot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import zarr
+
+from mx.cluster.comm import GangContext
+from mx.kernels import lsq
+from mx.storage import sparse
+
+HEAVY_DEGREE = 4  # rows with at least HEAVY_DEGREE·k observations get the sketched preconditioner
+STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
+
+
+def holdout_mask(rows, cols, fraction: float, seed: int) -> np.ndarray:
+    """True for held-out entries: a hash of (row, column, seed), the same on every worker."""
+    if fraction <= 0:
+        return np.zeros(rows.shape, dtype=bool)
+    h = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ \
+        (cols.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)) ^ np.uint64(seed * 0x165667B1 + 1)
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(29)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, method, tol,
+        max_iters, reg, holdout, seed, cg_iters, out_path, checkpoint, signature, chunks,
+        ctx: GangContext) -> dict:
+    xp, me = ctx.xp, ctx.control.rank
+    m, n = shape
+    k = rank
+    r0, r1 = row_block
+    c0, c1 = col_block
+    with ctx.timed_host("read"):
+        local = sparse.read_csr(path, rows=(r0, r1))
+        rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(local.indptr))
+        cols = local.indices.astype(np.int64)
+        vals = local.data.astype(np.float64)
+        held = holdout_mask(rows, cols, holdout, seed)
+    with ctx.timed_host("exchange-omega"):
+        by_rows = _csr(rows[~held] - r0, cols[~held], vals[~held], r1 - r0)
+        mine = _scatter_by_columns(ctx, rows[~held], cols[~held], vals[~held], col_blocks)
+        by_cols = _csr(mine[1] - c0, mine[0], mine[2], c1 - c0)  # (column, row) pairs
+    _check_nonempty(by_rows, r0, "row")
+    _check_nonempty(by_cols, c0, "column")
+    heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum())
+    heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
+    if method == "altmin-sketch":
+        ctx.count("rows-sketch-preconditioned", heavy_u + heavy_v)
+        ctx.count("rows-solved-exactly", (r1 - r0) + (c1 - c0) - heavy_u - heavy_v)
+    dev = lambda a, t=None: xp.asarray(a, dtype=t)  # noqa: E731
+    R = tuple(dev(a) for a in by_rows)
+    C = tuple(dev(a) for a in by_cols)
+    h_rows, h_cols, h_vals = dev(rows[held] - r0), dev(cols[held]), dev(vals[held])
+    t_rows = lsq.row_ids(xp, R[0])
+
+    state = None
+    if checkpoint:
+        _prepare_checkpoint(ctx, checkpoint, signature, (m, n), k, chunks)
+        state = _resume(checkpoint, signature, row_block, col_block)
+    if state is None:
+        with ctx.timed("init"):
+            u = _initialise(ctx, R, C, (m, n), k, row_blocks, col_blocks, seed)
+        v = xp.zeros((c1 - c0, k))
+        start, history = 0, []
+    else:
+        u, v = dev(state["u"]), dev(state["v"])
+        start, history = state["iteration"], state["history"]
+        ctx.count("resumed-at-sweep", start)
+
+    t0 = time.perf_counter()
+    reason = "max_iters reached"
+    for sweep in range(start, max_iters):
+        with ctx.timed("sweep"):
+            u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
+            v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep)
+            v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
+            u = _solve(xp, method, u, v_full, R, reg, cg_iters, k, seed + 2 * sweep + 1)
+        train = lsq.predictions(xp, u, v_full, t_rows, R[1]) - R[2]
+        miss = lsq.predictions(xp, u, v_full, h_rows, h_cols) - h_vals
+        sums = np.array([float((train * train).sum()), float(train.size), float((R[2] * R[2]).sum()),
+                         float((miss * miss).sum()), float((h_vals * h_vals).sum()), float(h_vals.size)])
+        t_err, t_count, t_norm, h_err, h_norm, h_count = sum(_gather(ctx, sums, ("metrics", sweep)))
+        train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
+        held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
+        # relative error on held-out entries (on the training entries when none are held out)
+        rel = float(np.sqrt(h_err / h_norm)) if h_norm else float(np.sqrt(t_err / max(t_norm, 1e-300)))
+        history.append({"sweep": sweep + 1, "train_rmse": train_rmse, "holdout_rmse": held_rmse,
+                        "holdout_rel_error": rel, "seconds": round(time.perf_counter() - t0, 4)})
+        if checkpoint:
+            with ctx.timed_host("checkpoint"):
+                _save(ctx, checkpoint, signature, sweep + 1, history, u, v, row_block, col_block)
+        ctx.advance(1)
+        if rel < tol:
+            reason = f"held-out relative error {rel:.3g} < tol {tol:g}"
+            break
+        if len(history) >= 4 and history[-4]["holdout_rel_error"] - rel < STAGNATION * rel:
+            reason = f"no progress over 3 sweeps (held-out relative error {rel:.3g})"
+            break
+    ctx.finish()
+    with ctx.timed_host("write"):
+        group = zarr.open_group(store=out_path, mode="r+")
+        group["u"][r0:r1] = _host(xp, u)
+        group["v"][c0:c1] = _host(xp, v)
+    ctx.control.barrier(("written", seed))
+    if me == 0:
+        group.attrs["history"] = history
+        group.attrs["stopped"] = reason
+        if checkpoint:
+            import shutil
+
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return {"sweeps": len(history), "stopped": reason, "history": history if me == 0 else []}
+
+
+# ------------------------------------------------------------------------------ solving
+def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
+    indptr, cols, vals = omega
+    if method == "als":
+        return lsq.solve_exact(xp, y, indptr, cols, vals, reg)
+    if method == "als-cg":
+        return lsq.solve_cg(xp, x, y, indptr, cols, vals, reg, iters=cg_iters)[0]
+    degree = xp.diff(indptr)
+    heavy = degree >= HEAVY_DEGREE * k
+    heavy_rows = xp.nonzero(heavy)[0]
+    light_rows = xp.nonzero(~heavy)[0]
+    out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows)
+    if heavy_rows.size:
+        pre = lsq.sketch_preconditioner(xp, y, indptr, cols, reg, heavy_rows, seed)
+        start = xp.where(heavy[:, None], x, out)
+        solved, _ = lsq.solve_cg(xp, start, y, indptr, cols, vals, reg, iters=cg_iters,
+                                 precond=pre, rows_mask=heavy.astype(y.dtype))
+        out = xp.where(heavy[:, None], solved, out)
+    return out
+
+
+# ---------------------------------------------------------------------- initialisation
+def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
+    """Top-k left subspace of the rescaled observed matrix by a randomized SVD (sparse
+    products only), rows clipped for incoherence; returns this worker's rows of U·Σ^½."""
+    xp = ctx.xp
+    m, n = shape
+    width = min(k + 8, m, n)
+    counts = sum(_gather(ctx, np.array([float(R[2].size)]), "init-count"))
+    scale = (m * n) / max(counts[0], 1.0)  # 1 / observed fraction
+    rows_mat = lsq.csr(xp, R[0], R[1], R[2] * scale, (int(R[0].size) - 1, n))
+    cols_mat = lsq.csr(xp, C[0], C[1], C[2] * scale, (int(C[0].size) - 1, m))
+    gauss = xp.asarray(np.random.default_rng(seed).standard_normal((n, width)))
+    y = rows_mat @ gauss
+    for power in range(2):
+        y = _cholesky_qr(ctx, y, ("init-qr", power))
+        z = cols_mat @ _allgather_rows(ctx, y, row_blocks, width, ("init-y", power))
+        y = rows_mat @ _allgather_rows(ctx, z, col_blocks, width, ("init-z", power))
+    q = _cholesky_qr(ctx, y, "init-qr-final")
+    bt = cols_mat @ _allgather_rows(ctx, q, row_blocks, width, "init-q")  # this worker's rows of Bᵀ
+    gram = sum(_gather(ctx, _host(xp, bt.T @ bt), "init-gram"))
+    evals, evecs = np.linalg.eigh(gram)
+    top = np.argsort(evals)[::-1][:k]
+    sigma = np.sqrt(np.maximum(evals[top], 0))
+    u = q @ xp.asarray(evecs[:, top] * np.sqrt(sigma)[None, :])  # U·Σ^½ of the estimate
+    # clip rows heavier than twice the root-mean-square row norm (incoherence)
+    norms = xp.sqrt((u * u).sum(axis=1))
+    total = sum(_gather(ctx, np.array([float((norms * norms).sum())]), "init-norm"))
+    limit = 2.0 * np.sqrt(total[0] / m)
+    factor = xp.minimum(1.0, limit / xp.maximum(norms, 1e-300))
+    ctx.count("init-rows-clipped", int((factor < 1).sum()))
+    return u * factor[:, None]
+
+
+def _cholesky_qr(ctx, y, tag):
+    """Orthonormal columns for a tall matrix split by rows over the workers (CholeskyQR2)."""
+    xp = ctx.xp
+    for step in range(2):
+        gram = sum(_gather(ctx, _host(xp, y.T @ y), (tag, step)))
+        gram += 1e-14 * np.trace(gram) * np.eye(gram.shape[0])
+        chol = np.linalg.cholesky(gram)
+        y = y @ xp.asarray(np.linalg.inv(chol).T)
+    return y
+
+
+# ------------------------------------------------------------------------- moving data
+def _allgather_rows(ctx, block, blocks, width, tag):
+    """The whole factor (all workers' row blocks stacked), k (or width) columns wide."""
+    comm, xp = ctx.comm, ctx.xp
+    block = xp.ascontiguousarray(block)
+    peers = [p for p in range(comm.size) if p != comm.rank]
+    got = comm.start([(block, p, ("factor", tag)) for p in peers],
+                     [(p, ("factor", tag), (blocks[p][1] - blocks[p][0], width), block.dtype)
+                      for p in peers]).wait()
+    parts = dict(zip(peers, got))
+    parts[comm.rank] = block
+    return xp.concatenate([xp.asarray(parts[p]) for p in range(comm.size)], axis=0)
+
+
+def _scatter_by_columns(ctx, rows, cols, vals, col_blocks):
+    """Send each worker the (row, column, value) triples of its column block; returns this
+    worker's, from everyone (once, at setup)."""
+    control = ctx.control
+    owner = np.searchsorted([b[1] for b in col_blocks], cols, side="right")
+    out = {}
+    for p in range(control.size):
+        pick = owner == p
+        out[p] = (rows[pick], cols[pick], vals[pick])
+    peers = [p for p in range(control.size) if p != control.rank]
+    got = control.start([(out[p], p, "omega-by-columns") for p in peers],
+                        [(p, "omega-by-columns", None, None) for p in peers]).wait()
+    parts = [out[control.rank]] + list(got)
+    return tuple(np.concatenate([part[i] for part in parts]) for i in range(3))
+
+
+def _csr(rows, cols, vals, nrows):
+    """(indptr, indices, values) with rows sorted and columns sorted within rows."""
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.zeros(nrows + 1, dtype=np.int64)
+    np.add.at(indptr, rows + 1, 1)
+    return np.cumsum(indptr), cols.astype(np.int64), vals
+
+
+def _check_nonempty(omega, base, what):
+    empty = np.nonzero(np.diff(omega[0]) == 0)[0]
+    if empty.size:
+        raise ValueError(f"{what} {base + int(empty[0])} of the observed matrix has no observed "
+                         f"entries left for training ({empty.size} such {what}s here); its factor "
+                         f"is undetermined: drop those {what}s, observe more entries, or lower "
+                         f"params.holdout")
+
+
+def _host(xp, a):
+    return a if xp is np else xp.asnumpy(a)
+
+
+def _gather(ctx, value, tag) -> list:
+    """Every worker's ``value`` (a small host object), in rank order."""
+    control = ctx.control
+    peers = [p for p in range(control.size) if p != control.rank]
+    got = control.start([(value, p, ("gather", tag)) for p in peers],
+                        [(p, ("gather", tag), None, None) for p in peers]).wait()
+    out = dict(zip(peers, got))
+    out[control.rank] = value
+    return [out[p] for p in range(control.size)]
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _prepare_checkpoint(ctx, path, signature, shape, k, chunks) -> None:
+    """Rank 0 makes a fresh checkpoint unless one of this very job (same signature) exists."""
+    if ctx.control.rank == 0:
+        try:
+            fresh = zarr.open_group(store=path, mode="r").attrs.get("signature") != signature
+        except Exception:
+            fresh = True
+        if fresh:
+            group = zarr.open_group(store=path, mode="w")
+            for slot in (0, 1):
+                group.create_array(f"u{slot}", shape=(shape[0], k), chunks=(chunks[0], k), dtype="f8")
+                group.create_array(f"v{slot}", shape=(shape[1], k), chunks=(chunks[1], k), dtype="f8")
+            group.attrs["signature"] = signature
+    ctx.control.barrier(("checkpoint-ready", str(path)))
+
+
+def _save(ctx, path, signature, iteration, history, u, v, row_block, col_block):
+    group = zarr.open_group(store=path, mode="r+")
+    slot = 1 - int(group.attrs.get("latest", 1))  # the slot not written last
+    group[f"u{slot}"][row_block[0]:row_block[1]] = _host(ctx.xp, u)
+    group[f"v{slot}"][col_block[0]:col_block[1]] = _host(ctx.xp, v)
+    ctx.control.barrier(("checkpoint", iteration))
+    if ctx.control.rank == 0:
+        group.attrs.update({"latest": slot, "iteration": iteration, "history": history,
+                            "signature": signature})
+    ctx.control.barrier(("checkpointed", iteration))
+
+
+def _resume(path, signature, row_block, col_block):
+    try:
+        group = zarr.open_group(store=path, mode="r")
+        attrs = dict(group.attrs)
+    except Exception:
+        return None
+    if attrs.get("signature") != signature or "latest" not in attrs:
+        return None
+    slot = attrs["latest"]
+    return {"u": np.asarray(group[f"u{slot}"][row_block[0]:row_block[1]]),
+            "v": np.asarray(group[f"v{slot}"][col_block[0]:col_block[1]]),
+            "iteration": int(attrs["iteration"]), "history": list(attrs["history"])}

@@ -1,0 +1,134 @@
+"""The ``complete`` op: rank-k factors U (m×k), V (n×k) with UVᵀ ≈ M from M's observed entries.
+
+Input: the observed entries as a binsparse CSR group. Output: a Zarr group with arrays ``u``
+and ``v``. Its attributes hold the per-sweep history (training RMSE, held-out RMSE and
+relative error, seconds) and why the run stopped. The rows of U and the rows of V (columns
+of M) are split across the workers; the sweeps run as one gang (``mx.kernels.altmin``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from dask.task_spec import Task, TaskRef
+from pydantic import ConfigDict, Field
+
+from mx.errors import UserError
+from mx.kernels import altmin
+from mx.storage import dense, sparse
+from mx.tasks import blocks
+from mx.tasks.graph import StepGraph, comm_key
+from mx.tasks.ops import Op
+from mx.tasks.spec import Strict
+
+
+class CompleteParams(Strict):
+    # lax: YAML reads 1e-6 (no dot) as a string; numbers written that way are accepted
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    rank: int = Field(ge=1)
+    method: Literal["altmin-sketch", "als", "als-cg"] = "altmin-sketch"
+    tol: float = Field(default=1e-6, gt=0)
+    max_iters: int = Field(default=50, ge=1)
+    reg: float = Field(default=0.0, ge=0)
+    holdout: float = Field(default=0.02, ge=0, lt=1)
+    seed: int = 0
+    cg_iters: int = Field(default=4, ge=1, le=100)  # CG steps per half-sweep (als-cg, sketch)
+    checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class CompletePlan:
+    shape: tuple[int, int]
+    nnz: int
+    params: CompleteParams
+    row_blocks: list
+    col_blocks: list
+    chunks: tuple[int, int]
+    workers: int
+    output: object  # not a matrix another step can use as a dense or sparse input
+
+    def describe(self) -> list[str]:
+        m, n = self.shape
+        p = self.params
+        return [f"complete {m}×{n} from {self.nnz} observed entries ({self.nnz / (m * n):.3g} of "
+                f"all), rank {p.rank}, method {p.method}, reg {p.reg:g}, held out {p.holdout:g}",
+                f"U rows and V rows split over {self.workers} workers ("
+                f"{max(map(blocks.length, self.row_blocks))} and "
+                f"{max(map(blocks.length, self.col_blocks))} rows each at most); only k-wide "
+                f"factor blocks move between them",
+                f"stops when the held-out relative error < {p.tol:g}, after {p.max_iters} sweeps, "
+                f"or when it stops improving; a checkpoint after every sweep" if p.checkpoint else
+                f"stops when the held-out relative error < {p.tol:g} or after {p.max_iters} sweeps"]
+
+
+class _FactorsInfo:
+    kind = "factors"
+
+
+def plan(inputs: dict, params: CompleteParams, workers: int, what: str, gpus: int = 0) -> CompletePlan:
+    obs = inputs["observed"]
+    m, n = obs.shape
+    if params.rank > min(m, n):
+        raise UserError(f"{what}.params.rank: {params.rank} is more than min(m, n) = {min(m, n)} "
+                        f"for a {m}×{n} matrix; ask for a rank of at most {min(m, n)}")
+    pointers = sparse.read_pointers(obs.path)
+    empty = np.nonzero(np.diff(pointers) == 0)[0]
+    if empty.size:
+        raise UserError(f"{what}.inputs.observed: row {int(empty[0])} of {obs.path} has no "
+                        f"observed entries ({empty.size} empty rows); its factor is undetermined: "
+                        f"drop those rows or observe more entries")
+    side = dense.chunk_side(8 * params.rank)  # chunks of whole factor rows
+    row_chunk, row_blocks = blocks.aligned(m, workers, max(1, side * side // params.rank), align=1)
+    col_chunk, col_blocks = blocks.aligned(n, workers, max(1, side * side // params.rank), align=1)
+    return CompletePlan(shape=(m, n), nnz=obs.nnz, params=params, row_blocks=row_blocks,
+                        col_blocks=col_blocks, chunks=(row_chunk, col_chunk), workers=workers,
+                        output=_FactorsInfo())
+
+
+def create_output(p: CompletePlan, path: str, attributes: dict) -> None:
+    import zarr
+
+    group = zarr.open_group(store=path, mode="w-", zarr_format=3)
+    k = p.params.rank
+    group.create_array("u", shape=(p.shape[0], k), chunks=(p.chunks[0], k), dtype="f8", fill_value=0)
+    group.create_array("v", shape=(p.shape[1], k), chunks=(p.chunks[1], k), dtype="f8", fill_value=0)
+    for key, value in attributes.items():
+        group.attrs[key] = value
+
+
+def checkpoint_path(output: str) -> str:
+    """Beside the final output, dot-named: a re-submitted job finds it and resumes."""
+    head, name = os.path.split(os.path.abspath(output))
+    return os.path.join(head, f".{name}.mx-checkpoint")
+
+
+def build(p: CompletePlan, paths: dict[str, str], output: str, step: str,
+          final_output: str | None = None) -> StepGraph:
+    gang = f"{step}:complete"
+    prm = p.params
+    signature = {"observed": paths["observed"], "shape": list(p.shape), "rank": prm.rank,
+                 "method": prm.method, "reg": prm.reg, "holdout": prm.holdout, "seed": prm.seed,
+                 "row_blocks": [list(b) for b in p.row_blocks],
+                 "col_blocks": [list(b) for b in p.col_blocks]}
+    ckpt = checkpoint_path(final_output) if (prm.checkpoint and final_output) else None
+    dsk, placement, labels, keys = {}, {}, {}, []
+    for w in range(p.workers):
+        key = ("complete", step, w)
+        dsk[key] = Task(key, altmin.run, p.row_blocks[w], p.col_blocks[w], row_blocks=p.row_blocks,
+                        col_blocks=p.col_blocks, path=paths["observed"], shape=p.shape,
+                        rank=prm.rank, method=prm.method, tol=prm.tol, max_iters=prm.max_iters,
+                        reg=prm.reg, holdout=prm.holdout, seed=prm.seed, cg_iters=prm.cg_iters,
+                        out_path=output, checkpoint=ckpt, signature=signature, chunks=p.chunks,
+                        ctx=TaskRef(comm_key(gang)))
+        placement[key], labels[key] = w, "compute"
+        keys.append(key)
+    return StepGraph(dsk=dsk, placement=placement, gangs={gang: keys}, outputs=keys,
+                     progress=prm.max_iters * p.workers, labels=labels)
+
+
+OP = Op(name="complete", inputs={"observed": "sparse"}, params=CompleteParams, plan=plan,
+        create_output=create_output, build=build)

@@ -1,0 +1,129 @@
+"""Matrix completion: planted low-rank matrices of awkward sizes recovered on CPU workers by
+every method; resume after a kill; clear errors for ill-posed problems."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import mx
+from conftest import mx_cli
+from mx.errors import JobFailed, UserError
+from mx.storage import generate, sparse
+
+
+def factors(path):
+    g = zarr.open_group(str(path), mode="r")
+    return np.asarray(g["u"][...]), np.asarray(g["v"][...]), dict(g.attrs)
+
+
+def truth(path):
+    g = zarr.open_group(str(path), mode="r")
+    return np.asarray(g["truth_u"][...]) @ np.asarray(g["truth_v"][...]).T
+
+
+def job(backend, workers, method, **params):
+    return {"backend": backend, "resources": {"workers": workers},
+            "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"},
+                       "output": f"F-{method}.zarr",
+                       "params": {"rank": 6, "method": method, "tol": 1e-9, "max_iters": 60,
+                                  **params}}]}
+
+
+@pytest.mark.parametrize("backend,workers", [("local", 3), ("ray", 2)])
+def test_planted_matrix_recovered_by_every_method(tmp_path, rng, request, backend, workers):
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    m, n = int(rng.integers(150, 260)), int(rng.integers(120, 230))
+    generate.lowrank(str(tmp_path / "O.zarr"), (m, n), 6, 0.35, seed=int(rng.integers(1 << 30)))
+    want = truth(tmp_path / "O.zarr")
+    products = {}
+    for method in ("altmin-sketch", "als", "als-cg"):
+        job_id = mx.submit(job(backend, workers, method), base=str(tmp_path))
+        u, v, attrs = factors(tmp_path / f"F-{method}.zarr")
+        got = u @ v.T
+        assert u.shape == (m, 6) and v.shape == (n, 6)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6, (method, attrs["stopped"])
+        history = attrs["history"]
+        assert history[-1]["holdout_rel_error"] < history[0]["holdout_rel_error"]
+        products[method] = got
+        assert not os.path.exists(tmp_path / f".F-{method}.zarr.mx-checkpoint")  # done: removed
+        if method == "altmin-sketch":
+            assert "rows-sketch-preconditioned" in mx.logs(job_id)
+    base = np.linalg.norm(want)
+    assert np.linalg.norm(products["als"] - products["altmin-sketch"]) / base < 1e-6
+    assert np.linalg.norm(products["als"] - products["als-cg"]) / base < 1e-6
+
+
+def test_noise_regularisation_and_history(tmp_path):
+    generate.lowrank(str(tmp_path / "O.zarr"), (211, 173), 4, 0.4, noise=0.01, seed=3)
+    mx.submit(job("local", 2, "altmin-sketch", rank=4, reg=0.1, holdout=0.1, tol=1e-4),
+              base=str(tmp_path))
+    _, _, attrs = factors(tmp_path / "F-altmin-sketch.zarr")
+    last = attrs["history"][-1]
+    # noise of 0.01 on entries of order one: the held-out RMSE reaches the noise level
+    assert last["holdout_rmse"] < 0.05 and last["train_rmse"] < last["holdout_rmse"] * 1.5
+    assert attrs["stopped"]
+
+
+def test_resume_after_a_kill_gives_the_same_answer(tmp_path):
+    generate.lowrank(str(tmp_path / "O.zarr"), (1400, 1100), 12, 0.05, condition=30.0, seed=4)
+    params = dict(rank=12, tol=1e-12, max_iters=25, method="als")
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    os.symlink(tmp_path / "O.zarr", reference / "O.zarr")
+    mx.submit(job("local", 2, **params), base=str(reference))
+    want_u, want_v, _ = factors(reference / "F-als.zarr")
+
+    (tmp_path / "job.yaml").write_text(
+        "backend: local\nresources: {workers: 2}\nsteps:\n  - id: f\n    op: complete\n"
+        "    inputs: {observed: O.zarr}\n    output: F-als.zarr\n"
+        "    params: {rank: 12, method: als, tol: 1.0e-12, max_iters: 25}\n")
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
+    ckpt = tmp_path / ".F-als.zarr.mx-checkpoint"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if zarr.open_group(str(ckpt), mode="r").attrs.get("iteration", 0) >= 3:
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
+    os.kill(mx.status(job_id)["pid"], signal.SIGKILL)
+    assert not (tmp_path / "F-als.zarr").exists()
+    done_before = zarr.open_group(str(ckpt), mode="r").attrs["iteration"]
+    assert 3 <= done_before < 25
+
+    job_id = mx_cli("submit", tmp_path / "job.yaml", check=True).stdout.strip().splitlines()[-1]
+    assert "resumed-at-sweep" in mx.logs(job_id)
+    got_u, got_v, attrs = factors(tmp_path / "F-als.zarr")
+    assert len(attrs["history"]) == len(factors(reference / "F-als.zarr")[2]["history"])
+    scale = np.linalg.norm(want_u @ want_v.T)
+    assert np.linalg.norm(got_u @ got_v.T - want_u @ want_v.T) / scale < 1e-10
+
+
+def test_ill_posed_problems_give_clear_errors(tmp_path, rng):
+    import scipy.sparse as sp
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (40, 30), 3, 0.5, seed=1)
+    with pytest.raises(UserError, match="params.rank: 31 is more than min"):
+        mx.submit(job("local", 2, "als", rank=31), base=str(tmp_path))
+    m = sp.random(40, 30, density=0.4, format="lil", random_state=1)
+    m[7, :] = 0
+    sparse.write_csr(str(tmp_path / "E.zarr"), sp.csr_array(m.tocsr()))
+    bad = job("local", 2, "als")
+    bad["steps"][0]["inputs"]["observed"] = "E.zarr"
+    with pytest.raises(UserError, match="row 7 .* has no observed entries"):
+        mx.submit(bad, base=str(tmp_path))
+    m = sp.random(40, 30, density=0.4, format="lil", random_state=2)
+    m[:, 11] = 0
+    m[:, 11] = 0
+    sparse.write_csr(str(tmp_path / "E2.zarr"), sp.csr_array(m.tocsr()))
+    bad["steps"][0]["inputs"]["observed"] = "E2.zarr"
+    bad["steps"][0]["params"]["holdout"] = 0.0
+    with pytest.raises(JobFailed, match="column 11 of the observed matrix has no observed entries"):
+        mx.submit(bad, base=str(tmp_path))
+    assert not (tmp_path / "F-als.zarr").exists()
