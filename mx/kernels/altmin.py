@@ -20,6 +20,7 @@ only factor blocks move between workers, never Ω.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -74,22 +75,49 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
     R = tuple(dev(a) for a in by_rows)
     C = tuple(dev(a) for a in by_cols)
     h_rows, h_cols, h_vals = dev(rows[held] - r0), dev(cols[held]), dev(vals[held])
-    t_rows = lsq.row_ids(xp, R[0])
 
-    state = None
+    state = save = None
     if checkpoint:
         _prepare_checkpoint(ctx, checkpoint, signature, (m, n), k, chunks)
         state = _resume(checkpoint, signature, row_block, col_block)
+        save = functools.partial(_save, ctx, checkpoint, signature, row_block, col_block)
+    u, v, history, reason = iterate(ctx, R, C, (h_rows, h_cols, h_vals), (m, n), k, row_blocks,
+                                    col_blocks, method, tol, max_iters, reg, cg_iters, seed,
+                                    state, save)
+    ctx.finish()
+    with ctx.timed_host("write"):
+        group = zarr.open_group(store=out_path, mode="r+")
+        group["u"][r0:r1] = _host(xp, u)
+        group["v"][c0:c1] = _host(xp, v)
+    ctx.control.barrier(("written", seed))
+    if me == 0:
+        group.attrs["history"] = history
+        group.attrs["stopped"] = reason
+        if checkpoint:
+            import shutil
+
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return {"sweeps": len(history), "stopped": reason, "history": history if me == 0 else []}
+
+
+def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_iters, reg,
+            cg_iters, seed, state=None, save=None):
+    """The sweeps, on device arrays already in place: R (this worker's rows of Ω, by rows),
+    C (its columns, by columns), ``held`` (held-out rows, columns, values). Starts from the
+    randomized-SVD estimate, or from ``state`` (a checkpoint); ``save(sweep, history, u, v)``
+    is called after every sweep. Returns (u, v, history, why it stopped)."""
+    xp = ctx.xp
+    h_rows, h_cols, h_vals = held
+    t_rows = lsq.row_ids(xp, R[0])
     if state is None:
         with ctx.timed("init"):
-            u = _initialise(ctx, R, C, (m, n), k, row_blocks, col_blocks, seed)
-        v = xp.zeros((c1 - c0, k))
+            u = _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed)
+        v = xp.zeros((int(C[0].size) - 1, k))
         start, history = 0, []
     else:
-        u, v = dev(state["u"]), dev(state["v"])
+        u, v = xp.asarray(state["u"]), xp.asarray(state["v"])
         start, history = state["iteration"], state["history"]
         ctx.count("resumed-at-sweep", start)
-
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
@@ -109,9 +137,8 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         rel = float(np.sqrt(h_err / h_norm)) if h_norm else float(np.sqrt(t_err / max(t_norm, 1e-300)))
         history.append({"sweep": sweep + 1, "train_rmse": train_rmse, "holdout_rmse": held_rmse,
                         "holdout_rel_error": rel, "seconds": round(time.perf_counter() - t0, 4)})
-        if checkpoint:
-            with ctx.timed_host("checkpoint"):
-                _save(ctx, checkpoint, signature, sweep + 1, history, u, v, row_block, col_block)
+        if save is not None:
+            save(sweep + 1, history, u, v)
         ctx.advance(1)
         if rel < tol:
             reason = f"held-out relative error {rel:.3g} < tol {tol:g}"
@@ -119,20 +146,7 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         if len(history) >= 4 and history[-4]["holdout_rel_error"] - rel < STAGNATION * rel:
             reason = f"no progress over 3 sweeps (held-out relative error {rel:.3g})"
             break
-    ctx.finish()
-    with ctx.timed_host("write"):
-        group = zarr.open_group(store=out_path, mode="r+")
-        group["u"][r0:r1] = _host(xp, u)
-        group["v"][c0:c1] = _host(xp, v)
-    ctx.control.barrier(("written", seed))
-    if me == 0:
-        group.attrs["history"] = history
-        group.attrs["stopped"] = reason
-        if checkpoint:
-            import shutil
-
-            shutil.rmtree(checkpoint, ignore_errors=True)
-    return {"sweeps": len(history), "stopped": reason, "history": history if me == 0 else []}
+    return u, v, history, reason
 
 
 # ------------------------------------------------------------------------------ solving
@@ -280,7 +294,12 @@ def _prepare_checkpoint(ctx, path, signature, shape, k, chunks) -> None:
     ctx.control.barrier(("checkpoint-ready", str(path)))
 
 
-def _save(ctx, path, signature, iteration, history, u, v, row_block, col_block):
+def _save(ctx, path, signature, row_block, col_block, iteration, history, u, v):
+    with ctx.timed_host("checkpoint"):
+        _write_slot(ctx, path, signature, row_block, col_block, iteration, history, u, v)
+
+
+def _write_slot(ctx, path, signature, row_block, col_block, iteration, history, u, v):
     group = zarr.open_group(store=path, mode="r+")
     slot = 1 - int(group.attrs.get("latest", 1))  # the slot not written last
     group[f"u{slot}"][row_block[0]:row_block[1]] = _host(ctx.xp, u)

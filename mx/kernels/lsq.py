@@ -44,9 +44,19 @@ def row_ids(xp, indptr):
     return xp.repeat(xp.arange(indptr.size - 1), xp.diff(indptr).astype(np.int64))
 
 
+# entries whose factor rows are gathered at once (bounds the (entries × k) temporaries)
+GATHER_CHUNK = 1 << 20
+
+
 def predictions(xp, x, y, rows, cols):
-    """x_i · y_j for every stored entry (i, j): O(|Ω| k)."""
-    return (x[rows] * y[cols]).sum(axis=1)
+    """x_i · y_j for every stored entry (i, j): O(|Ω| k), in chunks of entries."""
+    if rows.size <= GATHER_CHUNK:
+        return (x[rows] * y[cols]).sum(axis=1)
+    out = xp.empty(rows.size, dtype=x.dtype)
+    for lo in range(0, int(rows.size), GATHER_CHUNK):
+        hi = lo + GATHER_CHUNK
+        out[lo:hi] = (x[rows[lo:hi]] * y[cols[lo:hi]]).sum(axis=1)
+    return out
 
 
 def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
