@@ -202,3 +202,19 @@ def test_gemm_on_mpi_ranks_with_gpus(tmp_path, rng):
     job_id = mx.submit(job, base=str(tmp_path))
     assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-12
     assert "gang transport: " in mx.logs(job_id) and "MPI" in mx.logs(job_id)
+
+
+@pytest.mark.parametrize("method", ["altmin-sketch", "als", "als-cg"])
+def test_completion_on_gpu_actors(tmp_path, ray_session, method):
+    import zarr
+    from mx.storage import generate
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (901, 777), 8, 0.2, condition=10.0, seed=5)
+    job = {"resources": {"gpus": min(GPUS, 2)},
+           "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
+                      "params": {"rank": 8, "method": method, "tol": 1e-9, "max_iters": 60}}]}
+    mx.submit(job, base=str(tmp_path))
+    g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
+    got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
+    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
+    assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
