@@ -105,3 +105,25 @@ def test_killed_rank_ends_the_job_with_no_output(tmp_path):
         all(mx.status(job_id)["steps"][int(p[1])]["state"] == "succeeded"
             for p in os.listdir(tmp_path) if p.startswith("C") and p.endswith(".zarr"))
     assert not leftovers(tmp_path)
+
+
+def test_completion_on_mpi_matches_the_local_backend(tmp_path):
+    from mx.storage import generate
+    import zarr
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (233, 197), 5, 0.4, seed=9)
+
+    def job(backend):
+        return {"backend": backend, "resources": {"workers": 3},
+                "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"},
+                           "output": f"F-{backend}.zarr",
+                           "params": {"rank": 5, "method": "altmin-sketch", "tol": 1e-9}}]}
+
+    for backend in ("mpi", "local"):
+        mx.submit(job(backend), base=str(tmp_path))
+    get = lambda b: zarr.open_group(str(tmp_path / f"F-{b}.zarr"))  # noqa: E731
+    o = zarr.open_group(str(tmp_path / "O.zarr"))
+    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
+    results = {b: np.asarray(get(b)["u"][...]) @ np.asarray(get(b)["v"][...]).T for b in ("mpi", "local")}
+    assert rel_error(results["mpi"], want) < 1e-6
+    assert rel_error(results["mpi"], results["local"]) < 1e-9

@@ -7,7 +7,9 @@ program can start a shift, compute, and wait only when it needs the data (double
 
 Tags must be unique among the messages between one pair of ranks in a gang (programs use
 ``(what, round)``). A sent value must not be modified by its sender afterwards; a received
-value may be read-only.
+value may be read-only. An array is sent as a buffer and must be received with its shape and
+dtype; any other object (box arrays in a list to send them this way) is received with shape
+None. The MPI and NCCL transports depend on this; the others accept both.
 """
 
 from __future__ import annotations

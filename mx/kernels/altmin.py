@@ -270,9 +270,10 @@ def _gather(ctx, value, tag) -> list:
     """Every worker's ``value`` (a small host object), in rank order."""
     control = ctx.control
     peers = [p for p in range(control.size) if p != control.rank]
-    got = control.start([(value, p, ("gather", tag)) for p in peers],
+    # boxed: an array sent bare would go as a typed buffer, which a shapeless receive refuses
+    got = control.start([([value], p, ("gather", tag)) for p in peers],
                         [(p, ("gather", tag), None, None) for p in peers]).wait()
-    out = dict(zip(peers, got))
+    out = {p: box[0] for p, box in zip(peers, got)}
     out[control.rank] = value
     return [out[p] for p in range(control.size)]
 
