@@ -18,3 +18,7 @@ class JobFailed(Exception):
 
 class JobCancelled(Exception):
     """A job was cancelled while it ran."""
+
+
+class WorkerLost(JobFailed):
+    """A worker's process died mid-step: the step may be retried from what is stored."""

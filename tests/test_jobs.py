@@ -42,7 +42,7 @@ def test_cli_end_to_end_starts_and_stops_its_own_ray(tmp_path):
     status = mx_cli("status", job_id[:8], check=True).stdout
     assert "state    succeeded" in status and "compute" in status
     log = mx_cli("logs", job_id, check=True).stdout
-    for needle in ("worker 3: actor", "grid", "read", "write", "commit", "succeeded"):
+    for needle in (":c:worker(1,1): actor", "grid", "read", "write", "commit", "succeeded"):
         assert needle in log
     assert not leftovers(tmp_path / "out")
 

@@ -68,18 +68,33 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--detach", is_flag=True, help="Return at once with the job id; the job runs on.")
 @click.option("--quiet", "-q", is_flag=True, help="No log lines, only the progress bar.")
 @click.option("--dashboard", is_flag=True, help="Start the Ray dashboard with the local Ray.")
-def submit(job_file: str, detach: bool, quiet: bool, dashboard: bool) -> None:
+@click.option("--address", default=None,
+              help="Send the job to this Ray cluster through its Jobs API (dashboard URL "
+                   "http://host:8265 or GCS host:port; default resources.address, "
+                   "$MX_RAY_ADDRESS, $RAY_ADDRESS, else a local Ray for this job).")
+@click.option("--resume", "resume_job", default=None, metavar="JOB",
+              help="Run a failed, cancelled or lost job again from what it stored.")
+def submit(job_file: str | None, detach: bool, quiet: bool, dashboard: bool,
+           address: str | None, resume_job: str | None) -> None:
     """Run the job in JOB_FILE; waits and shows progress unless --detach."""
     from mx.tasks import jobs
 
     bar = Bar()
     try:
-        job_id = jobs.submit(job_file, detach=detach, echo=None if quiet else bar.echo,
-                             progress=bar.update, dashboard=dashboard)
+        if resume_job is not None:
+            if job_file is not None:
+                raise UserError("give a job file or --resume JOB, not both")
+            job_id = jobs.resume(resume_job, detach=detach, echo=None if quiet else bar.echo,
+                                 progress=bar.update, dashboard=dashboard)
+        elif job_file is None:
+            raise UserError("give a job file (mx submit job.yaml), or --resume JOB")
+        else:
+            job_id = jobs.submit(job_file, detach=detach, echo=None if quiet else bar.echo,
+                                 progress=bar.update, dashboard=dashboard, address=address)
     except (UserError, JobFailed, JobCancelled) as exc:
         bar.close()
         _fail(exc)
@@ -143,8 +158,12 @@ def status(job: str) -> None:
         rec = record.load(record.find(job))
     except UserError as exc:
         _fail(exc)
+    from mx.tasks import jobs
+
     click.echo(f"job      {rec['id']}")
-    click.echo(f"state    {record.effective_state(rec)}")
+    click.echo(f"state    {jobs.current_state(rec)}")
+    if rec.get("cluster"):
+        click.echo(f"cluster  {rec['cluster']['address']} (Ray job {rec['id']})")
     for field in ("name", "backend", "created", "started", "ended", "seconds", "error"):
         if rec.get(field) not in (None, ""):
             click.echo(f"{field:<8} {rec[field]}")
@@ -171,7 +190,16 @@ def logs(job: str, follow: bool) -> None:
         job_id = record.find(job)
     except UserError as exc:
         _fail(exc)
+    from mx.tasks import jobs
+
     path = record.path(job_id, "log")
+    rec = record.load(job_id)
+    if rec.get("cluster") and not os.path.exists(path):
+        # the driver's log is not on this filesystem: ask the cluster for what the driver printed
+        from mx.cluster import submission
+
+        click.echo(submission.logs(rec["cluster"]["address"], job_id), nl=False)
+        return
     pos = 0
     while True:
         if os.path.exists(path):
@@ -183,8 +211,7 @@ def logs(job: str, follow: bool) -> None:
                 click.echo(chunk, nl=False)
         if not follow:
             return
-        state = record.effective_state(record.load(job_id))
-        if state in record.FINAL or state == "lost":
+        if jobs.current_state(record.load(job_id)) in jobs.ENDED:
             follow = False
             continue
         time.sleep(0.5)
@@ -203,31 +230,113 @@ def cancel(job: str, timeout: float) -> None:
         rec = jobs.cancel(job_id, timeout)
     except UserError as exc:
         _fail(exc)
-    click.echo(f"{job_id} {record.effective_state(rec)}")
+    click.echo(f"{job_id} {jobs.current_state(rec)}")
 
 
 @cli.command(name="list")
-def list_jobs() -> None:
+@click.option("--address", default=None,
+              help="Also list the mx jobs that this Ray cluster knows (through its Jobs API).")
+def list_jobs(address: str | None) -> None:
     """List jobs, newest last."""
-    from mx.tasks import record
+    from mx.tasks import jobs, record
 
-    rows = []
+    rows = {}
     for job_id in record.all_ids():
         try:
             rec = record.load(job_id)
         except (UserError, ValueError):
             continue
-        rows.append((rec.get("created", ""), job_id, record.effective_state(rec),
-                     f"{rec['seconds']:.1f}s" if rec.get("seconds") is not None else "-",
-                     ",".join(s["op"] for s in rec.get("steps", []))))
-    rows.sort()
+        rows[job_id] = (rec.get("created", ""), job_id, jobs.current_state(rec),
+                        f"{rec['seconds']:.1f}s" if rec.get("seconds") is not None else "-",
+                        ",".join(s["op"] for s in rec.get("steps", [])),
+                        rec.get("cluster", {}).get("address", "local"))
+    if address is not None:
+        from mx.cluster import submission
+
+        try:
+            for job in submission.list_jobs(address):
+                if job["id"] not in rows:  # submitted from a machine whose records are not here
+                    rows[job["id"]] = ("", job["id"], f"ray:{job['ray_state'].lower()}", "-", "?",
+                                       address)
+        except UserError as exc:
+            _fail(exc)
     if not rows:
         click.echo(f"no jobs under {record.jobs_dir()}", err=True)
         return
-    width = max(len(r[1]) for r in rows)
-    click.echo(f"{'JOB':<{width}}  {'STATE':<10} {'TIME':>8}  OPS")
-    for _, job_id, state, seconds, op_names in rows:
-        click.echo(f"{job_id:<{width}}  {state:<10} {seconds:>8}  {op_names}")
+    ordered = sorted(rows.values())
+    width = max(len(r[1]) for r in ordered)
+    click.echo(f"{'JOB':<{width}}  {'STATE':<10} {'TIME':>8}  {'OPS':<16} WHERE")
+    for _, job_id, state, seconds, op_names, where in ordered:
+        click.echo(f"{job_id:<{width}}  {state:<10} {seconds:>8}  {op_names:<16} {where}")
+
+
+@cli.group()
+def cluster() -> None:
+    """A persistent local Ray head to submit jobs to and watch them on its dashboard."""
+
+
+@cluster.command(name="up")
+@click.option("--num-cpus", default=None, type=int, help="Logical CPUs (default: all cores).")
+@click.option("--num-gpus", default=None, type=int, help="GPUs (default: what Ray detects).")
+@click.option("--dashboard-port", default=8265, show_default=True, type=int)
+def cluster_up(num_cpus: int | None, num_gpus: int | None, dashboard_port: int) -> None:
+    """Start the head: dashboard on 127.0.0.1, token authentication on."""
+    from mx.cluster import head
+
+    try:
+        info = head.up(num_cpus, num_gpus, dashboard_port)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"Ray head up: dashboard {info['dashboard']}, GCS {info['address']}, pid {info['pid']}",
+               err=True)
+    click.echo(f"token: {info['token']} (the dashboard asks for it; mx uses it by itself)",
+               err=True)
+    click.echo(f"submit to it: mx submit job.yaml --address {info['dashboard']}  "
+               f"(or export RAY_ADDRESS={info['dashboard']})", err=True)
+    click.echo(info["dashboard"])
+
+
+@cluster.command(name="down")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds before killing it.")
+def cluster_down(timeout: float) -> None:
+    """Stop the head and every Ray process it started."""
+    from mx.cluster import head
+
+    try:
+        info = head.down(timeout)
+    except UserError as exc:
+        _fail(exc)
+    click.echo(f"Ray head stopped (pid {info['pid']}, dashboard {info['dashboard']})", err=True)
+
+
+@cluster.command(name="status")
+def cluster_status() -> None:
+    """Say whether the head is up, and where."""
+    from mx.cluster import head
+
+    info = head.info()
+    if info is None:
+        click.echo("no cluster is up; `mx cluster up` starts one", err=True)
+        sys.exit(1)
+    click.echo(f"up since {info['started']}: dashboard {info['dashboard']}, GCS {info['address']}, "
+               f"pid {info['pid']}, token {info['token']}")
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for the files (default: the job's report/ folder).")
+def report(job: str, out: str | None) -> None:
+    """Write a job's pictures (PNG) and an HTML page that holds them."""
+    from mx.tasks import record
+    from mx.tasks import report as reporting
+
+    try:
+        paths = reporting.write(record.find(job), out)
+    except UserError as exc:
+        _fail(exc)
+    for path in paths:
+        click.echo(path)
 
 
 @cli.group()

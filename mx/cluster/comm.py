@@ -104,6 +104,7 @@ class GangContext:
     stats: dict[str, float] = field(default_factory=dict)  # seconds per phase
     counters: dict[str, int] = field(default_factory=dict)  # events (summed over workers)
     advance: Callable[[int], None] = lambda n: None  # report progress units done
+    report: Callable[[dict], None] = lambda values: None  # live figures (metrics), by name
     events: list = field(default_factory=list)
     control_comm: Comm | None = None  # host-side small messages (default: ``comm``)
 

@@ -8,8 +8,13 @@ prefetches it while the consumer is busy). Gang members are submitted together a
 through the object-store transport. Actors run one task at a time, in submission order, and
 every actor's queue follows one topological order, so no actor waits on work queued behind it.
 
+Each step gets its own pool of actors, named ``mx:<job>:<step>:worker(i,j)`` after their place
+in the step's process grid, and ends it when the step ends: the step can then be retried on
+fresh actors when one dies (``WorkerLost``), and a job holds GPUs only while a step runs.
+
 Without an address, the backend starts a local Ray for the job (token authentication on) and
-shuts it down afterwards; in a process that already runs Ray it uses that and leaves it up.
+shuts it down afterwards; in a process that already runs Ray it uses that and leaves it up. On
+a cluster that others share, a step waits in Ray's queue until its placement group fits.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from mx.cluster import devices, execute
+from mx.cluster import devices, execute, metrics
 from mx.cluster.comm import GangContext
 from mx.cluster.objectstore import ObjectStoreComm, Rendezvous
-from mx.errors import JobCancelled, JobFailed, UserError
+from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost
 from mx.tasks.graph import StepGraph, schedule, unit_keys
 
 NAMESPACE = "mx"
@@ -41,14 +46,18 @@ POLL_S = 0.25
 class Worker:
     """One worker: runs the tasks placed on it and keeps their results."""
 
-    def __init__(self, rank: int, gpu: bool, rendezvous):
+    def __init__(self, rank: int, gpu: bool, rendezvous, job: str = "", step: str = ""):
         self.rank = rank
+        self.tags = {"job": job, "step": step}
         self.gpu = gpu
         self.xp = devices.array_module(gpu)
         if gpu:
             devices.select_gpu(ray.get_gpu_ids())
         self.rendezvous = rendezvous
         self.store: dict[Any, Any] = {}
+
+    def _report(self, values: dict) -> None:
+        metrics.publish(values, **self.tags)
 
     def describe(self) -> dict:
         info = execute.describe_process(self.rank, devices.device_name(self.gpu))
@@ -87,7 +96,8 @@ class Worker:
                 # made on first use: gangs that never exchange need no communicator
                 comm = lambda: NcclComm.for_gang(control, members)  # noqa: E731
             ctx = GangContext(comm_or_factory=comm, xp=self.xp, control_comm=control,
-                              advance=lambda n: self.rendezvous.advance.remote(n))
+                              advance=lambda n: self.rendezvous.advance.remote(n),
+                              report=self._report if rank == 0 else lambda values: None)
         try:
             value, info = execute.run(key, node, values, self.rank, None, ctx, name)
         finally:
@@ -104,54 +114,42 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, workers: int, gpus: int = 0, address: str | None = None,
-                 job_id: str = "job", dashboard: bool = False):
+                 job_id: str = "job", dashboard: bool = False,
+                 cpus_per_worker: float | None = None):
         self.workers = workers
         self.gpus = gpus
         self.address = address
         self.job_id = job_id
         self.dashboard = dashboard
+        self.cpus_per_worker = cpus_per_worker
+        self.cpus_each = 1.0
         self.started_ray = False
+        self.log: Callable[[str], None] = lambda line: None
         self.pg = None
         self.actors: list = []
+        self.described: list[dict] = []
+        self.names: list[str] = []
         self.rendezvous = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self, log: Callable[[str], None]) -> list[dict]:
-        gpu = self.gpus > 0
-        cpus_each = self._connect(log)
-        if gpu:
-            have = int(ray.cluster_resources().get("GPU", 0))
-            devices.require_gpus(self.gpus, have, "", "the Ray cluster")
-        bundle = {"CPU": cpus_each, **({"GPU": 1} if gpu else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(self.workers)], strategy="PACK",
-                                  name=f"mx:{self.job_id}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            total = ray.cluster_resources()
-            raise UserError(f"resources: the Ray cluster cannot place {self.workers} workers of "
-                            f"{bundle} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster has "
-                            f"{ {k: v for k, v in total.items() if k in ('CPU', 'GPU')} }); "
-                            f"ask for fewer workers or add nodes")
-        self.rendezvous = Rendezvous.options(name=f"mx:{self.job_id}:rendezvous",
-                                             namespace=NAMESPACE).remote()
-        # Ray sets OMP_NUM_THREADS to each actor's CPU count, which sizes its BLAS pool; a
-        # runtime_env would cost a fresh worker process per actor.
-        self.actors = [
-            Worker.options(
-                name=f"mx:{self.job_id}:worker{rank}", namespace=NAMESPACE,
-                num_cpus=cpus_each, num_gpus=1 if gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
-            ).remote(rank, gpu, self.rendezvous)
-            for rank in range(self.workers)
-        ]
-        described = ray.get([a.describe.remote() for a in self.actors])
-        log(f"workers: {self.workers} actors in placement group mx:{self.job_id}; gang transport "
-            + ("nccl (GPU to GPU)" if gpu else "ray object store"))
-        for d in described:
-            log(f"worker {d['worker']}: actor {d['actor']} pid {d['pid']} on {d['host']} "
-                f"(node {d['node']}), {d['device']}"
-                + (f", GPU ids {','.join(d['gpu_ids'])}" if d["gpu_ids"] else f", {d['threads']} BLAS threads"))
-        return described
+    def start(self, log: Callable[[str], None]) -> None:
+        """Connect to Ray (or start it) and check that the cluster can ever hold the job.
+        Workers start with each step (``run``) and end with it, so that a step can be
+        retried on fresh workers and the GPUs are free between steps."""
+        self.log = log
+        self.cpus_each = self._connect(log)
+        need = {"CPU": self.cpus_each * self.workers, "GPU": float(self.gpus > 0) * self.workers}
+        have = ray.cluster_resources()
+        if self.gpus > 0:
+            devices.require_gpus(self.workers, int(have.get("GPU", 0)), "", "the Ray cluster")
+        short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+        if short:
+            raise UserError(f"resources: the Ray cluster has {_resources(have)}, fewer than the "
+                            f"{self.workers} workers of {self._bundle()} need; ask for fewer "
+                            f"workers (or cpus_per_worker) or add nodes")
+
+    def _bundle(self) -> dict:
+        return {"CPU": self.cpus_each, **({"GPU": 1} if self.gpus > 0 else {})}
 
     def _connect(self, log) -> float:
         """Connect to (or start) Ray; returns the CPUs each worker asks for."""
@@ -168,16 +166,74 @@ class RayBackend:
             log(f"ray: started a local Ray {ray.__version__} for this job at "
                 f"{ray.get_runtime_context().gcs_address}, {max(cores, self.workers)} logical CPUs")
         else:
+            if "://" in self.address and not self.address.startswith("ray://"):
+                raise UserError(f"address {self.address}: a dashboard URL is where `mx submit` "
+                                f"sends jobs (Jobs API); `mx run` joins a cluster as a driver "
+                                f"and needs its GCS address host:port")
+            from mx.cluster import head
+
+            head.use_auth(self.address)
             ray.init(address=self.address, namespace=NAMESPACE, log_to_driver=False,
                      logging_level="WARNING")
-            log(f"ray: connected to the cluster at {self.address}")
+            log(f"ray: connected to the cluster at {ray.get_runtime_context().gcs_address}")
+        if self.cpus_per_worker is not None:
+            return float(self.cpus_per_worker)
         total_cpus = ray.cluster_resources().get("CPU", 0)
-        if self.gpus > 0:
-            return 1.0
+        if self.gpus > 0 or not self.started_ray:
+            # a cluster others share: one CPU per worker unless told more (a share where
+            # the cluster has fewer CPUs than workers)
+            return min(1.0, max(0.01, total_cpus / self.workers))
         return float(max(1, int(total_cpus // self.workers))) if total_cpus >= self.workers else \
             max(0.01, total_cpus / self.workers)
 
-    def stop(self) -> None:
+    def _open_pool(self, graph: StepGraph, cancelled: Callable[[], bool]) -> None:
+        """Start the step's workers, named for what they do (``mx:<job>:<step>:worker(i,j)``,
+        as the dashboard shows them), in a placement group. On a shared cluster the group
+        waits, queued, until other jobs free what it needs; a Ray mx started waits a minute."""
+        gpu = self.gpus > 0
+        prefix = f"mx:{self.job_id}:{graph.step}"
+        self.pg = placement_group([self._bundle() for _ in range(self.workers)], strategy="PACK",
+                                  name=prefix)
+        waited, ready_ref = 0.0, self.pg.ready()
+        while not ray.wait([ready_ref], timeout=POLL_S * 4)[0]:
+            waited += POLL_S * 4
+            if cancelled():
+                raise JobCancelled("cancelled while waiting for workers")
+            if self.started_ray and waited >= PLACEMENT_TIMEOUT_S:
+                raise UserError(f"resources: Ray cannot place {self.workers} workers of "
+                                f"{self._bundle()} within {PLACEMENT_TIMEOUT_S:.0f} s (it has "
+                                f"{_resources(ray.cluster_resources())})")
+            if waited % 30 < POLL_S * 4:
+                self.log(f"step {graph.step}: queued for {waited:.0f} s: waiting for "
+                         f"{self.workers} × {self._bundle()} (free now: "
+                         f"{_resources(ray.available_resources())})")
+        self.rendezvous = Rendezvous.options(name=f"{prefix}:rendezvous",
+                                             namespace=NAMESPACE).remote()
+        self.names = [f"{prefix}:{graph.worker_name(rank)}" for rank in range(self.workers)]
+        # Ray sets OMP_NUM_THREADS to each actor's CPU count, which sizes its BLAS pool; a
+        # runtime_env would cost a fresh worker process per actor.
+        self.actors = [
+            Worker.options(
+                name=self.names[rank], namespace=NAMESPACE,
+                num_cpus=self.cpus_each, num_gpus=1 if gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
+            ).remote(rank, gpu, self.rendezvous, self.job_id, graph.step)
+            for rank in range(self.workers)
+        ]
+        try:
+            self.described = ray.get([a.describe.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(f"a worker of step {graph.step} died as it started: "
+                             f"{_first_line(exc)}") from None
+        self.log(f"workers: {self.workers} actors {prefix}:worker(..) in placement group "
+                 f"{prefix}; gang transport " + ("nccl (GPU to GPU)" if gpu else "ray object store"))
+        for d, name in zip(self.described, self.names):
+            self.log(f"{name}: actor {d['actor']} pid {d['pid']} on {d['host']} (node {d['node']}), "
+                     f"{d['device']}" + (f", GPU ids {','.join(d['gpu_ids'])}" if d["gpu_ids"]
+                                         else f", {d['threads']} BLAS threads"))
+
+    def _close_pool(self) -> None:
+        """End the step's workers and give their resources back."""
         for actor in self.actors:
             try:
                 ray.kill(actor)
@@ -196,6 +252,10 @@ class RayBackend:
             except Exception:
                 pass
             self.pg = None
+
+    def stop(self) -> None:
+        if ray.is_initialized():
+            self._close_pool()
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
@@ -203,7 +263,15 @@ class RayBackend:
     # -- running a graph ------------------------------------------------------------------
     def run(self, graph: StepGraph, on_progress: Callable[[int], None] = lambda n: None,
             cancelled: Callable[[], bool] = lambda: False) -> list[dict]:
+        """Run one step's graph on workers started for it, and end them after."""
         graph.check(self.workers)
+        self._open_pool(graph, cancelled)
+        try:
+            return self._run(graph, on_progress, cancelled)
+        finally:
+            self._close_pool()
+
+    def _run(self, graph: StepGraph, on_progress, cancelled) -> list[dict]:
         order = schedule(graph)
         owner = graph.placement
         outputs = set(graph.outputs)
@@ -252,7 +320,7 @@ class RayBackend:
 
     def _collect(self, graph, pending, gang_of, on_progress, cancelled) -> list[dict]:
         infos, done_tasks, ticks, last_poll = [], 0, 0, 0.0
-        base = ray.get(self.rendezvous.count.remote())  # units reported by earlier steps
+        base = 0  # the rendezvous is the step's own
         tick_ref = None
         while pending:
             if cancelled():
@@ -266,8 +334,10 @@ class RayBackend:
                     cause = exc.cause if isinstance(exc.cause, execute.TaskError) else exc
                     raise JobFailed(self._failure(key, cause)) from None
                 except ray.exceptions.RayActorError as exc:
-                    raise JobFailed(f"worker {graph.placement[key]} died while running task "
-                                    f"{key!r}: {_first_line(exc)}") from None
+                    rank = graph.placement[key]
+                    d = self.described[rank]
+                    raise WorkerLost(f"worker {self.names[rank]} (pid {d['pid']} on {d['host']}) "
+                                     f"died while running task {key!r}: {_first_line(exc)}") from None
                 info["label"] = graph.labels.get(key)
                 infos.append(info)
                 if key not in gang_of:
@@ -287,6 +357,10 @@ class RayBackend:
         if isinstance(cause, execute.TaskError):
             return f"{cause}\n{cause.trace}".rstrip()
         return f"task {key!r} failed: {_first_line(cause)}"
+
+
+def _resources(res: dict) -> str:
+    return ", ".join(f"{res.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -140,6 +140,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         if save is not None:
             save(sweep + 1, history, u, v)
         ctx.advance(1)
+        ctx.report({"iteration": sweep + 1, "holdout_error": rel, "train_rmse": train_rmse})
         if rel < tol:
             reason = f"held-out relative error {rel:.3g} < tol {tol:g}"
             break

@@ -372,7 +372,8 @@ def build(p: GemmPlan, paths: dict[str, str], output: str, step: str,
         writes.append(wkey)
     reads = sum(1 for label in labels.values() if label == "read")
     return StepGraph(dsk=dsk, placement=placement, gangs={gang: compute_keys}, outputs=writes,
-                     progress=reads + rounds * len(compute_keys) + len(writes), labels=labels)
+                     progress=reads + rounds * len(compute_keys) + len(writes), labels=labels,
+                     grid=(pr, pc))
 
 
 def _build_stream(p: GemmPlan, paths: dict[str, str], output: str, step: str) -> StepGraph:

@@ -38,6 +38,14 @@ class StepGraph:
     outputs: list[Key] = field(default_factory=list)
     progress: int = 0
     labels: dict[Key, str] = field(default_factory=dict)  # phase of each task, for timings
+    grid: tuple[int, int] | None = None  # process grid of the gang program, for worker names
+    step: str = "step"  # the step it runs (names the workers a backend starts for it)
+
+    def worker_name(self, rank: int) -> str:
+        """``worker(i,j)`` for a worker at (i, j) of the process grid, else ``worker(rank)``."""
+        if self.grid is not None and rank < self.grid[0] * self.grid[1]:
+            return f"worker({rank // self.grid[1]},{rank % self.grid[1]})"
+        return f"worker({rank})"
 
     def gang_of(self) -> dict[Key, str]:
         return {key: name for name, keys in self.gangs.items() for key in keys}

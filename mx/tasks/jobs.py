@@ -11,16 +11,20 @@ the driver described here and the other ranks follow (``_follow``).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import traceback
 from typing import Any, Callable
 
-from mx.errors import JobCancelled, JobFailed, UserError
+from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost
+from mx.cluster import metrics
 from mx.storage import commit
 from mx.tasks import plan as planning
 from mx.tasks import record, spec
@@ -49,37 +53,111 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
 
 def submit(source: Any, *, base: str | None = None, detach: bool = False,
            echo: Callable[[str], None] | None = None, progress: Progress | None = None,
-           dashboard: bool = False) -> str:
-    """Check and record a job, then run it (or start it detached). Returns the job id.
+           dashboard: bool = False, address: str | None = None) -> str:
+    """Check and record a job, then run it: in this process, in a detached process with
+    ``detach=True``, or on a Ray cluster through its Jobs API when the job has an address
+    (``address`` here, ``resources.address``, $MX_RAY_ADDRESS or $RAY_ADDRESS). Returns the
+    job id.
 
     Raises ``UserError`` for a bad job (nothing is written), ``JobFailed``/``JobCancelled``
-    when a job run in this process does not succeed.
+    when a job this call waits for does not succeed.
     """
-    job_id = prepare(source, base)
-    if detach:
+    job_id = prepare(source, base, address)
+    return start(job_id, detach=detach, echo=echo, progress=progress, dashboard=dashboard)
+
+
+def start(job_id: str, *, detach: bool = False, echo: Callable[[str], None] | None = None,
+          progress: Progress | None = None, dashboard: bool = False) -> str:
+    """Run a recorded job where its record says (here, detached, or on its cluster)."""
+    rec = record.load(job_id)
+    if rec.get("cluster"):
+        _submit_to_cluster(job_id, rec)
+        if detach:
+            return job_id
+        state = _relay(job_id, echo, progress, lambda: current_state(record.load(job_id)) in ENDED)
+    elif detach:
         _spawn(job_id, dashboard)
         return job_id
-    state = run(job_id, echo=echo, progress=progress, dashboard=dashboard)
+    else:
+        state = run(job_id, echo=echo, progress=progress, dashboard=dashboard)
     rec = record.load(job_id)
+    state = current_state(rec)
     if state == "cancelled":
         raise JobCancelled(f"job {job_id} was cancelled")
     if state != "succeeded":
-        raise JobFailed(f"job {job_id} failed: {rec.get('error') or 'see mx logs ' + job_id}")
+        raise JobFailed(f"job {job_id} {'failed' if state == 'failed' else 'was ' + state}: "
+                        f"{rec.get('error') or 'see mx logs ' + job_id}")
     return job_id
 
 
-def prepare(source: Any, base: str | None = None) -> str:
+ENDED = record.FINAL + ("lost",)
+
+
+def prepare(source: Any, base: str | None = None, address: str | None = None) -> str:
     """Check a whole job (a bad job is a ``UserError`` and writes nothing) and record it."""
     job, folder, text, job_file = load(source, base)
     planning.plan_job(job, folder)
     name = job.name or (spec.slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job")
+    cluster = (address or job.resources.cluster_address()) if job.backend == "ray" else None
     job_id = record.new_id(name)
     record.create(job_id, {"name": name, "backend": job.backend, "base": folder,
                            "job_file": job_file,
+                           **({"cluster": {"address": cluster}} if cluster else {}),
                            "steps": [{"id": s.id, "op": s.op, "output": s.output, "state": "queued"}
                                      for s in job.steps]},
                   text)
     return job_id
+
+
+def _submit_to_cluster(job_id: str, rec: dict) -> None:
+    from mx.cluster import submission
+
+    address = rec["cluster"]["address"]
+    try:
+        submission.submit(address, job_id, rec.get("name", ""))
+    except Exception as exc:
+        error = f"could not submit to the Ray cluster at {address}: {exc}"
+        record.update(job_id, rec, state="failed", error=error, ended=record.now())
+        raise UserError(error) from None
+    record.Log(job_id)(f"job {job_id}: submitted to the Ray cluster at {address} "
+                       f"(Ray job {job_id}; it shows on the dashboard's Jobs page)")
+
+
+def current_state(rec: dict) -> str:
+    """The job's state as its record says, made good where the runner died without saying
+    so: 'lost' when the runner process (or, on a cluster, Ray's job) has ended."""
+    state = record.effective_state(rec)
+    if state in ENDED or not rec.get("cluster"):
+        return state
+    from mx.cluster import submission
+
+    ray_state = submission.status(rec["cluster"]["address"], rec["id"])
+    if ray_state in submission.ENDED:
+        state = record.effective_state(record.load(rec["id"]))  # it may have just finished
+        return state if state in record.FINAL else "lost"
+    return state
+
+
+def resume(prefix: str, **kwargs) -> str:
+    """Run a job that failed, was cancelled or lost its driver again, from what is stored:
+    steps whose outputs it committed are kept, a ``complete`` step restarts from its last
+    checkpoint, every other step runs again."""
+    job_id = record.find(prefix)
+    rec = record.load(job_id)
+    state = current_state(rec)
+    if state not in ("failed", "cancelled", "lost"):
+        raise UserError(f"job {job_id} is {state}; only a failed, cancelled or lost job can be "
+                        f"resumed")
+    for name in ("cancel", "failed"):
+        if os.path.exists(record.path(job_id, name)):
+            os.remove(record.path(job_id, name))
+    for step in rec["steps"]:
+        if step["state"] != "succeeded":
+            step["state"] = "queued"
+    record.update(job_id, rec, state="queued", error=None, ended=None, pid=None, launcher=None,
+                  resumed=rec.get("resumed", 0) + 1)
+    record.Log(job_id)(f"job {job_id}: resumed (was {state})")
+    return start(job_id, **kwargs)
 
 
 def _spawn(job_id: str, dashboard: bool) -> None:
@@ -114,7 +192,8 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     log = record.Log(job_id, echo)
     # the pid that answers for the job: mx's mpiexec launcher when there is one, else this one
     pid = rec["pid"] if rec.get("launcher") else os.getpid()
-    rec = record.update(job_id, rec, state="running", pid=pid, started=record.now())
+    rec = record.update(job_id, rec, state="running", pid=pid, host=socket.gethostname(),
+                        started=record.now())
     log(f"job {job_id}: running in pid {os.getpid()} on {rec['host']}")
     t0 = time.perf_counter()
     previous = _catch_terminate()
@@ -125,15 +204,32 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     try:
         job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
         job_plan = planning.plan_job(job, folder)
-        backend = make_backend(job_plan, job_id, dashboard)
+        # a driver that a cluster's Jobs API started connects to that cluster (RAY_ADDRESS)
+        backend = make_backend(job_plan, job_id, dashboard,
+                               address="auto" if rec.get("cluster") else None)
         with _phase(log, "start workers"):
             backend.start(log)
         for sp in job_plan.steps:
             if cancelled():
                 raise JobCancelled("cancelled")
-            tmp = commit.begin(sp.output, job_id)
-            _run_step(job_id, rec, sp, backend, tmp, log, progress, cancelled)
-            tmp = None
+            if _committed(rec, sp, job_id):
+                log(f"step {sp.step.id}: kept; this job committed {sp.output} before")
+                continue
+            retries = sp.step.max_retries if sp.step.max_retries is not None else job.max_retries
+            for attempt in range(retries + 1):
+                tmp = commit.begin(sp.output, job_id)
+                try:
+                    _run_step(job_id, rec, sp, backend, tmp, log, progress, cancelled, attempt)
+                    tmp = None
+                    break
+                except WorkerLost as exc:
+                    commit.abort(tmp)
+                    tmp = None
+                    if attempt == retries:
+                        raise JobFailed(f"{exc} (step {sp.step.id} tried {attempt + 1} time"
+                                        f"{'s' if attempt else ''}; max_retries {retries})") from None
+                    log(f"step {sp.step.id}: {exc}; retry {attempt + 1} of {retries} from what "
+                        f"is stored (inputs, checkpoints) on new workers")
         state = "succeeded"
         log(f"job {job_id}: succeeded in {time.perf_counter() - t0:.2f} s")
     except (JobCancelled, SystemExit) as exc:
@@ -232,22 +328,14 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     with open(record.path(job_id, "mpi.out"), "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 env={**os.environ, "MX_HOME": record.home()})
-    log_path, seen = record.path(job_id, "log"), 0
-    while True:
+    code = None
+
+    def ended() -> bool:
+        nonlocal code
         code = proc.poll()
-        if echo is not None and os.path.exists(log_path):
-            with open(log_path) as f:
-                f.seek(seen)
-                for line in f.read().splitlines():
-                    echo(line.split(" ", 1)[-1])
-                seen = f.tell()
-        if progress is not None:
-            for step in record.load(job_id).get("steps", []):
-                if step.get("state") == "running" and step.get("progress"):
-                    progress(step["id"], step["progress"]["done"], step["progress"]["total"])
-        if code is not None:
-            break
-        time.sleep(0.2)
+        return code is not None
+
+    _relay(job_id, echo, progress, ended)
     rec = record.load(job_id)
     state = rec.get("state")
     if state not in record.FINAL:  # the driver never recorded an end: a rank died or failed
@@ -264,7 +352,29 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     return state
 
 
-def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False):
+def _relay(job_id: str, echo, progress, ended: Callable[[], bool], poll: float = 0.3) -> str:
+    """Show a job that runs elsewhere (mpiexec's ranks, a cluster's driver) as if it ran
+    here: its new log lines and its progress, until ``ended()``; returns the state then."""
+    log_path, seen = record.path(job_id, "log"), 0
+    while True:
+        over = ended()
+        if echo is not None and os.path.exists(log_path):
+            with open(log_path) as f:
+                f.seek(seen)
+                for line in f.read().splitlines():
+                    echo(line.split(" ", 1)[-1])
+                seen = f.tell()
+        if progress is not None:
+            for step in record.load(job_id).get("steps", []):
+                if step.get("state") == "running" and step.get("progress"):
+                    progress(step["id"], step["progress"]["done"], step["progress"]["total"])
+        if over:
+            return record.effective_state(record.load(job_id))
+        time.sleep(poll)
+
+
+def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False,
+                 address: str | None = None):
     res = job_plan.job.resources
     if job_plan.job.backend == "mpi":
         from mx.cluster.mpi import MpiBackend
@@ -276,11 +386,25 @@ def make_backend(job_plan: JobPlan, job_id: str, dashboard: bool = False):
         return LocalBackend(job_plan.workers, res.gpus)
     from mx.cluster.ray_backend import RayBackend
 
-    return RayBackend(job_plan.workers, res.gpus, res.cluster_address(), job_id, dashboard)
+    return RayBackend(job_plan.workers, res.gpus, address or res.cluster_address(), job_id,
+                      dashboard, res.cpus_per_worker)
+
+
+def _committed(rec: dict, sp: StepPlan, job_id: str) -> bool:
+    """True when this job already committed the step's output (a resumed job keeps it)."""
+    if rec["steps"][sp.index]["state"] != "succeeded" or not os.path.isdir(sp.output):
+        return False
+    import zarr
+
+    try:
+        stamp = zarr.open(store=sp.output, mode="r").attrs.get("mx", {})
+    except Exception:
+        return False
+    return stamp.get("job") == job_id and stamp.get("complete") is True
 
 
 def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, progress,
-              cancelled) -> None:
+              cancelled, attempt: int = 0) -> None:
     step_rec = rec["steps"][sp.index]
     step_rec.update(state="running", started=record.now())
     record.write(job_id, rec)
@@ -290,9 +414,13 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
         log(f"  {line}")
     t0 = time.perf_counter()
     sp.op.create_output(sp.plan, tmp, {"mx": {"job": job_id, "step": sp.step.id, "complete": False}})
-    graph = sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output)
+    # a retry's workers get fresh names: the dead pool's names may not be free yet
+    graph = dataclasses.replace(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output),
+                                step=sp.step.id + (f".retry{attempt}" if attempt else ""))
     total = graph.progress
     last = [0.0]
+
+    flops = getattr(sp.plan, "flops", None)
 
     def on_progress(done: int) -> None:
         if progress is not None:
@@ -302,6 +430,9 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
             last[0] = now
             step_rec["progress"] = {"done": done, "total": total}
             record.write(job_id, rec)
+            rate = flops * done / max(total, 1) / (time.perf_counter() - t0) if flops else None
+            metrics.publish({"blocks_done": done, "blocks_total": total,
+                             "flops_per_second": rate}, job_id, sp.step.id)
 
     infos = backend.run(graph, on_progress, cancelled)
     run_s = time.perf_counter() - t0
@@ -312,18 +443,39 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
             {"job": job_id, "step": sp.step.id, "op": sp.step.op, "inputs": sp.inputs,
              "complete": True})
         commit.commit(tmp, sp.output, job_id)
+    save_timeline(job_id, sp.step.id, sp.step.op, graph, infos)
     phases = summarize(infos)
     phases["commit"] = round(timing["seconds"], 4)
     counters = count(infos)
+    metrics.publish({"bytes_moved": sum(n for name, n in counters.items() if "bytes" in name),
+                     "flops_per_second": flops / run_s if flops else None}, job_id, sp.step.id)
     step_rec.update(state="succeeded", ended=record.now(), seconds=round(run_s, 3), phases=phases,
                     counters=counters)
-    flops = getattr(sp.plan, "flops", None)
     rate = f", {flops / run_s / 1e9:.3g} GFLOP/s" if flops else ""
     log(f"step {sp.step.id}: done in {run_s:.2f} s{rate}; " +
         ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
     if counters:
         log(f"step {sp.step.id}: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     record.write(job_id, rec)
+
+
+def save_timeline(job_id: str, step: str, op: str, graph, infos: list[dict]) -> None:
+    """Keep every task's worker, phase, start and duration (``timeline.json``, by step) for
+    ``mx report``; gang programs add the seconds they spent in each inner phase."""
+    file = record.path(job_id, "timeline.json")
+    try:
+        with open(file) as f:
+            timeline = json.load(f)
+    except FileNotFoundError:
+        timeline = {"steps": {}}
+    timeline["steps"][step] = {"op": op, "tasks": [
+        {"worker": info["worker"], "name": graph.worker_name(info["worker"]),
+         "label": info.get("label") or "other", "start": info["start"],
+         "seconds": info["seconds"], "stats": info.get("stats", {})} for info in infos]}
+    tmp = file + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(timeline, f, default=str)
+    os.replace(tmp, file)
 
 
 def summarize(infos: list[dict]) -> dict[str, float]:
@@ -390,9 +542,10 @@ def _restore_terminate(previous) -> None:
 def cancel(job_id: str, timeout: float = 60.0) -> dict:
     """Ask a job to stop and wait until it has: its workers stop, its temporary outputs are
     removed. A runner that does not stop within ``timeout`` is terminated (its record then
-    reads 'lost'; the temporaries it leaves are dot-named and never look complete)."""
+    reads 'lost'; the temporaries it leaves are dot-named and never look complete); on a
+    cluster, Ray's Jobs API stops it."""
     rec = record.load(job_id)
-    state = record.effective_state(rec)
+    state = current_state(rec)
     if state in record.FINAL:
         raise UserError(f"job {job_id} already {state}; nothing to cancel")
     record.request_cancel(job_id)  # the runner polls for this between and inside steps
@@ -401,6 +554,14 @@ def cancel(job_id: str, timeout: float = 60.0) -> dict:
     try:
         return wait(job_id, timeout)
     except TimeoutError:
+        if rec.get("cluster"):
+            from mx.cluster import submission
+
+            submission.stop(rec["cluster"]["address"], job_id)
+            try:
+                return wait(job_id, 30.0)
+            except TimeoutError:
+                return record.load(job_id)
         pid = rec.get("pid")
         if pid:
             try:
@@ -415,8 +576,8 @@ def wait(job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         rec = record.load(job_id)
-        state = record.effective_state(rec)
-        if state in record.FINAL or state == "lost":
+        state = current_state(rec)
+        if state in ENDED:
             return rec
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {state} after {timeout} s")

@@ -4,7 +4,8 @@ A job file is YAML::
 
     name: gemm-demo                # optional
     backend: ray                   # ray (default) | local | mpi
-    resources: {workers: 4, gpus: 0, address: null}
+    resources: {workers: 4, gpus: 0, address: null}   # address: a Ray cluster (Jobs API)
+    max_retries: 1                 # per step, when a worker process dies; a step may override
     steps:
       - id: c
         op: gemm
@@ -42,6 +43,9 @@ class Resources(Strict):
     workers: int | None = Field(default=None, ge=1, le=4096)
     gpus: int = Field(default=0, ge=0, le=4096)
     address: str | None = None
+    # CPUs each worker reserves; default all of a self-started Ray's CPUs shared out, or 1 on
+    # a cluster others share
+    cpus_per_worker: float | None = Field(default=None, gt=0, le=1024)
 
     def cluster_address(self) -> str | None:
         """The Ray cluster to run on: ``address``, else $MX_RAY_ADDRESS, else $RAY_ADDRESS
@@ -61,6 +65,7 @@ class Step(Strict):
     inputs: dict[str, str]
     output: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    max_retries: int | None = Field(default=None, ge=0, le=100)  # default: the job's
 
     @field_validator("inputs")
     @classmethod
@@ -75,6 +80,8 @@ class Job(Strict):
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     backend: Literal["ray", "local", "mpi"] = "ray"
     resources: Resources = Field(default_factory=Resources)
+    # times a step is retried when a worker process dies under it (not when a task raises)
+    max_retries: int = Field(default=1, ge=0, le=100)
     steps: list[Step] = Field(min_length=1)
 
 

@@ -1,0 +1,89 @@
+"""Jobs sent to a running Ray cluster through Ray's Jobs API, so they show on its dashboard.
+
+The cluster runs ``python -m mx.cli.main run --job-id <id>`` as the job's driver (Ray's
+submission id is mx's job id). The driver keeps mx's record, log and outputs, so the cluster
+must see the same files as the submitter: ``$MX_HOME`` and the job's data on a filesystem
+both share (the same machine, or a shared filesystem on a real cluster). The Jobs API is
+asked only what the record cannot say: whether the driver still lives, and to stop it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mx.cluster import head
+from mx.errors import UserError
+
+# Ray's job states that mean the driver is gone
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def client(address: str):
+    """A Jobs API client for ``address`` (a dashboard URL http://host:8265, or a GCS
+    address host:port, which Ray maps to its dashboard)."""
+    from ray.job_submission import JobSubmissionClient
+
+    head.use_auth(address)
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {_first_line(exc)}; "
+                        f"is it up (`mx cluster up`, `ray status`)? is its token set "
+                        f"(RAY_AUTH_TOKEN_PATH)?") from None
+
+
+def submit(address: str, job_id: str, name: str, timeout: float = 60.0) -> str:
+    """Hand the job to the cluster. A head that has just started may not have its job agent
+    yet; that is retried for ``timeout`` seconds."""
+    entrypoint = f"python -m mx.cli.main run --job-id {job_id}"
+    jobs_api = client(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return jobs_api.submit_job(
+                entrypoint=entrypoint, submission_id=job_id,
+                runtime_env={"env_vars": {"MX_HOME": _home()}},
+                metadata={"mx_job": job_id, "mx_name": name})
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def status(address: str, job_id: str) -> str | None:
+    """Ray's state of the job's driver (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), or
+    None when the cluster cannot be asked."""
+    try:
+        return str(client(address).get_job_status(job_id).value)
+    except Exception:
+        return None
+
+
+def stop(address: str, job_id: str) -> bool:
+    return client(address).stop_job(job_id)
+
+
+def logs(address: str, job_id: str) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def list_jobs(address: str) -> list[dict]:
+    """The cluster's jobs that mx submitted: submission id, Ray state, start time."""
+    jobs = []
+    for info in client(address).list_jobs():
+        if (info.metadata or {}).get("mx_job"):
+            jobs.append({"id": info.submission_id, "ray_state": str(info.status.value),
+                         "name": info.metadata.get("mx_name", ""),
+                         "message": info.message or ""})
+    return jobs
+
+
+def _home() -> str:
+    from mx.tasks import record
+
+    return record.home()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,267 @@
+"""The service on a real local Ray head (`mx cluster up`): jobs through Ray's Jobs API, named
+actors and metrics, worker deaths (retry or clean failure), cancel, many jobs at once, and
+resuming a job whose driver died.
+
+Everything that talks to the cluster runs in subprocesses, as users' commands do: the test
+process keeps its own Ray (``ray_session``) for other tests, and a process joins one Ray only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import mx_cli, read_dense, rel_error, write_dense
+from mx.storage import generate
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A persistent head with 4 logical CPUs, its own MX_HOME; stopped (and checked gone)."""
+    home = tmp_path_factory.mktemp("cluster-home")
+    env = {"MX_HOME": str(home), "RAY_ADDRESS": ""}
+    port = _free_port()
+    up = mx_cli("cluster", "up", "--num-cpus", 4, "--dashboard-port", port, env=env, check=True)
+    info = json.loads((home / "cluster" / "head.json").read_text())
+    assert up.stdout.strip() == info["dashboard"] == f"http://127.0.0.1:{port}"
+    assert oct(os.stat(info["token"]).st_mode & 0o777) == "0o600"
+    yield {**info, "env": env, "home": home}
+    mx_cli("cluster", "down", env=env, check=True)
+    deadline = time.monotonic() + 30
+    while _processes(f"--gcs-address={info['address']}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes(f"--gcs-address={info['address']}"), "the head's processes outlived down"
+    assert mx_cli("cluster", "status", env=env).returncode == 1
+
+
+def _processes(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
+def query(head, code: str):
+    """Run ``code`` (which sets ``result``) in a process joined to the head; its JSON result."""
+    script = ("import json, ray\n"
+              f"ray.init(address={head['address']!r}, logging_level='ERROR', log_to_driver=False)\n"
+              "from ray.util.state import list_actors, list_placement_groups\n"
+              f"{code}\nprint('RESULT', json.dumps(result))\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head["token"]}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
+def live_actors(head, job_id: str) -> list[str]:
+    return query(head, "result = [a.name for a in list_actors(filters=[('state', '=', 'ALIVE')]) "
+                       f"if (a.name or '').startswith('mx:{job_id}')]")
+
+
+def gemm_job(folder, rng, m, k, n, name="gemm", workers=4, **extra):
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(folder / "A.zarr", a)
+    write_dense(folder / "B.zarr", b)
+    job = {"name": name, "resources": {"workers": workers},
+           "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+                      "output": "C.zarr"}], **extra}
+    import yaml
+
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    return a @ b
+
+
+def complete_job(folder, name="fit", max_iters=40, **extra):
+    generate.lowrank(str(folder / "O.zarr"), (1500, 1200), 12, 0.05, condition=30.0, seed=4)
+    (folder / "job.yaml").write_text(
+        f"name: {name}\nresources: {{workers: 2}}\n" +
+        "".join(f"{k}: {v}\n" for k, v in extra.items()) +
+        "steps:\n  - id: f\n    op: complete\n    inputs: {observed: O.zarr}\n"
+        f"    output: F.zarr\n    params: {{rank: 12, method: als, tol: 1.0e-14, "
+        f"max_iters: {max_iters}}}\n")
+
+
+def record(head, job_id: str) -> dict:
+    return json.loads((head["home"] / "jobs" / job_id / "record.json").read_text())
+
+
+def wait_for(predicate, what: str, timeout: float = 180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_sweeps(folder) -> int:
+    try:
+        return int(zarr.open_group(str(folder / ".F.zarr.mx-checkpoint"), mode="r")
+                   .attrs.get("iteration", 0))
+    except Exception:
+        return 0
+
+
+def test_a_job_submitted_to_the_head_runs_there_and_shows_in_its_job_list(head, tmp_path, rng):
+    want = gemm_job(tmp_path, rng, 301, 157, 263)
+    sub = mx_cli("submit", tmp_path / "job.yaml", "--address", head["dashboard"], env=head["env"],
+                 check=True)
+    job_id = sub.stdout.strip()
+    assert rel_error(read_dense(tmp_path / "C.zarr"), want) < 1e-12
+    assert "dashboard's Jobs page" in sub.stderr
+    # Ray's own job list has it, under mx's id, finished
+    ray_jobs = query(head, "from ray.job_submission import JobSubmissionClient\n"
+                           f"c = JobSubmissionClient({head['dashboard']!r})\n"
+                           "result = {j.submission_id: str(j.status.value) for j in c.list_jobs()}")
+    assert ray_jobs.get(job_id) == "SUCCEEDED"
+    listing = mx_cli("list", "--address", head["dashboard"], env=head["env"], check=True).stdout
+    assert job_id in listing and "succeeded" in listing and head["dashboard"] in listing
+    status = mx_cli("status", job_id, env=head["env"], check=True).stdout
+    assert "state    succeeded" in status and f"cluster  {head['dashboard']}" in status
+    # actors named for what they do, all gone after the job
+    log = mx_cli("logs", job_id, env=head["env"], check=True).stdout
+    for name in ("worker(0,0)", "worker(0,1)", "worker(1,0)", "worker(1,1)"):
+        assert f"mx:{job_id}:c:{name}: actor" in log
+    names = query(head, f"result = [a.name for a in list_actors() if (a.name or '').startswith('mx:{job_id}')]")
+    assert sorted(n.rsplit(":", 1)[1] for n in names if "worker" in n) == \
+        ["worker(0,0)", "worker(0,1)", "worker(1,0)", "worker(1,1)"]
+    assert live_actors(head, job_id) == []
+    # progress as Ray metrics on the node's Prometheus endpoint
+    port = query(head, "result = ray.nodes()[0]['MetricsExportPort']")
+
+    def exported():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("ray_mx_") and f'job="{job_id}"' in line:
+                values[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+        return values if {"ray_mx_blocks_done", "ray_mx_blocks_total",
+                          "ray_mx_bytes_moved"} <= set(values) else None
+
+    values = wait_for(exported, "mx metrics on the Prometheus endpoint", 60)
+    assert values["ray_mx_blocks_done"] == values["ray_mx_blocks_total"] > 0
+    assert values["ray_mx_bytes_moved"] > 0 and values["ray_mx_flops_per_second"] > 0
+
+
+def test_a_killed_worker_is_replaced_and_the_step_resumes_from_its_checkpoint(head, tmp_path):
+    complete_job(tmp_path, max_retries=2)
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", "--address", head["dashboard"],
+                    env=head["env"], check=True).stdout.strip()
+    wait_for(lambda: checkpoint_sweeps(tmp_path) >= 2, "two sweeps checkpointed")
+    victim = query(head, "result = [(a.name, a.pid) for a in list_actors(filters=[('state', '=', "
+                         f"'ALIVE')]) if (a.name or '').startswith('mx:{job_id}:f:worker(1)')]")
+    assert len(victim) == 1
+    os.kill(victim[0][1], signal.SIGKILL)
+    rec = wait_for(lambda: (r := record(head, job_id))["state"] in ("succeeded", "failed") and r,
+                   "the job to end")
+    log = mx_cli("logs", job_id, env=head["env"], check=True).stdout
+    assert rec["state"] == "succeeded", log
+    assert f"worker mx:{job_id}:f:worker(1) (pid {victim[0][1]}" in log and "retry 1 of 2" in log
+    assert f"mx:{job_id}:f.retry1:worker(1): actor" in log and "resumed-at-sweep" in log
+    history = zarr.open_group(str(tmp_path / "F.zarr"), mode="r").attrs["history"]
+    assert history[-1]["holdout_rel_error"] < 1e-6
+    assert live_actors(head, job_id) == []
+
+
+def test_a_killed_worker_with_no_retries_left_fails_cleanly(head, tmp_path, rng):
+    gemm_job(tmp_path, rng, 2000, 2000, 2000, name="nores", max_retries=0)
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", "--address", head["dashboard"],
+                    env=head["env"], check=True).stdout.strip()
+    log = head["home"] / "jobs" / job_id / "log"
+    pattern = re.compile(rf"mx:{re.escape(job_id)}:c:worker\(1,0\): actor \w+ pid (\d+)")
+    victim = wait_for(lambda: log.exists() and pattern.search(log.read_text()), "the worker to start")
+    os.kill(int(victim.group(1)), signal.SIGKILL)
+    rec = wait_for(lambda: (r := record(head, job_id))["state"] in ("succeeded", "failed") and r,
+                   "the job to end")
+    assert rec["state"] == "failed"
+    assert f"mx:{job_id}:c:worker(1,0)" in rec["error"] and "max_retries 0" in rec["error"]
+    assert not (tmp_path / "C.zarr").exists()
+    assert [e for e in os.listdir(tmp_path) if ".mx-tmp-" in e] == []
+    assert live_actors(head, job_id) == []
+
+
+def test_cancel_stops_every_actor_and_gives_the_resources_back(head, tmp_path):
+    complete_job(tmp_path, name="cancelme", max_iters=400)
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", "--address", head["dashboard"],
+                    env=head["env"], check=True).stdout.strip()
+    wait_for(lambda: checkpoint_sweeps(tmp_path) >= 1, "a sweep")
+    assert len(live_actors(head, job_id)) == 3  # two workers and the rendezvous
+    out = mx_cli("cancel", job_id, env=head["env"], check=True).stdout
+    assert "cancelled" in out
+    assert not (tmp_path / "F.zarr").exists()
+    assert live_actors(head, job_id) == []
+    groups = query(head, "result = [g.state for g in list_placement_groups() "
+                         f"if g.name.startswith('mx:{job_id}')]")
+    assert groups and set(groups) == {"REMOVED"}
+    free = query(head, "import time; time.sleep(1); result = ray.available_resources().get('CPU', 0)")
+    assert free == 4
+
+
+def test_five_jobs_at_once_share_the_head_and_all_finish(head, tmp_path, rng):
+    wants, ids = [], []
+    for i in range(5):
+        folder = tmp_path / f"j{i}"
+        folder.mkdir()
+        wants.append(gemm_job(folder, rng, 200 + 37 * i, 150 + 11 * i, 180 - 13 * i,
+                              name=f"many{i}", workers=2 + i % 2))
+        ids.append(mx_cli("submit", "--detach", folder / "job.yaml", "--address",
+                          head["dashboard"], env=head["env"], check=True).stdout.strip())
+    for job_id in ids:
+        wait_for(lambda: record(head, job_id)["state"] in ("succeeded", "failed", "cancelled"),
+                 f"job {job_id}", 400)
+    for i, job_id in enumerate(ids):
+        assert record(head, job_id)["state"] == "succeeded", \
+            mx_cli("logs", job_id, env=head["env"]).stdout
+        assert rel_error(read_dense(tmp_path / f"j{i}" / "C.zarr"), wants[i]) < 1e-12
+        assert live_actors(head, job_id) == []
+
+
+def test_a_job_whose_driver_died_resumes_where_it_was(tmp_path, rng):
+    a, b = rng.standard_normal((97, 61)), rng.standard_normal((61, 83))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    generate.lowrank(str(tmp_path / "O.zarr"), (1500, 1200), 12, 0.05, condition=30.0, seed=4)
+    (tmp_path / "job.yaml").write_text(
+        "name: two\nbackend: local\nresources: {workers: 2}\nsteps:\n"
+        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: C.zarr}\n"
+        "  - id: f\n    op: complete\n    inputs: {observed: O.zarr}\n    output: F.zarr\n"
+        "    params: {rank: 12, method: als, tol: 1.0e-14, max_iters: 30}\n")
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
+    wait_for(lambda: checkpoint_sweeps(tmp_path) >= 2, "two sweeps checkpointed")
+    home = os.environ["MX_HOME"]
+    rec = json.loads(open(os.path.join(home, "jobs", job_id, "record.json")).read())
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_for(lambda: "lost" in mx_cli("status", job_id).stdout, "the job to read lost", 30)
+    c_stamp = zarr.open_array(str(tmp_path / "C.zarr"), mode="r").attrs["mx"]
+
+    bad = mx_cli("submit", "--resume", "no-such-job")
+    assert bad.returncode == 2 and "no job matches" in bad.stderr
+    resumed = mx_cli("submit", "--resume", job_id[:12], check=True)
+    assert resumed.stdout.strip() == job_id
+    log = mx_cli("logs", job_id, check=True).stdout
+    assert "step c: kept" in log and "resumed-at-sweep" in log and "resumed (was lost)" in log
+    assert zarr.open_array(str(tmp_path / "C.zarr"), mode="r").attrs["mx"] == c_stamp
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-12
+    history = zarr.open_group(str(tmp_path / "F.zarr"), mode="r").attrs["history"]
+    assert len(history) >= 3 and history[-1]["holdout_rel_error"] < 1e-6
+    again = mx_cli("submit", "--resume", job_id)
+    assert again.returncode == 2 and "only a failed, cancelled or lost job" in again.stderr
