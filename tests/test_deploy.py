@@ -71,7 +71,7 @@ def test_ray_sbatch(tmp_path, rng, slurm, ray_session):
     want = inputs(tmp_path, rng)
     (tmp_path / "job.yaml").write_text("resources: {workers: 2}\nsteps:\n"
                                        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: C.zarr}\n")
-    env = {**slurm, "MX_RAY_PORT": "6391"}
+    env = {**slurm, "MX_RAY_PORT": "6391", "MX_RAY_AGENT_PORT": "6392"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(["bash", os.path.join(ROOT, "deploy/slurm/mx-ray.sbatch"), str(tmp_path / "job.yaml")],
                           env=env, capture_output=True, text=True, timeout=400)

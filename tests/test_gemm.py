@@ -106,7 +106,7 @@ def test_ray_square_grids_match_numpy(tmp_path, rng, ray_session, workers):
     log = mx.logs(job_id)
     q = int(workers ** 0.5)
     assert f"algorithm cannon on a {q}×{q} grid" in log
-    assert all(f"worker {r}: actor" in log for r in range(workers))
+    assert all(f":worker({r // q},{r % q}): actor" in log for r in range(workers))
     assert "compute" in log and "read" in log and "write" in log
     assert mx.status(job_id)["state"] == "succeeded"
 

@@ -6,6 +6,7 @@ import pytest
 
 import mx
 from conftest import read_dense, rel_error, write_dense
+from test_service import head  # noqa: F401  (the fixture: a `mx cluster up` head)
 from mx.cluster import devices
 from mx.kernels import abft, gemm, precision as prec
 
@@ -218,3 +219,37 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
     got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
     want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
     assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
+
+
+def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path, rng):
+    """Through `mx cluster up`: a gemm on the GPU through the Jobs API, then a long completion
+    cancelled mid-run; afterwards the head's GPUs are all free again."""
+    from test_service import checkpoint_sweeps, gemm_job, live_actors, query, wait_for
+    from conftest import mx_cli
+
+    gpus = query(head, "result = ray.cluster_resources().get('GPU', 0)")
+    assert gpus >= 1
+    want = gemm_job(tmp_path, rng, 1031, 517, 777, workers=1, name="gpugemm")
+    (tmp_path / "job.yaml").write_text((tmp_path / "job.yaml").read_text()
+                                       .replace("workers: 1", "workers: 1\n  gpus: 1"))
+    job_id = mx_cli("submit", tmp_path / "job.yaml", "--address", head["dashboard"],
+                    env=head["env"], check=True).stdout.strip()
+    assert rel_error(read_dense(tmp_path / "C.zarr"), want) < 1e-12
+    assert "GPU ids" in mx_cli("logs", job_id, env=head["env"], check=True).stdout
+
+    from mx.storage import generate
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (3000, 2500), 16, 0.05, seed=5)
+    (tmp_path / "fit.yaml").write_text(
+        "name: gpufit\nresources: {workers: 1, gpus: 1}\nsteps:\n  - id: f\n    op: complete\n"
+        "    inputs: {observed: O.zarr}\n    output: F.zarr\n"
+        "    params: {rank: 16, method: als, tol: 1.0e-30, max_iters: 100000}\n")
+    job_id = mx_cli("submit", "--detach", tmp_path / "fit.yaml", "--address", head["dashboard"],
+                    env=head["env"], check=True).stdout.strip()
+    wait_for(lambda: checkpoint_sweeps(tmp_path) >= 2, "two sweeps on the GPU")
+    assert query(head, "result = ray.available_resources().get('GPU', 0)") == gpus - 1
+    assert "cancelled" in mx_cli("cancel", job_id, env=head["env"], check=True).stdout
+    assert live_actors(head, job_id) == []
+    assert not (tmp_path / "F.zarr").exists()
+    free = query(head, "import time; time.sleep(1); result = ray.available_resources().get('GPU', 0)")
+    assert free == gpus

@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 import zarr
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -61,10 +60,12 @@ def up(num_cpus: int | None = None, num_gpus: int | None = None, dashboard_port:
     with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
     port = _free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray_bin if os.path.exists(ray_bin) else shutil.which("ray") or "ray", "start", "--head",
+    # Ray's CLI through this Python: works where the `ray` script is not on the PATH
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
            "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats"]
+           f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+           # the job agent's fixed default port (52365) belongs to whichever Ray took it first
+           f"--dashboard-agent-listen-port={_free_port()}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:

@@ -9,8 +9,9 @@ through the object-store transport. Actors run one task at a time, in submission
 every actor's queue follows one topological order, so no actor waits on work queued behind it.
 
 Each step gets its own pool of actors, named ``mx:<job>:<step>:worker(i,j)`` after their place
-in the step's process grid, and ends it when the step ends: the step can then be retried on
-fresh actors when one dies (``WorkerLost``), and a job holds GPUs only while a step runs.
+in the step's process grid, ended when the next step starts, when the step fails and when the
+job ends: a step whose worker died (``WorkerLost``) is retried on fresh actors, and the
+dashboard shows which step each actor served.
 
 Without an address, the backend starts a local Ray for the job (token authentication on) and
 shuts it down afterwards; in a process that already runs Ray it uses that and leaves it up. On
@@ -129,6 +130,7 @@ class RayBackend:
         self.actors: list = []
         self.described: list[dict] = []
         self.names: list[str] = []
+        self.pool_step: str | None = None  # the step whose workers are up
         self.rendezvous = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -194,6 +196,7 @@ class RayBackend:
         prefix = f"mx:{self.job_id}:{graph.step}"
         self.pg = placement_group([self._bundle() for _ in range(self.workers)], strategy="PACK",
                                   name=prefix)
+        self.pool_step = graph.step
         waited, ready_ref = 0.0, self.pg.ready()
         while not ray.wait([ready_ref], timeout=POLL_S * 4)[0]:
             waited += POLL_S * 4
@@ -234,6 +237,7 @@ class RayBackend:
 
     def _close_pool(self) -> None:
         """End the step's workers and give their resources back."""
+        self.pool_step = None
         for actor in self.actors:
             try:
                 ray.kill(actor)
@@ -263,13 +267,17 @@ class RayBackend:
     # -- running a graph ------------------------------------------------------------------
     def run(self, graph: StepGraph, on_progress: Callable[[int], None] = lambda n: None,
             cancelled: Callable[[], bool] = lambda: False) -> list[dict]:
-        """Run one step's graph on workers started for it, and end them after."""
+        """Run one step's graph on workers started for that step (kept for further graphs of
+        the same step, ended when another step starts, on any failure, and by ``stop``)."""
         graph.check(self.workers)
-        self._open_pool(graph, cancelled)
+        if self.pool_step != graph.step:
+            self._close_pool()
+            self._open_pool(graph, cancelled)
         try:
             return self._run(graph, on_progress, cancelled)
-        finally:
-            self._close_pool()
+        except BaseException:
+            self._close_pool()  # a failed step's workers may hold half-done state or be dead
+            raise
 
     def _run(self, graph: StepGraph, on_progress, cancelled) -> list[dict]:
         order = schedule(graph)
@@ -320,7 +328,7 @@ class RayBackend:
 
     def _collect(self, graph, pending, gang_of, on_progress, cancelled) -> list[dict]:
         infos, done_tasks, ticks, last_poll = [], 0, 0, 0.0
-        base = 0  # the rendezvous is the step's own
+        base = ray.get(self.rendezvous.count.remote())  # units reported by earlier graphs
         tick_ref = None
         while pending:
             if cancelled():
