@@ -37,7 +37,8 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     """A persistent head with 4 logical CPUs, its own MX_HOME; stopped (and checked gone)."""
     home = tmp_path_factory.mktemp("cluster-home")
-    env = {"MX_HOME": str(home), "RAY_ADDRESS": ""}
+    # metrics reach the node's endpoint every second instead of every ten
+    env = {"MX_HOME": str(home), "RAY_ADDRESS": "", "RAY_metrics_report_interval_ms": "1000"}
     port = _free_port()
     up = mx_cli("cluster", "up", "--num-cpus", 4, "--dashboard-port", port, env=env, check=True)
     info = json.loads((home / "cluster" / "head.json").read_text())
@@ -88,13 +89,14 @@ def gemm_job(folder, rng, m, k, n, name="gemm", workers=4, **extra):
     return a @ b
 
 
-def complete_job(folder, name="fit", max_iters=40, **extra):
-    generate.lowrank(str(folder / "O.zarr"), (1500, 1200), 12, 0.05, condition=30.0, seed=4)
+def complete_job(folder, name="fit", max_iters=40, method="als", shape=(1500, 1200),
+                 condition=30.0, **extra):
+    generate.lowrank(str(folder / "O.zarr"), shape, 12, 0.05, condition=condition, seed=4)
     (folder / "job.yaml").write_text(
         f"name: {name}\nresources: {{workers: 2}}\n" +
         "".join(f"{k}: {v}\n" for k, v in extra.items()) +
         "steps:\n  - id: f\n    op: complete\n    inputs: {observed: O.zarr}\n"
-        f"    output: F.zarr\n    params: {{rank: 12, method: als, tol: 1.0e-14, "
+        f"    output: F.zarr\n    params: {{rank: 12, method: {method}, tol: 1.0e-14, "
         f"max_iters: {max_iters}}}\n")
 
 
@@ -120,6 +122,15 @@ def checkpoint_sweeps(folder) -> int:
         return 0
 
 
+def metric(port: int, name: str, job_id: str) -> float | None:
+    """A gauge's value for a job on a node's Prometheus endpoint (None while not exported)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'job="{job_id}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def test_a_job_submitted_to_the_head_runs_there_and_shows_in_its_job_list(head, tmp_path, rng):
     want = gemm_job(tmp_path, rng, 301, 157, 263)
     sub = mx_cli("submit", tmp_path / "job.yaml", "--address", head["dashboard"], env=head["env"],
@@ -127,11 +138,12 @@ def test_a_job_submitted_to_the_head_runs_there_and_shows_in_its_job_list(head, 
     job_id = sub.stdout.strip()
     assert rel_error(read_dense(tmp_path / "C.zarr"), want) < 1e-12
     assert "dashboard's Jobs page" in sub.stderr
-    # Ray's own job list has it, under mx's id, finished
-    ray_jobs = query(head, "from ray.job_submission import JobSubmissionClient\n"
-                           f"c = JobSubmissionClient({head['dashboard']!r})\n"
-                           "result = {j.submission_id: str(j.status.value) for j in c.list_jobs()}")
-    assert ray_jobs.get(job_id) == "SUCCEEDED"
+    # Ray's own job list has it, under mx's id, finished (its driver may still be exiting)
+    ray_state = lambda: query(head, "from ray.job_submission import JobSubmissionClient\n"  # noqa: E731
+                                    f"c = JobSubmissionClient({head['dashboard']!r})\n"
+                                    f"result = str(c.get_job_status({job_id!r}).value)")
+    assert ray_state() in ("RUNNING", "SUCCEEDED")
+    wait_for(lambda: ray_state() == "SUCCEEDED", "Ray to see the job succeed", 60)
     listing = mx_cli("list", "--address", head["dashboard"], env=head["env"], check=True).stdout
     assert job_id in listing and "succeeded" in listing and head["dashboard"] in listing
     status = mx_cli("status", job_id, env=head["env"], check=True).stdout
@@ -148,13 +160,10 @@ def test_a_job_submitted_to_the_head_runs_there_and_shows_in_its_job_list(head, 
     port = query(head, "result = ray.nodes()[0]['MetricsExportPort']")
 
     def exported():
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("ray_mx_") and f'job="{job_id}"' in line:
-                values[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
-        return values if {"ray_mx_blocks_done", "ray_mx_blocks_total",
-                          "ray_mx_bytes_moved"} <= set(values) else None
+        values = {name: metric(port, name, job_id) for name in
+                  ("ray_mx_blocks_done", "ray_mx_blocks_total", "ray_mx_bytes_moved",
+                   "ray_mx_flops_per_second")}
+        return values if None not in values.values() else None
 
     values = wait_for(exported, "mx metrics on the Prometheus endpoint", 60)
     assert values["ray_mx_blocks_done"] == values["ray_mx_blocks_total"] > 0
@@ -199,11 +208,17 @@ def test_a_killed_worker_with_no_retries_left_fails_cleanly(head, tmp_path, rng)
 
 
 def test_cancel_stops_every_actor_and_gives_the_resources_back(head, tmp_path):
-    complete_job(tmp_path, name="cancelme", max_iters=400)
+    # a slow one: ill-conditioned, with a few CG steps per row
+    complete_job(tmp_path, name="cancelme", max_iters=400, method="als-cg", shape=(3000, 2500),
+                 condition=1000.0)
     job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", "--address", head["dashboard"],
                     env=head["env"], check=True).stdout.strip()
     wait_for(lambda: checkpoint_sweeps(tmp_path) >= 1, "a sweep")
     assert len(live_actors(head, job_id)) == 3  # two workers and the rendezvous
+    # the sweep and held-out error as Ray metrics, while it runs
+    port = query(head, "result = ray.nodes()[0]['MetricsExportPort']")
+    wait_for(lambda: metric(port, "ray_mx_iteration", job_id), "the iteration metric", 90)
+    assert 0 < metric(port, "ray_mx_holdout_error", job_id) < 10
     out = mx_cli("cancel", job_id, env=head["env"], check=True).stdout
     assert "cancelled" in out
     assert not (tmp_path / "F.zarr").exists()
@@ -264,3 +279,26 @@ def test_a_job_whose_driver_died_resumes_where_it_was(tmp_path, rng):
     assert len(history) >= 3 and history[-1]["holdout_rel_error"] < 1e-6
     again = mx_cli("submit", "--resume", job_id)
     assert again.returncode == 2 and "only a failed, cancelled or lost job" in again.stderr
+
+
+def test_a_cluster_job_whose_driver_died_resumes_as_a_new_ray_job(head, tmp_path):
+    complete_job(tmp_path, name="driverdies", max_iters=30)
+    env = {**head["env"], "RAY_ADDRESS": head["dashboard"]}  # the address as Ray users give it
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", env=env, check=True).stdout.strip()
+    wait_for(lambda: checkpoint_sweeps(tmp_path) >= 2, "two sweeps checkpointed")
+    os.kill(record(head, job_id)["pid"], signal.SIGKILL)
+    wait_for(lambda: "state    lost" in mx_cli("status", job_id, env=head["env"]).stdout,
+             "the job to read lost", 60)
+    resumed = mx_cli("submit", "--resume", job_id, env=head["env"], check=True)
+    assert resumed.stdout.strip() == job_id
+    rec = record(head, job_id)
+    assert rec["state"] == "succeeded" and rec["cluster"]["ray_job"] == f"{job_id}-resume1"
+    log = mx_cli("logs", job_id, env=head["env"], check=True).stdout
+    assert "resumed (was lost)" in log and "resumed-at-sweep" in log
+    ray_jobs = query(head, "from ray.job_submission import JobSubmissionClient\n"
+                           f"c = JobSubmissionClient({head['dashboard']!r})\n"
+                           "result = {j.submission_id: str(j.status.value) for j in c.list_jobs()}")
+    assert ray_jobs[f"{job_id}-resume1"] == "SUCCEEDED" and ray_jobs[job_id] in ("FAILED", "STOPPED")
+    history = zarr.open_group(str(tmp_path / "F.zarr"), mode="r").attrs["history"]
+    assert history[-1]["holdout_rel_error"] < 1e-6
+    assert live_actors(head, job_id) == []

@@ -163,7 +163,7 @@ def status(job: str) -> None:
     click.echo(f"job      {rec['id']}")
     click.echo(f"state    {jobs.current_state(rec)}")
     if rec.get("cluster"):
-        click.echo(f"cluster  {rec['cluster']['address']} (Ray job {rec['id']})")
+        click.echo(f"cluster  {rec['cluster']['address']} (Ray job {jobs.ray_job(rec)})")
     for field in ("name", "backend", "created", "started", "ended", "seconds", "error"):
         if rec.get(field) not in (None, ""):
             click.echo(f"{field:<8} {rec[field]}")
@@ -198,7 +198,7 @@ def logs(job: str, follow: bool) -> None:
         # the driver's log is not on this filesystem: ask the cluster for what the driver printed
         from mx.cluster import submission
 
-        click.echo(submission.logs(rec["cluster"]["address"], job_id), nl=False)
+        click.echo(submission.logs(rec["cluster"]["address"], jobs.ray_job(rec)), nl=False)
         return
     pos = 0
     while True:

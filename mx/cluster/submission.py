@@ -1,7 +1,7 @@
 """Jobs sent to a running Ray cluster through Ray's Jobs API, so they show on its dashboard.
 
 The cluster runs ``python -m mx.cli.main run --job-id <id>`` as the job's driver (Ray's
-submission id is mx's job id). The driver keeps mx's record, log and outputs, so the cluster
+submission id is mx's job id, with ``-resume<n>`` for a resumed run). The driver keeps mx's record, log and outputs, so the cluster
 must see the same files as the submitter: ``$MX_HOME`` and the job's data on a filesystem
 both share (the same machine, or a shared filesystem on a real cluster). The Jobs API is
 asked only what the record cannot say: whether the driver still lives, and to stop it.
@@ -32,7 +32,7 @@ def client(address: str):
                         f"(RAY_AUTH_TOKEN_PATH)?") from None
 
 
-def submit(address: str, job_id: str, name: str, timeout: float = 60.0) -> str:
+def submit(address: str, job_id: str, name: str, ray_id: str, timeout: float = 60.0) -> str:
     """Hand the job to the cluster. A head that has just started may not have its job agent
     yet; that is retried for ``timeout`` seconds."""
     entrypoint = f"python -m mx.cli.main run --job-id {job_id}"
@@ -41,7 +41,7 @@ def submit(address: str, job_id: str, name: str, timeout: float = 60.0) -> str:
     while True:
         try:
             return jobs_api.submit_job(
-                entrypoint=entrypoint, submission_id=job_id,
+                entrypoint=entrypoint, submission_id=ray_id,
                 runtime_env={"env_vars": {"MX_HOME": _home()}},
                 metadata={"mx_job": job_id, "mx_name": name})
         except RuntimeError as exc:
@@ -72,7 +72,8 @@ def list_jobs(address: str) -> list[dict]:
     jobs = []
     for info in client(address).list_jobs():
         if (info.metadata or {}).get("mx_job"):
-            jobs.append({"id": info.submission_id, "ray_state": str(info.status.value),
+            jobs.append({"id": info.metadata["mx_job"], "ray_job": info.submission_id,
+                         "ray_state": str(info.status.value),
                          "name": info.metadata.get("mx_name", ""),
                          "message": info.message or ""})
     return jobs

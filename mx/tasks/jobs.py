@@ -113,14 +113,23 @@ def _submit_to_cluster(job_id: str, rec: dict) -> None:
     from mx.cluster import submission
 
     address = rec["cluster"]["address"]
+    # Ray keeps every submission id for good: a resumed job is a new Ray job
+    ray_id = job_id + (f"-resume{rec['resumed']}" if rec.get("resumed") else "")
     try:
-        submission.submit(address, job_id, rec.get("name", ""))
+        submission.submit(address, job_id, rec.get("name", ""), ray_id)
     except Exception as exc:
         error = f"could not submit to the Ray cluster at {address}: {exc}"
         record.update(job_id, rec, state="failed", error=error, ended=record.now())
         raise UserError(error) from None
+    rec["cluster"]["ray_job"] = ray_id
+    record.write(job_id, rec)
     record.Log(job_id)(f"job {job_id}: submitted to the Ray cluster at {address} "
-                       f"(Ray job {job_id}; it shows on the dashboard's Jobs page)")
+                       f"(Ray job {ray_id}; it shows on the dashboard's Jobs page)")
+
+
+def ray_job(rec: dict) -> str:
+    """The id of the Ray job that runs (or ran) a cluster job's driver last."""
+    return rec["cluster"].get("ray_job", rec["id"])
 
 
 def current_state(rec: dict) -> str:
@@ -131,7 +140,7 @@ def current_state(rec: dict) -> str:
         return state
     from mx.cluster import submission
 
-    ray_state = submission.status(rec["cluster"]["address"], rec["id"])
+    ray_state = submission.status(rec["cluster"]["address"], ray_job(rec))
     if ray_state in submission.ENDED:
         state = record.effective_state(record.load(rec["id"]))  # it may have just finished
         return state if state in record.FINAL else "lost"
@@ -557,7 +566,7 @@ def cancel(job_id: str, timeout: float = 60.0) -> dict:
         if rec.get("cluster"):
             from mx.cluster import submission
 
-            submission.stop(rec["cluster"]["address"], job_id)
+            submission.stop(rec["cluster"]["address"], ray_job(rec))
             try:
                 return wait(job_id, 30.0)
             except TimeoutError:
