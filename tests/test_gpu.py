@@ -222,9 +222,9 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
 
 
 def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path, rng):
-    """Through `mx cluster up`: a gemm on the GPU through the Jobs API, then a long completion
-    cancelled mid-run; afterwards the head's GPUs are all free again."""
-    from test_service import checkpoint_sweeps, gemm_job, live_actors, query, wait_for
+    """Through `mx cluster up`: a gemm on the GPU through the Jobs API, then a long
+    out-of-core gemm cancelled mid-run; afterwards the head's GPUs are all free again."""
+    from test_service import gemm_job, live_actors, query, wait_for
     from conftest import mx_cli
 
     gpus = query(head, "result = ray.cluster_resources().get('GPU', 0)")
@@ -237,19 +237,21 @@ def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path
     assert rel_error(read_dense(tmp_path / "C.zarr"), want) < 1e-12
     assert "GPU ids" in mx_cli("logs", job_id, env=head["env"], check=True).stdout
 
-    from mx.storage import generate
-
-    generate.lowrank(str(tmp_path / "O.zarr"), (3000, 2500), 16, 0.05, seed=5)
-    (tmp_path / "fit.yaml").write_text(
-        "name: gpufit\nresources: {workers: 1, gpus: 1}\nsteps:\n  - id: f\n    op: complete\n"
-        "    inputs: {observed: O.zarr}\n    output: F.zarr\n"
-        "    params: {rank: 16, method: als, tol: 1.0e-30, max_iters: 100000}\n")
-    job_id = mx_cli("submit", "--detach", tmp_path / "fit.yaml", "--address", head["dashboard"],
+    # a long one: out of core through a small memory budget, panels streamed from Zarr
+    big = tmp_path / "big"
+    big.mkdir()
+    gemm_job(big, rng, 6144, 6144, 6144, workers=1, name="gpustream")
+    (big / "job.yaml").write_text((big / "job.yaml").read_text()
+                                  .replace("workers: 1", "workers: 1\n  gpus: 1")
+                                  .replace("output: C.zarr", "output: C.zarr\n  params: {memory: 48MiB}"))
+    job_id = mx_cli("submit", "--detach", big / "job.yaml", "--address", head["dashboard"],
                     env=head["env"], check=True).stdout.strip()
-    wait_for(lambda: checkpoint_sweeps(tmp_path) >= 2, "two sweeps on the GPU")
+    log = head["home"] / "jobs" / job_id / "log"
+    wait_for(lambda: log.exists() and "GPU ids" in log.read_text(), "the GPU worker to start")
+    assert "stream" in log.read_text()
     assert query(head, "result = ray.available_resources().get('GPU', 0)") == gpus - 1
     assert "cancelled" in mx_cli("cancel", job_id, env=head["env"], check=True).stdout
     assert live_actors(head, job_id) == []
-    assert not (tmp_path / "F.zarr").exists()
+    assert not (big / "C.zarr").exists()
     free = query(head, "import time; time.sleep(1); result = ray.available_resources().get('GPU', 0)")
     assert free == gpus
