@@ -188,8 +188,9 @@ def test_a_killed_worker_is_replaced_and_the_step_resumes_from_its_checkpoint(he
     assert live_actors(head, job_id) == []
 
 
-def test_a_killed_worker_with_no_retries_left_fails_cleanly(head, tmp_path, rng):
-    gemm_job(tmp_path, rng, 2000, 2000, 2000, name="nores", max_retries=0)
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_killed_gemm_worker_is_retried_or_fails_cleanly(head, tmp_path, rng, retries):
+    want = gemm_job(tmp_path, rng, 2000, 1900, 2100, name=f"kill{retries}", max_retries=retries)
     job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", "--address", head["dashboard"],
                     env=head["env"], check=True).stdout.strip()
     log = head["home"] / "jobs" / job_id / "log"
@@ -198,9 +199,15 @@ def test_a_killed_worker_with_no_retries_left_fails_cleanly(head, tmp_path, rng)
     os.kill(int(victim.group(1)), signal.SIGKILL)
     rec = wait_for(lambda: (r := record(head, job_id))["state"] in ("succeeded", "failed") and r,
                    "the job to end")
-    assert rec["state"] == "failed"
-    assert f"mx:{job_id}:c:worker(1,0)" in rec["error"] and "max_retries 0" in rec["error"]
-    assert not (tmp_path / "C.zarr").exists()
+    if retries:
+        assert rec["state"] == "succeeded", log.read_text()
+        assert "retry 1 of 1" in log.read_text()
+        assert rel_error(read_dense(tmp_path / "C.zarr"), want) < 1e-12
+    else:
+        assert rec["state"] == "failed"
+        assert f"mx:{job_id}:c:worker(1,0) (pid {victim.group(1)}" in rec["error"]
+        assert "max_retries 0" in rec["error"]
+        assert not (tmp_path / "C.zarr").exists()
     assert [e for e in os.listdir(tmp_path) if ".mx-tmp-" in e] == []
     assert live_actors(head, job_id) == []
 
