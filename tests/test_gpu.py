@@ -255,3 +255,53 @@ def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path
     assert not (big / "C.zarr").exists()
     free = query(head, "import time; time.sleep(1); result = ray.available_resources().get('GPU', 0)")
     assert free == gpus
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("k", [1, 7, 33, 64])
+def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
+    """The one-kernel ALS row solve (Gram, Cholesky, solve) against the NumPy batched path,
+    on rows of awkward degrees: empty, fewer entries than the rank, heavy, and a subset."""
+    import cupy
+
+    from mx.kernels import lsq, rowsolve
+
+    m, n = 301, 1777
+    degree = rng.integers(0, 3 * k + 5, size=m)
+    degree[rng.choice(m, 5, replace=False)] = rng.integers(1000, n, size=5)  # heavy rows
+    degree[:3] = 0
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size).astype(dtype)
+    y = rng.standard_normal((n, k)).astype(dtype)
+    subset = np.sort(rng.choice(m, m // 2, replace=False)).astype(np.int64)
+    g = lambda a: cupy.asarray(a)  # noqa: E731
+    eps = np.finfo(dtype).eps
+    for reg, rows in [(0.0, None), (0.37, None), (0.05, subset)]:
+        # float64 reference; each row may differ by what its conditioning allows in dtype
+        want = lsq.solve_exact(np, y.astype(np.float64), indptr, cols, vals.astype(np.float64),
+                               reg, rows_subset=rows)
+        got = lsq.solve_exact(cupy, g(y), g(indptr), g(cols), g(vals), reg,
+                              rows_subset=None if rows is None else g(rows)).get()
+        picked = np.arange(m) if rows is None else rows
+        for i in picked:
+            ys = y[cols[indptr[i]:indptr[i + 1]]].astype(np.float64)
+            gram = ys.T @ ys + reg * np.eye(k)
+            kappa = np.linalg.cond(gram) if degree[i] >= k or reg else np.inf
+            if not np.isfinite(kappa) or kappa > 1e6:
+                continue  # singular or nearly: the pseudo-inverse paths may differ
+            err = np.linalg.norm(got[i] - want[i]) / (np.linalg.norm(want[i]) + 1e-30)
+            assert err < 100 * eps * kappa + 10 * eps, (i, reg, k, err, kappa)
+        assert not got[np.setdiff1d(np.arange(m), picked)].any()  # rows not asked for stay 0
+    # the kernel itself flags the rows it cannot factor (fewer entries than k, no reg)
+    out = cupy.zeros((m, k), dtype=dtype)
+    flagged = rowsolve.solve(cupy, g(y), g(indptr), g(cols), g(vals), 0.0,
+                             cupy.arange(m, dtype=cupy.int64), out).get()
+    assert set(flagged.tolist()) >= set(np.nonzero(degree < k)[0].tolist())
+    # and those rows get the minimum-norm solution
+    got = lsq.solve_exact(cupy, g(y), g(indptr), g(cols), g(vals), 0.0).get()
+    for i in np.nonzero((degree < k) & (degree > 0))[0][:20] if dtype == np.float64 else []:
+        ys = y[cols[indptr[i]:indptr[i + 1]]].astype(np.float64)
+        want = np.linalg.lstsq(ys, vals[indptr[i]:indptr[i + 1]].astype(np.float64), rcond=None)[0]
+        err = np.linalg.norm(got[i] - want) / np.linalg.norm(want)
+        assert err < 1e-6, (i, err)

@@ -136,16 +136,14 @@ class RayBackend:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, log: Callable[[str], None]) -> None:
         """Connect to Ray (or start it) and check that the cluster can ever hold the job.
-        Workers start with each step (``run``) and end with it, so that a step can be
-        retried on fresh workers and the GPUs are free between steps."""
+        Workers start with each step (``run``), so that a step can be retried on fresh ones."""
         self.log = log
         self.cpus_each = self._connect(log)
         need = {"CPU": self.cpus_each * self.workers, "GPU": float(self.gpus > 0) * self.workers}
         have = ray.cluster_resources()
         if self.gpus > 0:
             devices.require_gpus(self.workers, int(have.get("GPU", 0)), "", "the Ray cluster")
-        short = {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
-        if short:
+        if any(v > have.get(k, 0) + 1e-9 for k, v in need.items()):
             raise UserError(f"resources: the Ray cluster has {_resources(have)}, fewer than the "
                             f"{self.workers} workers of {self._bundle()} need; ask for fewer "
                             f"workers (or cpus_per_worker) or add nodes")

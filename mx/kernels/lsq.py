@@ -71,8 +71,12 @@ def rhs(xp, values, y, cols, indptr, shape):
 
 
 def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entries=1 << 24):
-    """Exact row solves by batched normal equations; rows grouped by degree (padded to the
-    next power of two) so each group is one batched product and one batched solve."""
+    """Exact row solves by normal equations. On a GPU, one fused kernel per row
+    (``rowsolve``); elsewhere, and for the rows it cannot factor, rows grouped by degree
+    (padded to the next power of two) so each group is one batched product and one batched
+    solve."""
+    from mx.kernels import rowsolve
+
     k = y.shape[1]
     degree = xp.diff(indptr)
     m = degree.size
@@ -80,6 +84,22 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
     out = xp.zeros((m, k), dtype=y.dtype)
     if subset.size == 0:
         return out
+    singular = False
+    if rowsolve.supported(xp, y):
+        subset = rowsolve.solve(xp, y, indptr, cols, values, reg, subset, out)
+        if subset.size == 0:
+            return out
+        singular = True  # what the kernel left cannot be factored
+    return _solve_exact_batched(xp, y, indptr, cols, values, reg, subset, out, batch_entries,
+                                singular)
+
+
+def _solve_exact_batched(xp, y, indptr, cols, values, reg, subset, out, batch_entries,
+                         singular=False):
+    from mx.kernels import rowsolve
+
+    k = y.shape[1]
+    degree = xp.diff(indptr)
     deg = degree[subset]
     width = 2 ** xp.ceil(xp.log2(xp.maximum(deg, 1))).astype(np.int64)
     eye = reg * xp.eye(k, dtype=y.dtype)
@@ -98,7 +118,11 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
             ms = values[pos] * valid
             gram = xp.matmul(ys.transpose(0, 2, 1), ys) + eye
             b = xp.matmul(ys.transpose(0, 2, 1), ms[..., None])
-            out[rows] = _chol_solve(xp, gram, b)[..., 0]
+            if singular:  # minimum-norm solutions, noise-level singular values cut
+                floor = rowsolve.singular_floor(gram.dtype)
+                out[rows] = xp.matmul(xp.linalg.pinv(gram, rcond=floor), b)[..., 0]
+            else:
+                out[rows] = _chol_solve(xp, gram, b)[..., 0]
     return out
 
 

@@ -74,12 +74,12 @@ def start(job_id: str, *, detach: bool = False, echo: Callable[[str], None] | No
         _submit_to_cluster(job_id, rec)
         if detach:
             return job_id
-        state = _relay(job_id, echo, progress, lambda: current_state(record.load(job_id)) in ENDED)
+        _relay(job_id, echo, progress, lambda: current_state(record.load(job_id)) in ENDED)
     elif detach:
         _spawn(job_id, dashboard)
         return job_id
     else:
-        state = run(job_id, echo=echo, progress=progress, dashboard=dashboard)
+        run(job_id, echo=echo, progress=progress, dashboard=dashboard)
     rec = record.load(job_id)
     state = current_state(rec)
     if state == "cancelled":
@@ -298,6 +298,8 @@ def _follow(job_id: str) -> str:
         backend = MpiBackend(job_plan.workers, job_plan.job.resources.gpus, job_id)
         backend.start(lambda line: None)
         for sp in job_plan.steps:
+            if _committed(rec, sp, job_id):  # rank 0 keeps it too (a resumed job)
+                continue
             tmp = commit.temp_path(sp.output, job_id)
             backend.run(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output))
         backend.stop()
