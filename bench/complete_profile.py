@@ -82,6 +82,33 @@ def half(cp, x, y, omega, k, seed):
     return out
 
 
+def crossover(cp, k, entries=1 << 24, seed=0):
+    """Per row degree: the fused exact solve against sketch-preconditioned CG (4 steps) on
+    rows all of that degree: where sketching starts to pay."""
+    rng = cp.random.default_rng(seed)
+    n = 200_000
+    y = rng.standard_normal((n, k))
+    rows = []
+    for degree in (512, 2048, 8192, 32768, 131072):
+        m = max(1, entries // degree)
+        cols = cp.sort(rng.integers(0, n, size=(m, degree)), axis=1).reshape(-1)
+        indptr = cp.arange(m + 1, dtype=cp.int64) * degree
+        vals = rng.standard_normal(m * degree)
+        x0 = cp.zeros((m, k))
+        every = cp.arange(m)
+        exact = timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 2)
+
+        def sketched():
+            pre = lsq.sketch_preconditioner(cp, y, indptr, cols, 0.0, every, seed)
+            lsq.solve_cg(cp, x0, y, indptr, cols, vals, 0.0, iters=4, precond=pre)
+
+        rows.append({"k": k, "degree": degree, "rows": m, "exact_s": exact,
+                     "sketch_pcg_s": timed(cp, sketched, 2)})
+        print(f"k {k} degree {degree:>6} rows {m:>6}: exact {exact:.4f} s, "
+              f"sketch+PCG {rows[-1]['sketch_pcg_s']:.4f} s", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, default=138_493)
@@ -90,8 +117,16 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--out", default="complete-profile.json")
     ap.add_argument("--data", default=None)
+    ap.add_argument("--crossover", action="store_true",
+                    help="only: exact vs sketch+PCG per row degree, at k = 16, 64")
     args = ap.parse_args(argv)
     import cupy as cp
+
+    if args.crossover:
+        result = [r for k in (16, 64) for r in crossover(cp, k)]
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
 
     R, C, held = planted(cp, args.m, args.n, args.k, args.entries, 1.0, seed=1)
     rng = cp.random.default_rng(2)

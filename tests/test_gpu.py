@@ -305,3 +305,30 @@ def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
         want = np.linalg.lstsq(ys, vals[indptr[i]:indptr[i + 1]].astype(np.float64), rcond=None)[0]
         err = np.linalg.norm(got[i] - want) / np.linalg.norm(want)
         assert err < 1e-6, (i, err)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("k", [1, 7, 33, 64, 100])
+def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):
+    """x_i·y_j per entry and the CG normal operator, one warp per row, against NumPy."""
+    import cupy
+
+    from mx.kernels import lsq
+
+    m, n = 257, 1301
+    degree = rng.integers(0, 40, size=m)
+    degree[rng.choice(m, 3, replace=False)] = rng.integers(900, n, size=3)
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    x = rng.standard_normal((m, k)).astype(dtype)
+    y = rng.standard_normal((n, k)).astype(dtype)
+    g = lambda a: cupy.asarray(a)  # noqa: E731
+    rows = lsq.row_ids(np, indptr)
+    want = lsq.predictions(np, x.astype(np.float64), y.astype(np.float64), rows, cols)
+    got = lsq.row_predictions(cupy, g(x), g(y), g(indptr), g(cols)).get()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+    reg = 0.3
+    want = lsq.normal_apply(np, x.astype(np.float64), y.astype(np.float64), rows, cols, indptr,
+                            (m, n), reg)
+    got = lsq.normal_apply(cupy, g(x), g(y), g(rows), g(cols), g(indptr), (m, n), reg).get()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol

@@ -27,10 +27,14 @@ import numpy as np
 import zarr
 
 from mx.cluster.comm import GangContext
-from mx.kernels import lsq
+from mx.kernels import lsq, rowsolve
 from mx.storage import sparse
 
-HEAVY_DEGREE = 4  # rows with at least HEAVY_DEGREE·k observations get the sketched preconditioner
+# Rows with at least HEAVY_DEGREE·k observations get the sketched preconditioner, where no
+# fused exact solve is at hand (CPU, or k > rowsolve.MAX_RANK). On a GPU the fused exact
+# kernel beats sketch + PCG at every degree measured (512 to 131072, k = 16 and 64: 4-8×,
+# bench/complete_profile.py --crossover), so there every row is solved exactly.
+HEAVY_DEGREE = 4
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -66,8 +70,9 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         by_cols = _csr(mine[1] - c0, mine[0], mine[2], c1 - c0)  # (column, row) pairs
     _check_nonempty(by_rows, r0, "row")
     _check_nonempty(by_cols, c0, "column")
-    heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum())
-    heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
+    sketching = not rowsolve.supported(xp, np.empty((0, k)))
+    heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum()) if sketching else 0
+    heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum()) if sketching else 0
     if method == "altmin-sketch":
         ctx.count("rows-sketch-preconditioned", heavy_u + heavy_v)
         ctx.count("rows-solved-exactly", (r1 - r0) + (c1 - c0) - heavy_u - heavy_v)
@@ -126,7 +131,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep)
             v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             u = _solve(xp, method, u, v_full, R, reg, cg_iters, k, seed + 2 * sweep + 1)
-        train = lsq.predictions(xp, u, v_full, t_rows, R[1]) - R[2]
+        train = lsq.row_predictions(xp, u, v_full, R[0], R[1], t_rows) - R[2]
         miss = lsq.predictions(xp, u, v_full, h_rows, h_cols) - h_vals
         sums = np.array([float((train * train).sum()), float(train.size), float((R[2] * R[2]).sum()),
                          float((miss * miss).sum()), float((h_vals * h_vals).sum()), float(h_vals.size)])
@@ -157,6 +162,8 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
         return lsq.solve_exact(xp, y, indptr, cols, vals, reg)
     if method == "als-cg":
         return lsq.solve_cg(xp, x, y, indptr, cols, vals, reg, iters=cg_iters)[0]
+    if rowsolve.supported(xp, y):
+        return lsq.solve_exact(xp, y, indptr, cols, vals, reg)  # see HEAVY_DEGREE
     degree = xp.diff(indptr)
     heavy = degree >= HEAVY_DEGREE * k
     heavy_rows = xp.nonzero(heavy)[0]

@@ -59,8 +59,23 @@ def predictions(xp, x, y, rows, cols):
     return out
 
 
+def row_predictions(xp, x, y, indptr, cols, rows=None):
+    """x_i · y_j for every stored entry of a CSR pattern (``rows``: each entry's row, if
+    known); on a GPU one pass over Ω, elsewhere ``predictions``."""
+    from mx.kernels import rowsolve
+
+    if rowsolve.warp_supported(xp, y):
+        return rowsolve.row_dots(xp, x, y, indptr, cols)
+    return predictions(xp, x, y, row_ids(xp, indptr) if rows is None else rows, cols)
+
+
 def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
-    """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, by a gather and a sparse product."""
+    """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, by a gather and a sparse product (on a GPU,
+    one fused pass)."""
+    from mx.kernels import rowsolve
+
+    if rowsolve.warp_supported(xp, y):
+        return rowsolve.normal_apply(xp, p, y, indptr, cols, reg)
     weights = predictions(xp, p, y, rows, cols)
     return csr(xp, indptr, cols, weights, shape) @ y + reg * p
 

@@ -11,6 +11,10 @@ whose G_i is singular to working precision (fewer observations than the rank, wi
 regularisation) are flagged, and the caller gives those few the minimum-norm solution.
 
 For k ≤ 64 (a 64×64 Gram in shared memory); larger ranks use the reference path.
+
+The CG path gets two warp-per-row kernels: ``row_dots`` (x_i·y_j for every entry, without the
+(entries × k) gathered temporaries of ``lsq.predictions``) and ``normal_apply`` (the normal
+operator in one pass: residual weights and the sparse product fused).
 """
 
 from __future__ import annotations
@@ -112,12 +116,115 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 }
 """
 
+# One warp per row of Ω (CSR), lane l holding components l, l+32, ... of the row's vector:
+# the row's x_i is read once, each y_j once, coalesced; dot products reduce by shuffles.
+_WARP_SOURCE = r"""
+__device__ inline T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+extern "C" __global__ void row_dots(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ x, const T* __restrict__ y,
+        const long long m, const int k, T* __restrict__ out)
+{
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (i >= m) return;
+    T xi[KPL];
+    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; xi[t] = c < k ? x[i * k + c] : (T)0; }
+    for (long long e = indptr[i]; e < indptr[i + 1]; e++) {
+        const long long j = cols[e];
+        T d = 0;
+        for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) d += xi[t] * y[j * k + c]; }
+        d = warp_sum(d);
+        if (lane == 0) out[e] = d;
+    }
+}
+
+extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ p, const T* __restrict__ y,
+        const long long m, const int k, const T reg, T* __restrict__ out)
+{
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (i >= m) return;
+    T pi[KPL], acc[KPL];
+    for (int t = 0; t < KPL; t++) {
+        const int c = lane + 32 * t;
+        pi[t] = c < k ? p[i * k + c] : (T)0;
+        acc[t] = reg * pi[t];
+    }
+    for (long long e = indptr[i]; e < indptr[i + 1]; e++) {
+        const long long j = cols[e];
+        T yj[KPL];
+        T d = 0;
+        for (int t = 0; t < KPL; t++) {
+            const int c = lane + 32 * t;
+            yj[t] = c < k ? y[j * k + c] : (T)0;
+            d += pi[t] * yj[t];
+        }
+        d = warp_sum(d);
+        for (int t = 0; t < KPL; t++) acc[t] += d * yj[t];
+    }
+    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) out[i * k + c] = acc[t]; }
+}
+"""
+WARP_MAX_RANK = 128
+WARPS_PER_BLOCK = 8
+
 _MODULES: dict = {}
 
 
 def singular_floor(dtype) -> float:
     """Relative size below which a pivot (or singular value) is taken for rounding noise."""
     return 1e-9 if dtype == np.float64 else 1e-4
+
+
+def warp_supported(xp, y) -> bool:
+    """The warp-per-row kernels run on CuPy arrays of rank ≤ 128 in float32 or float64."""
+    return xp is not np and y.shape[1] <= WARP_MAX_RANK and y.dtype in (np.float32, np.float64)
+
+
+def _warp_kernel(name: str, dtype, k: int):
+    import cupy
+
+    t = "double" if dtype == np.float64 else "float"
+    kpl = (k + 31) // 32
+    module = _MODULES.get(("warp", t, kpl))
+    if module is None:
+        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n" + _WARP_SOURCE,
+                                options=("-std=c++14",))
+        _MODULES[("warp", t, kpl)] = module
+    return module.get_function(name)
+
+
+def _warp_launch(fn, m: int, args) -> None:
+    threads = 32 * WARPS_PER_BLOCK
+    blocks = (m + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
+    if blocks:
+        fn((blocks,), (threads,), args)
+
+
+def row_dots(xp, x, y, indptr, cols):
+    """x_i · y_j for every stored entry (i, j) of a CSR pattern, in its storage order."""
+    m, k = x.shape[0], x.shape[1]
+    out = xp.empty(int(cols.size), dtype=x.dtype)
+    _warp_launch(_warp_kernel("row_dots", x.dtype, k), m,
+                 (indptr.astype(np.int64), cols.astype(np.int64), xp.ascontiguousarray(x),
+                  xp.ascontiguousarray(y, dtype=x.dtype), np.int64(m), np.int32(k), out))
+    return out
+
+
+def normal_apply(xp, p, y, indptr, cols, reg):
+    """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, in one pass over Ω."""
+    m, k = p.shape[0], p.shape[1]
+    out = xp.empty((m, k), dtype=p.dtype)
+    _warp_launch(_warp_kernel("normal_apply", p.dtype, k), m,
+                 (indptr.astype(np.int64), cols.astype(np.int64), xp.ascontiguousarray(p),
+                  xp.ascontiguousarray(y, dtype=p.dtype), np.int64(m), np.int32(k),
+                  p.dtype.type(reg), out))
+    return out
 
 
 def supported(xp, y) -> bool:
