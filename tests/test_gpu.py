@@ -258,7 +258,7 @@ def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("k", [1, 7, 33, 64])
+@pytest.mark.parametrize("k", [1, 7, 33, 64, 65, 128])
 def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
     """The one-kernel ALS row solve (Gram, Cholesky, solve) against the NumPy batched path,
     on rows of awkward degrees: empty, fewer entries than the rank, heavy, and a subset."""

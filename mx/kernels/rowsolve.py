@@ -10,7 +10,9 @@ then factors G_i in shared memory (Cholesky) and solves. Nothing but x_i is writ
 whose G_i is singular to working precision (fewer observations than the rank, with no
 regularisation) are flagged, and the caller gives those few the minimum-norm solution.
 
-For k ≤ 64 (a 64×64 Gram in shared memory); larger ranks use the reference path.
+For k ≤ 128: the Gram matrix is padded to KMAX = 64 or 128 (a KMAX² Gram in shared memory,
+each of the 256 threads holding (KMAX/16)² of its values); larger ranks use the reference
+path.
 
 The CG path gets two warp-per-row kernels: ``row_dots`` (x_i·y_j for every entry, without the
 (entries × k) gathered temporaries of ``lsq.predictions``) and ``normal_apply`` (the normal
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_RANK = 64
-THREADS = 256  # 16×16 threads, each a 4×4 tile of the 64×64 Gram matrix
+MAX_RANK = 128
+THREADS = 256  # 16×16 threads, each (KMAX/16)² values of the KMAX×KMAX Gram matrix
 CHUNK = 32  # entries of Ω_i staged in shared memory at a time
 
 _SOURCE = r"""
@@ -33,10 +35,10 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 {
     // ybuf (the chunk of Y rows) and G share memory: G is written only after accumulation
     extern __shared__ unsigned char smem_raw[];
-    T* ybuf = reinterpret_cast<T*>(smem_raw);        // CHUNK × 64
-    T* G = ybuf;                                     // 64 × 64 after accumulation
-    T* b = ybuf + 64 * 64;                           // 64
-    T* mbuf = b + 64;                                // CHUNK
+    T* ybuf = reinterpret_cast<T*>(smem_raw);        // CHUNK × KMAX
+    T* G = ybuf;                                     // KMAX × KMAX after accumulation
+    T* b = ybuf + KMAX * KMAX;                       // KMAX
+    T* mbuf = b + KMAX;                              // CHUNK
     __shared__ int bad;
     const int r = blockIdx.x;
     if (r >= nrows) return;
@@ -46,69 +48,69 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
     // thread (ti, tj) owns G[ti + 16a][tj + 16c]: a warp reads 16 consecutive values of a
     // staged vector, free of shared-memory bank conflicts
     const int ti = tid / 16, tj = tid % 16;
-    T acc[4][4];
-    for (int a = 0; a < 4; a++) for (int c = 0; c < 4; c++) acc[a][c] = 0;
+    T acc[TILE][TILE];
+    for (int a = 0; a < TILE; a++) for (int c = 0; c < TILE; c++) acc[a][c] = 0;
     T bacc = 0;
     if (tid == 0) bad = 0;
     for (long long base = s; base < e; base += CHUNK) {
         const int cnt = (int)min((long long)CHUNK, e - base);
-        for (int t = tid; t < CHUNK * 64; t += blockDim.x) {
-            const int q = t / 64, c = t % 64;
+        for (int t = tid; t < CHUNK * KMAX; t += blockDim.x) {
+            const int q = t / KMAX, c = t % KMAX;
             ybuf[t] = (q < cnt && c < k) ? y[cols[base + q] * k + c] : (T)0;
         }
         for (int t = tid; t < CHUNK; t += blockDim.x) mbuf[t] = t < cnt ? vals[base + t] : (T)0;
         __syncthreads();
         for (int q = 0; q < cnt; q++) {
-            const T* yq = ybuf + q * 64;
-            T yi[4], yj[4];
-            for (int a = 0; a < 4; a++) { yi[a] = yq[ti + 16 * a]; yj[a] = yq[tj + 16 * a]; }
-            for (int a = 0; a < 4; a++)
-                for (int c = 0; c < 4; c++) acc[a][c] += yi[a] * yj[c];
-            if (tid < 64) bacc += mbuf[q] * yq[tid];
+            const T* yq = ybuf + q * KMAX;
+            T yi[TILE], yj[TILE];
+            for (int a = 0; a < TILE; a++) { yi[a] = yq[ti + 16 * a]; yj[a] = yq[tj + 16 * a]; }
+            for (int a = 0; a < TILE; a++)
+                for (int c = 0; c < TILE; c++) acc[a][c] += yi[a] * yj[c];
+            if (tid < KMAX) bacc += mbuf[q] * yq[tid];
         }
         __syncthreads();
     }
-    for (int a = 0; a < 4; a++)
-        for (int c = 0; c < 4; c++)
-            G[(ti + 16 * a) * 64 + tj + 16 * c] = acc[a][c] + ((ti + 16 * a == tj + 16 * c) ? reg : (T)0);
-    if (tid < 64) b[tid] = bacc;
+    for (int a = 0; a < TILE; a++)
+        for (int c = 0; c < TILE; c++)
+            G[(ti + 16 * a) * KMAX + tj + 16 * c] = acc[a][c] + ((ti + 16 * a == tj + 16 * c) ? reg : (T)0);
+    if (tid < KMAX) b[tid] = bacc;
     __syncthreads();
     // Cholesky, lower triangle in place. A pivot that rounding alone could have made (at
     // most PIVOT × the largest diagonal) means G is singular: flagged, solved elsewhere.
     __shared__ T floor_;
     if (tid == 0) {
         T top = 0;
-        for (int c = 0; c < k; c++) top = G[c * 64 + c] > top ? G[c * 64 + c] : top;
+        for (int c = 0; c < k; c++) top = G[c * KMAX + c] > top ? G[c * KMAX + c] : top;
         floor_ = (T)PIVOT * top;
     }
     __syncthreads();
     for (int c = 0; c < k; c++) {
         if (tid == 0) {
-            const T d = G[c * 64 + c];
+            const T d = G[c * KMAX + c];
             if (!(d > floor_)) bad = 1;
-            G[c * 64 + c] = d > (T)0 ? sqrt(d) : (T)1;
+            G[c * KMAX + c] = d > (T)0 ? sqrt(d) : (T)1;
         }
         __syncthreads();
-        for (int i = c + 1 + tid; i < k; i += blockDim.x) G[i * 64 + c] /= G[c * 64 + c];
+        for (int i = c + 1 + tid; i < k; i += blockDim.x) G[i * KMAX + c] /= G[c * KMAX + c];
         __syncthreads();
         const int w = k - c - 1;
         for (int t = tid; t < w * w; t += blockDim.x) {
             const int i = c + 1 + t / w, j = c + 1 + t % w;
-            if (j <= i) G[i * 64 + j] -= G[i * 64 + c] * G[j * 64 + c];
+            if (j <= i) G[i * KMAX + j] -= G[i * KMAX + c] * G[j * KMAX + c];
         }
         __syncthreads();
     }
     // L z = b, then Lᵀ x = z
     for (int c = 0; c < k; c++) {
-        if (tid == 0) b[c] /= G[c * 64 + c];
+        if (tid == 0) b[c] /= G[c * KMAX + c];
         __syncthreads();
-        for (int i = c + 1 + tid; i < k; i += blockDim.x) b[i] -= G[i * 64 + c] * b[c];
+        for (int i = c + 1 + tid; i < k; i += blockDim.x) b[i] -= G[i * KMAX + c] * b[c];
         __syncthreads();
     }
     for (int c = k - 1; c >= 0; c--) {
-        if (tid == 0) b[c] /= G[c * 64 + c];
+        if (tid == 0) b[c] /= G[c * KMAX + c];
         __syncthreads();
-        for (int i = tid; i < c; i += blockDim.x) b[i] -= G[c * 64 + i] * b[c];
+        for (int i = tid; i < c; i += blockDim.x) b[i] -= G[c * KMAX + i] * b[c];
         __syncthreads();
     }
     if (tid < k) out[row * k + tid] = b[tid];
@@ -228,20 +230,25 @@ def normal_apply(xp, p, y, indptr, cols, reg):
 
 
 def supported(xp, y) -> bool:
-    """The fused kernel runs on CuPy arrays of rank ≤ 64 in float32 or float64."""
+    """The fused kernel runs on CuPy arrays of rank ≤ 128 in float32 or float64."""
     return xp is not np and y.shape[1] <= MAX_RANK and y.dtype in (np.float32, np.float64)
 
 
-def _kernel(dtype):
+def _kmax(k: int) -> int:
+    return 64 if k <= 64 else 128
+
+
+def _kernel(dtype, kmax: int):
     import cupy
 
     name = "double" if dtype == np.float64 else "float"
-    module = _MODULES.get(name)
+    module = _MODULES.get((name, kmax))
     if module is None:
         pivot = singular_floor(dtype)
-        code = f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {pivot}\n" + _SOURCE
+        code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {pivot}\n"
+                f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n" + _SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
-        _MODULES[name] = module
+        _MODULES[(name, kmax)] = module
     return module.get_function("als_rows")
 
 
@@ -254,8 +261,11 @@ def solve(xp, y, indptr, cols, values, reg, rows, out):
     if n == 0:
         return rows[:0]
     dtype = y.dtype
-    fn = _kernel(dtype)
-    smem = (64 * 64 + 64 + CHUNK) * dtype.itemsize
+    kmax = _kmax(k)
+    fn = _kernel(dtype, kmax)
+    smem = (kmax * kmax + kmax + CHUNK) * dtype.itemsize
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
     y = xp.ascontiguousarray(y)
     fn((n,), (THREADS,), (indptr.astype(np.int64), cols.astype(np.int64),
                           xp.ascontiguousarray(values, dtype=dtype), y, rows.astype(np.int64),
