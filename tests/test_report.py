@@ -96,9 +96,10 @@ def check_gemm_report(job_id, paths):
     assert [os.path.basename(p) for p in paths] == ["c-timeline.png", "index.html"]
     text = check_page(paths, out_dir)
     assert job_id in text and "succeeded" in text and "gemm" in text
-    # the bars, not just the legend: compute and I/O fill far more than a legend patch
+    # the bars, not just the legend: compute and I/O fill more than a legend patch (how much
+    # more depends on how long each phase took on this machine)
     legend_patch = 40 * 15
-    assert colour_pixels(paths[0], "compute") > 5 * legend_patch
+    assert colour_pixels(paths[0], "compute") > legend_patch + 50
     assert colour_pixels(paths[0], "I/O") > legend_patch + 50
 
 
