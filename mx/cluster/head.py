@@ -42,7 +42,7 @@ def info() -> dict | None:
             head = json.load(f)
     except FileNotFoundError:
         return None
-    return head if _alive(head["pid"]) else None
+    return head if record.alive(head["pid"]) else None
 
 
 def up(num_cpus: int | None = None, num_gpus: int | None = None, dashboard_port: int = 8265,
@@ -156,20 +156,6 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie left by a parent that has not reaped it is not a head
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def _answers(url: str) -> bool:

@@ -108,19 +108,24 @@ def effective_state(record: dict) -> str:
     if record.get("host") != socket.gethostname():
         return state
     pid = record.get("pid")
-    if pid and not _alive(pid):
+    if pid and not alive(pid):
         return "lost"
     return state
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs on this machine (a zombie no longer does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class Log:
