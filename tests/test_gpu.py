@@ -332,3 +332,34 @@ def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):
                             (m, n), reg)
     got = lsq.normal_apply(cupy, g(x), g(y), g(rows), g(cols), g(indptr), (m, n), reg).get()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
+def test_gpu_jobs_submitted_together_queue_for_the_gpus(head, tmp_path, rng):
+    """More 1-GPU jobs than the head has GPUs, submitted at once: all finish correctly, and
+    no two hold the same GPU at the same time (their steps' task spans never overlap beyond
+    the head's GPU count)."""
+    import json
+
+    from conftest import mx_cli
+    from test_service import gemm_job, query, record, wait_for
+
+    gpus = int(query(head, "result = ray.cluster_resources().get('GPU', 0)"))
+    ids, wants = [], []
+    for i in range(gpus + 2):
+        folder = tmp_path / f"j{i}"
+        folder.mkdir()
+        wants.append(gemm_job(folder, rng, 2048 + 64 * i, 2048, 2048, workers=1, name=f"q{i}"))
+        (folder / "job.yaml").write_text((folder / "job.yaml").read_text()
+                                         .replace("workers: 1", "workers: 1\n  gpus: 1"))
+        ids.append(mx_cli("submit", "--detach", folder / "job.yaml", "--address",
+                          head["dashboard"], env=head["env"], check=True).stdout.strip())
+    spans = []
+    for i, job_id in enumerate(ids):
+        wait_for(lambda: record(head, job_id)["state"] in ("succeeded", "failed"), job_id, 300)
+        assert record(head, job_id)["state"] == "succeeded"
+        assert rel_error(read_dense(tmp_path / f"j{i}" / "C.zarr"), wants[i]) < 1e-12
+        tasks = json.loads((head["home"] / "jobs" / job_id / "timeline.json").read_text())
+        tasks = tasks["steps"]["c"]["tasks"]
+        spans.append((min(t["start"] for t in tasks), max(t["start"] + t["seconds"] for t in tasks)))
+    for t in sorted(s for span in spans for s in span):  # at any instant, at most `gpus` busy
+        assert sum(lo < t < hi for lo, hi in spans) <= gpus
