@@ -132,14 +132,14 @@ def _record_on_rank0(job_file: str) -> str:
     from mx.tasks import jobs
 
     if not mpi.launched():
-        return jobs.prepare(job_file)
+        return jobs.prepare(job_file, jobs_api=False)
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     job_id, error = None, None
     if world.Get_rank() == 0:
         try:
-            job_id = jobs.prepare(job_file)
+            job_id = jobs.prepare(job_file, jobs_api=False)
         except UserError as exc:
             error = str(exc)
     job_id, error = world.bcast((job_id, error), root=0)

@@ -93,12 +93,16 @@ def start(job_id: str, *, detach: bool = False, echo: Callable[[str], None] | No
 ENDED = record.FINAL + ("lost",)
 
 
-def prepare(source: Any, base: str | None = None, address: str | None = None) -> str:
-    """Check a whole job (a bad job is a ``UserError`` and writes nothing) and record it."""
+def prepare(source: Any, base: str | None = None, address: str | None = None,
+            jobs_api: bool = True) -> str:
+    """Check a whole job (a bad job is a ``UserError`` and writes nothing) and record it.
+    A Ray job with a cluster address is recorded for the cluster's Jobs API, unless
+    ``jobs_api`` is False (``mx run``: this process drives it, joined to the cluster)."""
     job, folder, text, job_file = load(source, base)
     planning.plan_job(job, folder)
     name = job.name or (spec.slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job")
-    cluster = (address or job.resources.cluster_address()) if job.backend == "ray" else None
+    cluster = (address or job.resources.cluster_address()) \
+        if job.backend == "ray" and jobs_api else None
     job_id = record.new_id(name)
     record.create(job_id, {"name": name, "backend": job.backend, "base": folder,
                            "job_file": job_file,
