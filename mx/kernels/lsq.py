@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mx.kernels import rowsolve
+
 
 def sparse_module(xp):
     if xp is np:
@@ -62,8 +64,6 @@ def predictions(xp, x, y, rows, cols):
 def row_predictions(xp, x, y, indptr, cols, rows=None):
     """x_i · y_j for every stored entry of a CSR pattern (``rows``: each entry's row, if
     known); on a GPU one pass over Ω, elsewhere ``predictions``."""
-    from mx.kernels import rowsolve
-
     if rowsolve.warp_supported(xp, y):
         return rowsolve.row_dots(xp, x, y, indptr, cols)
     return predictions(xp, x, y, row_ids(xp, indptr) if rows is None else rows, cols)
@@ -72,8 +72,6 @@ def row_predictions(xp, x, y, indptr, cols, rows=None):
 def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
     """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, by a gather and a sparse product (on a GPU,
     one fused pass)."""
-    from mx.kernels import rowsolve
-
     if rowsolve.warp_supported(xp, y):
         return rowsolve.normal_apply(xp, p, y, indptr, cols, reg)
     weights = predictions(xp, p, y, rows, cols)
@@ -90,8 +88,6 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
     (``rowsolve``); elsewhere, and for the rows it cannot factor, rows grouped by degree
     (padded to the next power of two) so each group is one batched product and one batched
     solve."""
-    from mx.kernels import rowsolve
-
     k = y.shape[1]
     degree = xp.diff(indptr)
     m = degree.size
@@ -111,8 +107,6 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
 
 def _solve_exact_batched(xp, y, indptr, cols, values, reg, subset, out, batch_entries,
                          singular=False):
-    from mx.kernels import rowsolve
-
     k = y.shape[1]
     degree = xp.diff(indptr)
     deg = degree[subset]
