@@ -16,10 +16,10 @@ def submit(job, **options) -> str:
 
 def status(job_id: str) -> dict:
     """A job's record: state, steps, progress, timings."""
-    from mx.tasks import record
+    from mx.tasks import jobs, record
 
     rec = record.load(record.find(job_id))
-    return {**rec, "state": record.effective_state(rec)}
+    return {**rec, "state": jobs.current_state(rec)}
 
 
 def cancel(job_id: str, timeout: float = 60.0) -> dict:
