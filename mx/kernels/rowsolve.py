@@ -79,6 +79,8 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
     // most PIVOT × the largest diagonal) means G is singular: flagged, solved elsewhere.
     __shared__ T floor_;
     if (tid == 0) {
+        // fewer observations than the rank, unregularised: singular whatever rounding says
+        if (reg == (T)0 && e - s < k) bad = 1;
         T top = 0;
         for (int c = 0; c < k; c++) top = G[c * KMAX + c] > top ? G[c * KMAX + c] : top;
         floor_ = (T)PIVOT * top;
