@@ -224,8 +224,8 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
 def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path, rng):
     """Through `mx cluster up`: a gemm on the GPU through the Jobs API, then a long
     out-of-core gemm cancelled mid-run; afterwards the head's GPUs are all free again."""
-    from test_service import gemm_job, live_actors, query, wait_for
-    from conftest import mx_cli
+    from conftest import mx_cli, wait_for
+    from test_service import gemm_job, live_actors, query
 
     gpus = query(head, "result = ray.cluster_resources().get('GPU', 0)")
     assert gpus >= 1
@@ -345,8 +345,8 @@ def test_gpu_jobs_submitted_together_queue_for_the_gpus(head, tmp_path, rng):
     the head's GPU count)."""
     import json
 
-    from conftest import mx_cli
-    from test_service import gemm_job, query, record, wait_for
+    from conftest import mx_cli, wait_for
+    from test_service import gemm_job, query, record
 
     gpus = int(query(head, "result = ray.cluster_resources().get('GPU', 0)"))
     ids, wants = [], []

@@ -3,13 +3,12 @@ leave no committed output and never damage an existing one."""
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
 
 import mx
-from conftest import leftovers, mx_cli, read_dense, rel_error, write_dense
+from conftest import leftovers, mx_cli, read_dense, rel_error, wait_for, write_dense
 from mx.errors import JobFailed
 
 JOB = """name: {name}
@@ -86,16 +85,6 @@ def test_failure_on_local_backend_too(tmp_path, rng):
     assert not leftovers(tmp_path / "out")
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("backend", ["ray", "local"])
 def test_cancel_a_detached_job(tmp_path, backend):
     n = 2600
@@ -103,7 +92,7 @@ def test_cancel_a_detached_job(tmp_path, backend):
     mx_cli("data", "random", tmp_path / "B.zarr", "--shape", f"{n},{n}", "--seed", "3", check=True)
     (tmp_path / "job.yaml").write_text(JOB.format(name="cx", backend=backend, workers=4))
     job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
-    wait_for(lambda: mx.status(job_id)["steps"][0]["state"] == "running", 120, "the step to start")
+    wait_for(lambda: mx.status(job_id)["steps"][0]["state"] == "running", "the step to start", 120)
     proc = mx_cli("cancel", job_id, check=True)
     assert "cancelled" in proc.stdout
     rec = mx.status(job_id)
@@ -111,7 +100,7 @@ def test_cancel_a_detached_job(tmp_path, backend):
     assert not (tmp_path / "out" / "C.zarr").exists()
     assert not leftovers(tmp_path / "out")
     pid = rec["pid"]
-    wait_for(lambda: not _alive(pid), 30, "the runner to exit")
+    wait_for(lambda: not _alive(pid), "the runner to exit", 30)
     assert "cancelled" in mx.logs(job_id)
 
 

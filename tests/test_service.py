@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 import zarr
 
-from conftest import mx_cli, read_dense, rel_error, write_dense
+from conftest import mx_cli, read_dense, rel_error, wait_for, write_dense
 from mx.storage import generate
 
 pytestmark = pytest.mark.slow
@@ -102,16 +102,6 @@ def complete_job(folder, name="fit", max_iters=40, method="als", shape=(1500, 12
 
 def record(head, job_id: str) -> dict:
     return json.loads((head["home"] / "jobs" / job_id / "record.json").read_text())
-
-
-def wait_for(predicate, what: str, timeout: float = 180.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def checkpoint_sweeps(folder) -> int:
