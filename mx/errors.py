@@ -22,3 +22,9 @@ class JobCancelled(Exception):
 
 class WorkerLost(JobFailed):
     """A worker's process died mid-step: the step may be retried from what is stored."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

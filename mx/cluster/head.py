@@ -48,8 +48,8 @@ def info() -> dict | None:
 def up(num_cpus: int | None = None, num_gpus: int | None = None, dashboard_port: int = 8265,
        log=lambda line: None) -> dict:
     """Start the head and wait until its Jobs API answers; returns its description."""
-    if info() is not None:
-        head = info()
+    head = info()
+    if head is not None:
         raise UserError(f"a cluster is already up at {head['dashboard']} (pid {head['pid']}); "
                         f"`mx cluster down` stops it")
     if _port_busy(dashboard_port):

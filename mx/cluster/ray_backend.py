@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from mx.cluster import devices, execute, metrics
 from mx.cluster.comm import GangContext
 from mx.cluster.objectstore import ObjectStoreComm, Rendezvous
-from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost
+from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost, first_line
 from mx.tasks.graph import StepGraph, schedule, unit_keys
 
 NAMESPACE = "mx"
@@ -225,7 +225,7 @@ class RayBackend:
             self.described = ray.get([a.describe.remote() for a in self.actors])
         except ray.exceptions.RayActorError as exc:
             raise WorkerLost(f"a worker of step {graph.step} died as it started: "
-                             f"{_first_line(exc)}") from None
+                             f"{first_line(exc)}") from None
         self.log(f"workers: {self.workers} actors {prefix}:worker(..) in placement group "
                  f"{prefix}; gang transport " + ("nccl (GPU to GPU)" if gpu else "ray object store"))
         for d, name in zip(self.described, self.names):
@@ -343,7 +343,7 @@ class RayBackend:
                     rank = graph.placement[key]
                     d = self.described[rank]
                     raise WorkerLost(f"worker {self.names[rank]} (pid {d['pid']} on {d['host']}) "
-                                     f"died while running task {key!r}: {_first_line(exc)}") from None
+                                     f"died while running task {key!r}: {first_line(exc)}") from None
                 info["label"] = graph.labels.get(key)
                 infos.append(info)
                 if key not in gang_of:
@@ -362,14 +362,9 @@ class RayBackend:
     def _failure(self, key, cause) -> str:
         if isinstance(cause, execute.TaskError):
             return f"{cause}\n{cause.trace}".rstrip()
-        return f"task {key!r} failed: {_first_line(cause)}"
+        return f"task {key!r} failed: {first_line(cause)}"
 
 
 def _resources(res: dict) -> str:
     return ", ".join(f"{res.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 

@@ -9,25 +9,29 @@ asked only what the record cannot say: whether the driver still lives, and to st
 
 from __future__ import annotations
 
+import functools
 import time
 
 from mx.cluster import head
-from mx.errors import UserError
+from mx.errors import UserError, first_line
+from mx.tasks import record
 
 # Ray's job states that mean the driver is gone
 ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+@functools.lru_cache(maxsize=8)
 def client(address: str):
     """A Jobs API client for ``address`` (a dashboard URL http://host:8265, or a GCS
-    address host:port, which Ray maps to its dashboard)."""
+    address host:port, which Ray maps to its dashboard); one per address, since making one
+    asks the cluster for its version (the relay polls the job's state several times a second)."""
     from ray.job_submission import JobSubmissionClient
 
     head.use_auth(address)
     try:
         return JobSubmissionClient(address)
     except Exception as exc:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {_first_line(exc)}; "
+        raise UserError(f"cannot reach the Ray cluster at {address}: {first_line(exc)}; "
                         f"is it up (`mx cluster up`, `ray status`)? is its token set "
                         f"(RAY_AUTH_TOKEN_PATH)?") from None
 
@@ -42,7 +46,7 @@ def submit(address: str, job_id: str, name: str, ray_id: str, timeout: float = 6
         try:
             return jobs_api.submit_job(
                 entrypoint=entrypoint, submission_id=ray_id,
-                runtime_env={"env_vars": {"MX_HOME": _home()}},
+                runtime_env={"env_vars": {"MX_HOME": record.home()}},
                 metadata={"mx_job": job_id, "mx_name": name})
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
@@ -77,14 +81,3 @@ def list_jobs(address: str) -> list[dict]:
                          "name": info.metadata.get("mx_name", ""),
                          "message": info.message or ""})
     return jobs
-
-
-def _home() -> str:
-    from mx.tasks import record
-
-    return record.home()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
