@@ -315,8 +315,10 @@ def _write_slot(ctx, path, signature, row_block, col_block, iteration, history, 
     group[f"v{slot}"][col_block[0]:col_block[1]] = _host(ctx.xp, v)
     ctx.control.barrier(("checkpoint", iteration))
     if ctx.control.rank == 0:
-        group.attrs.update({"latest": slot, "iteration": iteration, "history": history,
-                            "signature": signature})
+        # one write of zarr.json: attrs.update writes once per key, and a kill between
+        # those writes left "iteration" ahead of "history"
+        group.update_attributes({"latest": slot, "iteration": iteration, "history": history,
+                                 "signature": signature})
     ctx.control.barrier(("checkpointed", iteration))
 
 

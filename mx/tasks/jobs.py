@@ -458,6 +458,8 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
             {"job": job_id, "step": sp.step.id, "op": sp.step.op, "inputs": sp.inputs,
              "complete": True})
         commit.commit(tmp, sp.output, job_id)
+        if sp.op.publish is not None:
+            sp.op.publish(sp.output)
     save_timeline(job_id, sp.step.id, sp.step.op, graph, infos)
     phases = summarize(infos)
     phases["commit"] = round(timing["seconds"], 4)

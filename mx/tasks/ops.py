@@ -1,6 +1,6 @@
 """The ops a step may name, and what each must provide.
 
-An op is plain data plus three functions:
+An op is plain data plus three functions (and an optional fourth):
 
 - ``plan(inputs, params, workers, what, gpus)``: check the inputs (``DenseInfo``/``SparseInfo``)
   and params, decide how to run (algorithm, grid, blocks) and return a plan whose ``output``
@@ -10,6 +10,8 @@ An op is plain data plus three functions:
 - ``build(plan, paths, output, step, final_output)``: the step's ``StepGraph`` (reads ->
   compute -> writes) writing into ``output`` (the temporary); ``final_output`` is where it
   will be committed (for what must outlive a failed run, such as checkpoints).
+- ``publish(output)`` (optional): files derived from the committed output, made after the
+  commit (``diffuse``'s PNG beside its Zarr array).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ class Op:
     plan: Callable[..., Any]
     create_output: Callable[..., None]
     build: Callable[..., Any]
+    publish: Callable[[str], Any] | None = None  # run on the output once committed
 
 
 def registry() -> dict[str, Op]:
-    from mx.tasks import complete, gemm, spgemm
+    from mx.tasks import complete, diffuse, gemm, spgemm
 
-    return {op.name: op for op in (gemm.OP, spgemm.OP, complete.OP)}
+    return {op.name: op for op in (gemm.OP, spgemm.OP, complete.OP, diffuse.OP)}

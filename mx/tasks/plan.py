@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mx.errors import UserError
+from mx.kernels import dit
 from mx.storage import commit, dense, sparse
 from mx.tasks import ops, spec
 
@@ -72,6 +73,13 @@ def plan_job(job: spec.Job, base: str) -> JobPlan:
             value = step.inputs[name]
             where = f"{what}.inputs.{name}"
             ref = spec.step_ref(value)
+            if kind == "model":
+                if ref is not None:
+                    raise UserError(f"{where}: a model is a builtin name or a file, not the "
+                                    f"output of a step")
+                paths[name] = dit.resolve(value, base)
+                infos[name] = dit.inspect(paths[name], where)
+                continue
             if ref is not None:
                 if ref not in planned:
                     raise UserError(f"{where}: {value} does not name an earlier step; steps "
