@@ -368,3 +368,84 @@ def test_gpu_jobs_submitted_together_queue_for_the_gpus(head, tmp_path, rng):
         spans.append((min(t["start"] for t in tasks), max(t["start"] + t["seconds"] for t in tasks)))
     for t in sorted(s for span in spans for s in span):  # at any instant, at most `gpus` busy
         assert sum(lo < t < hi for lo, hi in spans) <= gpus
+
+
+# ----------------------------------------------------------------------------- diffuse
+def _attention_reference(q, k, v):
+    s = np.einsum("hnd,hmd->hnm", q, k) / np.sqrt(q.shape[-1])
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hnm,hmd->hnd", e / e.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("heads,n,total,d", [(3, 333, 517, 72), (2, 64, 64, 32), (4, 1, 200, 128),
+                                             (1, 1000, 7, 20)])
+def test_fused_attention_matches_float64(rng, heads, n, total, d):
+    """Awkward counts (not multiples of the 64-row tiles), head dims padded to 16, and q read
+    through the strides of a fused qkv projection."""
+    import cupy
+
+    from mx.kernels import attention
+
+    qkv = rng.standard_normal((n, 3, heads, d)) * 2
+    k, v = rng.standard_normal((2, heads, total, d)) * 2
+    q = qkv.transpose(1, 2, 0, 3)[0]
+    want = _attention_reference(q, k, v)
+    qd = cupy.asarray(qkv, dtype=np.float16).transpose(1, 2, 0, 3)[0]
+    assert attention.fused(cupy, qd) and (n == 1 or not qd.flags.c_contiguous)
+    got = cupy.asnumpy(attention.attend(cupy, qd, cupy.asarray(k, np.float16),
+                                        cupy.asarray(v, np.float16))).astype(np.float64)
+    assert rel_error(got, want) < 3e-3  # float16 inputs and output
+    chunked = attention.attend(np, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
+    assert rel_error(chunked, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float16, 2e-2)])
+def test_dit_on_the_gpu_matches_numpy(rng, dtype, tol):
+    import cupy
+
+    from mx.kernels import dit
+
+    x = rng.standard_normal((3, 38, 26))
+    t = int(rng.integers(0, 1000))
+    ref_net = dit.load("builtin:dit-tiny", np, np.float64)
+    want = dit.forward_band(ref_net, np, x, (0, 19), (19, 13), dit.condition(ref_net, np, t, None),
+                            dit.own_kv)
+    net = dit.load("builtin:dit-tiny", cupy, dtype)
+    got = dit.forward_band(net, cupy, cupy.asarray(x, dtype), (0, 19), (19, 13),
+                           dit.condition(net, cupy, t, None), dit.own_kv)
+    assert rel_error(cupy.asnumpy(got), want) < tol
+
+
+def test_diffuse_job_on_a_gpu_equals_the_cpu_run(tmp_path):
+    from mx.storage import image
+
+    steps = [{"id": "img", "op": "diffuse", "inputs": {"model": "builtin:dit-tiny"},
+              "output": "gpu.zarr", "params": {"height": 36, "width": 28, "steps": 8, "seed": 2,
+                                               "precision": "fp32"}}]
+    mx.submit({"resources": {"gpus": 1}, "steps": steps}, base=str(tmp_path))
+    steps[0]["output"] = "cpu.zarr"
+    mx.submit({"backend": "local", "resources": {"workers": 1}, "steps": steps}, base=str(tmp_path))
+    gpu, attrs = image.read(str(tmp_path / "gpu.zarr"))
+    cpu, _ = image.read(str(tmp_path / "cpu.zarr"))
+    assert rel_error(gpu, cpu) < 1e-3 and attrs["diffuse"]["precision"] == "fp32"
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_diffuse_modes_over_nccl(tmp_path):
+    from mx.storage import image
+
+    def step(mode):
+        return {"id": mode, "op": "diffuse", "inputs": {"model": "builtin:dit-tiny"},
+                "output": f"{mode}.zarr", "params": {"height": 44, "width": 32, "steps": 10,
+                                                     "seed": 4, "precision": "fp32",
+                                                     "parallel": {"mode": mode, "warmup": 2}}}
+
+    mx.submit({"resources": {"gpus": 1}, "steps": [step("none")]}, base=str(tmp_path))
+    mx.submit({"resources": {"gpus": 2}, "steps": [step(m) for m in
+                                                             ("sync", "distrifusion", "pcpp", "naive")]},
+                       base=str(tmp_path))
+    ref = image.read(str(tmp_path / "none.zarr"))[0]
+    out = {m: image.read(str(tmp_path / f"{m}.zarr"))[0] for m in ("sync", "distrifusion", "pcpp", "naive")}
+    assert rel_error(out["sync"], ref) < 1e-4
+    err = {m: float(np.abs(a - ref).mean()) for m, a in out.items()}
+    assert err["distrifusion"] < err["naive"] and err["pcpp"] < err["naive"], err

@@ -1,8 +1,16 @@
 """Scaled dot-product attention softmax(q kᵀ / √d) v, on NumPy or CuPy.
 
-Queries go in chunks so the score matrix of a chunk stays small (a 16384-token image has 2^28
-scores per head); each chunk is two batched products (cuBLAS on the GPU) around a softmax
-taken in float32 whatever the input precision.
+On a GPU in float16, one fused kernel (flash-attention style, FlashAttention-2's register
+layout): a block of 4 warps takes 64 queries, streams keys and values through shared memory
+64 at a time, multiplies on the tensor cores (``mma.sync`` m16n8k16, float32 accumulation)
+with the probabilities kept in registers, and keeps a running softmax, so the N×N scores
+never reach GPU memory (at 16384 tokens they would be 8 GiB per layer). It reads q, k, v
+through their strides, so the heads of a fused qkv projection need no copies, and writes
+(tokens, heads, d), which is the layout the output projection wants.
+
+Elsewhere (NumPy, float32 on CuPy) queries go in chunks so a chunk's score matrix stays
+small; each chunk is two batched products around a float32 softmax. This is the reference
+the GPU kernel is tested against.
 """
 
 from __future__ import annotations
@@ -12,10 +20,14 @@ import math
 import numpy as np
 
 SCORE_BUDGET = 2**26  # scores (all heads) held at once per chunk: 256 MiB in float32
+BLOCK_Q = 128  # queries per block of the fused kernel (8 warps, 16 each)
+MAX_HEAD_DIM = 128
 
 
 def attend(xp, q, k, v):
     """q: (heads, n, d); k, v: (heads, N, d). Returns (heads, n, d) in q's dtype."""
+    if fused(xp, q):
+        return _attend_fused(xp, q, k, v)
     heads, n, d = q.shape
     total = k.shape[1]
     scale = 1.0 / math.sqrt(d)
@@ -31,3 +43,216 @@ def attend(xp, q, k, v):
         e /= e.sum(axis=-1, keepdims=True)
         out[:, start:stop] = e.astype(q.dtype, copy=False) @ v
     return out
+
+
+def fused(xp, q) -> bool:
+    return xp.__name__ == "cupy" and q.dtype == np.float16 and q.shape[-1] <= MAX_HEAD_DIM
+
+
+_SOURCE = r"""
+// halves travel as raw 16-bit patterns (unsigned short): NVRTC here has no cuda_fp16.h/mma.h
+#define BQ 128
+#define BK 64
+#define DPS (DP + 8)     // padded row of a k / q tile (fewer shared-memory bank conflicts)
+#define BKS (BK + 8)     // padded row of the transposed v tile
+typedef unsigned short h16;
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ h16 to_half(float x) {
+    h16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ unsigned ld32(const h16* p) { return *(const unsigned*)p; }
+
+extern "C" __global__ void __launch_bounds__(256) mx_flash_attention(
+    const h16* __restrict__ q, const h16* __restrict__ k, const h16* __restrict__ v,
+    h16* __restrict__ o, int nq, int nk, int d,
+    long long qh, long long qt, long long kh, long long kt, long long vh, long long vt,
+    long long oh, long long ot, float scale_log2)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    h16* ks = (h16*)smem;          // BK x DPS; holds the BQ x DPS q tile first
+    h16* vts = ks + BQ * DPS;      // DP x BKS: v transposed
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int q0 = blockIdx.x * BQ;
+    q += blockIdx.y * qh; k += blockIdx.y * kh; v += blockIdx.y * vh; o += blockIdx.y * oh;
+
+#if VEC
+    for (int i = threadIdx.x; i < BQ * (DP / 8); i += blockDim.x) {
+        int r = i / (DP / 8), c = (i % (DP / 8)) * 8;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (q0 + r < nq && c < d) val = *(const uint4*)(q + (long long)(q0 + r) * qt + c);
+        *(uint4*)(ks + r * DPS + c) = val;
+    }
+#else
+    for (int i = threadIdx.x; i < BQ * DP; i += blockDim.x) {
+        int r = i / DP, c = i % DP;
+        ks[r * DPS + c] = (q0 + r < nq && c < d) ? q[(long long)(q0 + r) * qt + c] : (h16)0;
+    }
+#endif
+    __syncthreads();
+    unsigned qa[DP / 16][4];
+    const h16* qw = ks + warp * 16 * DPS;
+    #pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+        qa[kk][0] = ld32(qw + g * DPS + kk * 16 + tig * 2);
+        qa[kk][1] = ld32(qw + (g + 8) * DPS + kk * 16 + tig * 2);
+        qa[kk][2] = ld32(qw + g * DPS + kk * 16 + tig * 2 + 8);
+        qa[kk][3] = ld32(qw + (g + 8) * DPS + kk * 16 + tig * 2 + 8);
+    }
+    float acc[DP / 8][4];
+    #pragma unroll
+    for (int t = 0; t < DP / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    for (int k0 = 0; k0 < nk; k0 += BK) {
+        __syncthreads();
+#if VEC
+        for (int i = threadIdx.x; i < BK * (DP / 8); i += blockDim.x) {
+            int r = i / (DP / 8), c = (i % (DP / 8)) * 8;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (k0 + r < nk && c < d) {
+                kv4 = *(const uint4*)(k + (long long)(k0 + r) * kt + c);
+                vv4 = *(const uint4*)(v + (long long)(k0 + r) * vt + c);
+            }
+            *(uint4*)(ks + r * DPS + c) = kv4;
+            const h16* vh = (const h16*)&vv4;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) vts[(c + j) * BKS + r] = vh[j];
+        }
+#else
+        for (int i = threadIdx.x; i < BK * DP; i += blockDim.x) {
+            int r = i / DP, c = i % DP;
+            bool in = k0 + r < nk && c < d;
+            ks[r * DPS + c] = in ? k[(long long)(k0 + r) * kt + c] : (h16)0;
+            vts[c * BKS + r] = in ? v[(long long)(k0 + r) * vt + c] : (h16)0;
+        }
+#endif
+        __syncthreads();
+        float s[BK / 8][4];
+        #pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const h16* kr = ks + (nt * 8 + g) * DPS + tig * 2;
+            #pragma unroll
+            for (int kk = 0; kk < DP / 16; ++kk)
+                mma16816(s[nt], qa[kk], ld32(kr + kk * 16), ld32(kr + kk * 16 + 8));
+        }
+        float top0 = NEG_INF, top1 = NEG_INF;
+        #pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int col = k0 + nt * 8 + tig * 2 + (e & 1);
+                s[nt][e] = col < nk ? s[nt][e] * scale_log2 : NEG_INF;
+            }
+            top0 = fmaxf(top0, fmaxf(s[nt][0], s[nt][1]));
+            top1 = fmaxf(top1, fmaxf(s[nt][2], s[nt][3]));
+        }
+        top0 = fmaxf(top0, __shfl_xor_sync(0xffffffff, top0, 1));
+        top0 = fmaxf(top0, __shfl_xor_sync(0xffffffff, top0, 2));
+        top1 = fmaxf(top1, __shfl_xor_sync(0xffffffff, top1, 1));
+        top1 = fmaxf(top1, __shfl_xor_sync(0xffffffff, top1, 2));
+        float n0 = fmaxf(m0, top0), n1 = fmaxf(m1, top1);
+        float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
+        float sum0 = 0.f, sum1 = 0.f;
+        #pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - n0); s[nt][1] = exp2f(s[nt][1] - n0);
+            s[nt][2] = exp2f(s[nt][2] - n1); s[nt][3] = exp2f(s[nt][3] - n1);
+            sum0 += s[nt][0] + s[nt][1];
+            sum1 += s[nt][2] + s[nt][3];
+        }
+        sum0 += __shfl_xor_sync(0xffffffff, sum0, 1);
+        sum0 += __shfl_xor_sync(0xffffffff, sum0, 2);
+        sum1 += __shfl_xor_sync(0xffffffff, sum1, 1);
+        sum1 += __shfl_xor_sync(0xffffffff, sum1, 2);
+        l0 = l0 * a0 + sum0; l1 = l1 * a1 + sum1;
+        m0 = n0; m1 = n1;
+        #pragma unroll
+        for (int t = 0; t < DP / 8; ++t) { acc[t][0] *= a0; acc[t][1] *= a0; acc[t][2] *= a1; acc[t][3] *= a1; }
+        #pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned pa[4] = {pack(s[2 * kk][0], s[2 * kk][1]), pack(s[2 * kk][2], s[2 * kk][3]),
+                              pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            #pragma unroll
+            for (int t = 0; t < DP / 8; ++t) {
+                const h16* vr = vts + (t * 8 + g) * BKS + kk * 16 + tig * 2;
+                mma16816(acc[t], pa, ld32(vr), ld32(vr + 8));
+            }
+        }
+    }
+    int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    float i0 = 1.f / l0, i1 = 1.f / l1;
+    #pragma unroll
+    for (int t = 0; t < DP / 8; ++t) {
+        int c = t * 8 + tig * 2;
+        if (r0 < nq) {
+            if (c < d) o[(long long)r0 * ot + c] = to_half(acc[t][0] * i0);
+            if (c + 1 < d) o[(long long)r0 * ot + c + 1] = to_half(acc[t][1] * i0);
+        }
+        if (r1 < nq) {
+            if (c < d) o[(long long)r1 * ot + c] = to_half(acc[t][2] * i1);
+            if (c + 1 < d) o[(long long)r1 * ot + c + 1] = to_half(acc[t][3] * i1);
+        }
+    }
+}
+"""
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def _kernel(padded: int, vector: bool):
+    kernel = _KERNELS.get((padded, vector))
+    if kernel is None:
+        import cupy
+
+        kernel = cupy.RawKernel(_SOURCE, "mx_flash_attention",
+                                options=(f"-DDP={padded}", f"-DVEC={int(vector)}"))
+        if _shared_bytes(padded) > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = _shared_bytes(padded)
+        _KERNELS[(padded, vector)] = kernel
+    return kernel
+
+
+def _shared_bytes(padded: int) -> int:
+    return (BLOCK_Q * (padded + 8) + padded * (64 + 8)) * 2  # q (then k) tile + transposed v tile
+
+
+def _attend_fused(xp, q, k, v):
+    heads, n, d = q.shape
+    total = k.shape[1]
+    padded = -(-d // 16) * 16
+    out = xp.empty((n, heads, d), dtype=q.dtype)
+    args = []
+    for a in (q, k, v):
+        if a.strides[2] != a.itemsize:
+            a = xp.ascontiguousarray(a)
+        args.append(a)
+    q, k, v = args
+    e = q.itemsize
+    strides = [q.strides[0] // e, q.strides[1] // e, k.strides[0] // e, k.strides[1] // e,
+               v.strides[0] // e, v.strides[1] // e, d, heads * d]
+    # 16-byte loads need rows of whole 8-half vectors at 16-byte-aligned addresses
+    vector = d % 8 == 0 and all(x % 8 == 0 for x in strides[:6]) and \
+        all(a.data.ptr % 16 == 0 for a in (q, k, v))
+    grid = (-(-n // BLOCK_Q), heads)
+    _kernel(padded, vector)(grid, (256,), (q, k, v, out, np.int32(n), np.int32(total), np.int32(d),
+                                   *[np.int64(s) for s in strides],
+                                   np.float32(math.log2(math.e) / math.sqrt(d))),
+                    shared_mem=_shared_bytes(padded))
+    return out.transpose(1, 0, 2)

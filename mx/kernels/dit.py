@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,6 +72,7 @@ BUILTINS = ("builtin:dit-tiny", "builtin:dit-xl")
 class Model:
     config: Config
     w: dict  # name -> device array; linear weights transposed to (in, out)
+    cache: dict = field(default_factory=dict)  # position embeddings, by grid and rows
 
 
 # --------------------------------------------------------------------------- loading
@@ -257,14 +258,47 @@ def _silu(xp, x):
     return x / (1 + xp.exp(-x))
 
 
+_FUSED: dict[str, object] = {}
+
+
+def _fused(name: str, params: str, out: str, body: str):
+    """One CuPy elementwise kernel (float math inside), made once: on the GPU each of these
+    would otherwise be several passes over a (tokens × width) array."""
+    kernel = _FUSED.get(name)
+    if kernel is None:
+        import cupy
+
+        kernel = cupy.ElementwiseKernel(params, out, body, f"mx_dit_{name}")
+        _FUSED[name] = kernel
+    return kernel
+
+
 def _gelu_tanh(xp, x):
+    if xp.__name__ == "cupy":
+        return _fused("gelu", "T x", "T y", "float v = (float)x; "
+                      "y = (T)(0.5f * v * (1.f + tanhf(0.7978845608028654f * "
+                      "(v + 0.044715f * v * v * v))));")(x)
     return 0.5 * x * (1 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def _residual(xp, x, gate, y):
+    """x + gate·y (gate broadcast over tokens)."""
+    if xp.__name__ == "cupy":
+        return _fused("residual", "T x, T g, T y", "T z",
+                      "z = (T)((float)x + (float)g * (float)y);")(x, gate, y)
+    return x + gate * y
 
 
 def _norm_modulate(xp, x, shift, scale):
     """LayerNorm (no affine, eps 1e-6, statistics in float32), then x·(1 + scale) + shift."""
     x32 = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
     mean = x32.mean(axis=-1, keepdims=True)
+    if xp.__name__ == "cupy":
+        meansq = xp.square(x32).mean(axis=-1, keepdims=True)
+        return _fused("norm_modulate", "T x, float32 mean, float32 meansq, T shift, T scale",
+                      "T y", "float var = fmaxf(meansq - mean * mean, 0.f); "
+                      "y = (T)(((float)x - mean) * rsqrtf(var + 1e-6f) * (1.f + (float)scale) "
+                      "+ (float)shift);")(x, mean, meansq, shift, scale)
     var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
     normed = ((x32 - mean) / xp.sqrt(var + 1e-6)).astype(x.dtype, copy=False)
     return normed * (1 + scale) + shift
@@ -296,16 +330,19 @@ def forward_band(model: Model, xp, latent_rows, token_rows: tuple[int, int], gri
     cfg, w = model.config, model.w
     p, d = cfg.patch, cfg.hidden
     x = patchify(xp, latent_rows, p) @ w["x_embedder.proj.weight"] + w["x_embedder.proj.bias"]
-    x = x + pos_embed(xp, d, grid, token_rows, x.dtype)
+    key = ("pos", grid, tuple(token_rows), x.dtype.str)
+    if key not in model.cache:  # made on the host: cache it for the following steps
+        model.cache[key] = pos_embed(xp, d, grid, token_rows, x.dtype)
+    x = x + model.cache[key]
     sc = _silu(xp, c)
     for i in range(cfg.depth):
         mod = linear(sc, w, f"blocks.{i}.adaLN_modulation.1")
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, j * d:(j + 1) * d] for j in range(6))
         h = _norm_modulate(xp, x, shift1, scale1)
-        x = x + gate1 * _attention(model, xp, h, i, kv)
+        x = _residual(xp, x, gate1, _attention(model, xp, h, i, kv))
         h = _norm_modulate(xp, x, shift2, scale2)
         h = _gelu_tanh(xp, linear(h, w, f"blocks.{i}.mlp.fc1"))
-        x = x + gate2 * linear(h, w, f"blocks.{i}.mlp.fc2")
+        x = _residual(xp, x, gate2, linear(h, w, f"blocks.{i}.mlp.fc2"))
     mod = linear(sc, w, "final_layer.adaLN_modulation.1")
     x = _norm_modulate(xp, x, mod[:, :d], mod[:, d:])
     out = linear(x, w, "final_layer.linear")
