@@ -113,7 +113,7 @@ def run_job(folder, model, size, mode, workers, gpus, steps, precision="auto", t
     params = {"height": size, "width": size, "steps": steps, "seed": 7, "precision": precision,
               "parallel": {"mode": mode, "warmup": 4}}
     if mode == "none":
-        workers = gpus = min(workers, 1) if gpus else 1
+        workers, gpus = 1, min(gpus, 1)
     job = {"name": f"diffuse-{mode}", "resources": {"workers": workers, "gpus": gpus},
            "steps": [{"id": "img", "op": "diffuse", "inputs": {"model": model},
                       "output": output, "params": params}]}

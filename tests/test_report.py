@@ -142,6 +142,22 @@ def test_complete_report_with_convergence(tmp_path):
     assert colour_pixels(paths[0], "compute") > 5 * 40 * 15
 
 
+def test_diffuse_report_with_image_and_step_timings(tmp_path):
+    step = {"id": "img", "op": "diffuse", "inputs": {"model": "builtin:dit-tiny"},
+            "output": "img.zarr", "params": {"height": 32, "width": 40, "steps": 6,
+                                             "parallel": {"mode": "pcpp", "warmup": 2}}}
+    job_id = mx.submit({"backend": "local", "resources": {"workers": 2}, "steps": [step]},
+                       base=str(tmp_path))
+    out_dir = str(tmp_path / "pictures")
+    paths = cli_report(job_id, "--out", out_dir)
+    assert [os.path.basename(p) for p in paths] == \
+        ["img-timeline.png", "img-image.png", "img-steps.png", "index.html"]
+    text = check_page(paths, out_dir)
+    width, height = png_size(paths[1])  # scaled up by a whole factor to be seen
+    assert "No image" not in text and width % 40 == 0 and width * 32 == height * 40 >= 256 * 32
+    assert colour_pixels(paths[2], "compute") > 6 * 20  # the bars are drawn
+
+
 def test_failed_jobs_get_a_page_that_says_why(tmp_path, rng):
     # gemm fails at its first read: nothing ran to the end, no timeline at all
     write_dense(tmp_path / "a.zarr", rng.random((120, 90)), chunks=(40, 90))

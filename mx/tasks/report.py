@@ -2,7 +2,9 @@
 
 For every step that left a timeline (``timeline.json``, written by the job's driver) a
 per-worker Gantt chart, ``<step>-timeline.png``; for a ``complete`` step whose output holds
-a sweep history, ``<step>-convergence.png`` (held-out and training RMSE per sweep). Then
+a sweep history, ``<step>-convergence.png`` (held-out and training RMSE per sweep); for a
+``diffuse`` step, the image (``<step>-image.png``) and ``<step>-steps.png`` (seconds per
+denoising step). Then
 ``index.html`` with the job's state, a table of its steps and the pictures; where a picture
 could not be drawn, the page says why instead.
 """
@@ -88,6 +90,12 @@ def step_pictures(job_id: str, rec: dict, step: dict, timeline: dict | None,
                 pictures.append((path, "Held-out and training RMSE after each sweep."))
             else:
                 notes.append(f"No convergence picture: {why}.")
+    if step["op"] == "diffuse":
+        drawn, why = diffuse_pictures(job_id, rec, step, out_dir)
+        if drawn is None:
+            notes.append(f"No image: {why}.")
+        else:
+            pictures.extend(drawn)
     return pictures, notes
 
 
@@ -172,28 +180,77 @@ def draw_timeline(path: str, job_id: str, step_id: str, op: str, tasks: list[dic
         plt.close(fig)
 
 
-def convergence_history(job_id: str, rec: dict, step: dict) -> tuple[list | None, str]:
-    """The sweep history stored in the step's output, or None and why there is none."""
+def stored_attributes(job_id: str, rec: dict, step: dict) -> tuple[dict | None, str, str]:
+    """The attributes of the step's committed output, its path, and why there are none."""
     import zarr
 
     from mx.tasks.spec import resolve_path
 
     output = resolve_path(step["output"], rec.get("base") or os.getcwd())
     if step.get("state") != "succeeded":
-        return None, f"the step did not succeed (state {step.get('state', '?')}), so no output " \
-                     f"with a history was committed"
+        return None, output, f"the step did not succeed (state {step.get('state', '?')}), so " \
+                             f"no output was committed"
     try:
-        attrs = dict(zarr.open_group(store=output, mode="r").attrs)
-    except Exception as exc:  # gone, moved or not a group: the page says so, no traceback
-        return None, f"cannot open the output {output} ({type(exc).__name__}: {exc})"
-    # a later job may have replaced the output; its history is not this job's
+        attrs = dict(zarr.open(store=output, mode="r").attrs)
+    except Exception as exc:  # gone, moved or not Zarr: the page says so, no traceback
+        return None, output, f"cannot open the output {output} ({type(exc).__name__}: {exc})"
+    # a later job may have replaced the output; what it holds is not this job's
     writer = (attrs.get("mx") or {}).get("job")
     if writer not in (None, job_id):
-        return None, f"the output {output} was since rewritten by job {writer}"
+        return None, output, f"the output {output} was since rewritten by job {writer}"
+    return attrs, output, ""
+
+
+def convergence_history(job_id: str, rec: dict, step: dict) -> tuple[list | None, str]:
+    """The sweep history stored in the step's output, or None and why there is none."""
+    attrs, output, why = stored_attributes(job_id, rec, step)
+    if attrs is None:
+        return None, why
     history = attrs.get("history")
     if not history:
         return None, f"the output {output} holds no sweep history"
     return history, ""
+
+
+def diffuse_pictures(job_id: str, rec: dict, step: dict, out_dir: str):
+    """The generated image and a chart of seconds per denoising step, as (path, caption)
+    pairs, or None and why."""
+    from mx.storage.image import PREVIEW
+
+    attrs, output, why = stored_attributes(job_id, rec, step)
+    info = (attrs or {}).get("diffuse")
+    if attrs is None or not info:
+        return None, why or f"the output {output} holds no diffusion record"
+    name = safe_name(step["id"])
+    image = os.path.join(out_dir, f"{name}-image.png")
+    from PIL import Image
+
+    with Image.open(os.path.join(output, PREVIEW)) as picture:
+        factor = -(-256 // max(picture.size))  # small images scaled up, pixels kept sharp
+        if factor > 1:
+            picture = picture.resize((picture.width * factor, picture.height * factor),
+                                     Image.NEAREST)
+        picture.save(image)
+    seconds = info["step_seconds"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    try:
+        ax.bar(range(1, len(seconds) + 1), [x * 1e3 for x in seconds], color=COLOURS["compute"])
+        ax.set_xlabel("denoising step")
+        ax.set_ylabel("ms (slowest worker)")
+        ax.set_title(f"job {job_id} · step {step['id']} (diffuse, {info['mode']}, "
+                     f"{len(info['bands'])} band(s)) · steady {info['steady_step_seconds'] * 1e3:.1f}"
+                     f" ms/step · {info['bytes_per_step_per_worker'] / 1e6:.3g} MB sent/step",
+                     fontsize=9)
+        fig.tight_layout()
+        chart = os.path.join(out_dir, f"{name}-steps.png")
+        fig.savefig(chart, dpi=110)
+    finally:
+        plt.close(fig)
+    return [(image, f"The generated image ({info['height']}×{info['width']}, {info['steps']} "
+                    f"steps, mode {info['mode']})."),
+            (chart, "Seconds per denoising step; the first steps of distrifusion and pcpp are "
+                    "the synchronous warmup.")], ""
 
 
 def draw_convergence(path: str, job_id: str, step_id: str, history: list[dict]) -> str | None:
