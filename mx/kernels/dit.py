@@ -50,18 +50,6 @@ class Config:
     clip_x0: bool = False
     name: str = "dit"
 
-    @property
-    def params(self) -> int:
-        d, p = self.hidden, self.patch
-        per_block = 12 * d * d + 13 * d + 6 * d * d + 6 * d
-        return (self.depth * per_block + d * self.in_channels * p * p + FREQ_DIM * d + d * d
-                + 2 * d * d + d * p * p * self.out_channels)
-
-    def flops_per_token(self, tokens: int) -> float:
-        """Multiply-adds ×2 of one forward, per token, attending to ``tokens`` keys."""
-        d = self.hidden
-        return 2.0 * self.depth * (12 * d * d + 2 * tokens * d)
-
 
 XL = Config(hidden=1152, depth=28, heads=16, patch=2, in_channels=4, out_channels=8,
             num_classes=1000, vae_factor=8, name="builtin:dit-xl")
