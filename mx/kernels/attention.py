@@ -1,7 +1,7 @@
 """Scaled dot-product attention softmax(q kᵀ / √d) v, on NumPy or CuPy.
 
 On a GPU in float16, one fused kernel (flash-attention style, FlashAttention-2's register
-layout): a block of 4 warps takes 64 queries, streams keys and values through shared memory
+layout): a block of 8 warps takes 128 queries, streams keys and values through shared memory
 64 at a time, multiplies on the tensor cores (``mma.sync`` m16n8k16, float32 accumulation)
 with the probabilities kept in registers, and keeps a running softmax, so the N×N scores
 never reach GPU memory (at 16384 tokens they would be 8 GiB per layer). It reads q, k, v
@@ -20,7 +20,8 @@ import math
 import numpy as np
 
 SCORE_BUDGET = 2**26  # scores (all heads) held at once per chunk: 256 MiB in float32
-BLOCK_Q = 128  # queries per block of the fused kernel (8 warps, 16 each)
+BLOCK_Q = 128  # queries per block of the fused kernel (8 warps, 16 each); BQ in the source
+BLOCK_K = 64  # keys per shared-memory tile; BK in the source
 MAX_HEAD_DIM = 128
 
 
@@ -230,7 +231,8 @@ def _kernel(padded: int, vector: bool):
 
 
 def _shared_bytes(padded: int) -> int:
-    return (BLOCK_Q * (padded + 8) + padded * (64 + 8)) * 2  # q (then k) tile + transposed v tile
+    # q (then k) tile of padded rows + transposed v tile, as the source lays them out
+    return (BLOCK_Q * (padded + 8) + padded * (BLOCK_K + 8)) * 2
 
 
 def _attend_fused(xp, q, k, v):

@@ -64,14 +64,6 @@ class Model:
 
 
 # --------------------------------------------------------------------------- loading
-def resolve(value: str, base: str) -> str:
-    """A model reference from a job file: a builtin name, or a path resolved against ``base``."""
-    if value.startswith("builtin:"):
-        return value
-    path = os.path.expanduser(value)
-    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
-
-
 def _builtin_file(name: str) -> str:
     return os.path.join(BUILTIN_DIR, name.split(":", 1)[1] + ".safetensors")
 
@@ -114,7 +106,7 @@ def config_from(shapes: dict[str, tuple], metadata: dict[str, str], where: str) 
     final = shapes.get("final_layer.linear.weight", (0, hidden))
     out_channels = final[0] // (patch * patch)
     table = shapes.get("y_embedder.embedding_table.weight")
-    classes = int(metadata.get("num_classes", table[0] - 1 if table else 0)) if table else 0
+    classes = int(metadata.get("num_classes", table[0] - 1)) if table else 0
     default_heads = 16 if hidden == 1152 else max(1, hidden // 64)
     heads = int(metadata.get("num_heads", default_heads))
     if hidden % heads:

@@ -29,7 +29,6 @@ from mx.cluster.comm import GangContext
 from mx.kernels import dit, sampler
 from mx.storage import image
 
-MODES = ("none", "naive", "sync", "distrifusion", "pcpp")
 STALE = ("distrifusion", "pcpp")
 
 
@@ -194,12 +193,12 @@ def run(rank: int, *, model, precision, height, width, steps, seed, label, mode,
     if gathered is None:
         return {"band": [r0, r1]}
     latent, records = gathered
-    steady_seconds = [max(r["step_seconds"][i] for r in records) for i in steady]
+    step_seconds = [max(r["step_seconds"][i] for r in records) for i in range(steps)]
     summary = {"mode": mode, "bands": [r["band"] for r in records], "steps": steps,
                "model": model, "precision": "fp16" if dtype == np.float16 else "fp32",
                "height": height, "width": width, "seed": seed,
-               "step_seconds": [max(r["step_seconds"][i] for r in records) for i in range(steps)],
-               "steady_step_seconds": float(np.median(steady_seconds)),
+               "step_seconds": step_seconds,
+               "steady_step_seconds": float(np.median([step_seconds[i] for i in steady])),
                "bytes_per_step_per_worker": int(max(r["steady_bytes"] for r in records)),
                "buffer_bytes_per_worker": int(max(r["buffer_bytes"] for r in records))}
     image.write(out_path, latent, cfg.clip_x0, summary)

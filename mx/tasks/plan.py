@@ -77,7 +77,8 @@ def plan_job(job: spec.Job, base: str) -> JobPlan:
                 if ref is not None:
                     raise UserError(f"{where}: a model is a builtin name or a file, not the "
                                     f"output of a step")
-                paths[name] = dit.resolve(value, base)
+                builtin = value.startswith("builtin:")
+                paths[name] = value if builtin else spec.resolve_path(value, base)
                 infos[name] = dit.inspect(paths[name], where)
                 continue
             if ref is not None:
