@@ -297,3 +297,35 @@ def test_a_cluster_job_whose_driver_died_resumes_as_a_new_ray_job(head, tmp_path
     history = zarr.open_group(str(tmp_path / "F.zarr"), mode="r").attrs["history"]
     assert history[-1]["holdout_rel_error"] < 1e-6
     assert live_actors(head, job_id) == []
+
+
+def test_a_diffuse_job_on_the_head_reports_its_step_and_its_picture(head, tmp_path):
+    steps = 150
+    (tmp_path / "job.yaml").write_text(
+        "name: picture\nresources: {workers: 2}\nsteps:\n"
+        "  - id: img\n    op: diffuse\n    inputs: {model: builtin:dit-tiny}\n"
+        f"    output: img.zarr\n    params: {{height: 48, width: 40, steps: {steps}, seed: 3,\n"
+        "             parallel: {mode: distrifusion, patches: 2, warmup: 2}}\n")
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", "--address", head["dashboard"],
+                    env=head["env"], check=True).stdout.strip()
+    # the denoising step as a Ray metric on the node's endpoint, while the job runs
+    port = query(head, "result = ray.nodes()[0]['MetricsExportPort']")
+    seen = wait_for(lambda: metric(port, "ray_mx_denoising_step", job_id),
+                    "the denoising-step metric", 120)
+    assert 1 <= seen <= steps
+    wait_for(lambda: record(head, job_id)["state"] in ("succeeded", "failed", "cancelled"),
+             f"job {job_id}", 300)
+    assert record(head, job_id)["state"] == "succeeded", \
+        mx_cli("logs", job_id, env=head["env"]).stdout
+    assert sorted(n.rsplit(":", 1)[1] for n in query(
+        head, f"result = [a.name for a in list_actors() if (a.name or '').startswith('mx:{job_id}:img:worker')]")) \
+        == ["worker(0)", "worker(1)"]
+    assert live_actors(head, job_id) == []
+    # the image (Zarr + PNG beside it) and the report's picture of it
+    picture = zarr.open_array(str(tmp_path / "img.zarr"), mode="r")
+    assert picture.shape == (3, 48, 40) and float(picture[:].std()) > 0.01
+    assert (tmp_path / "img.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    paths = mx_cli("report", job_id, "--out", tmp_path / "report", env=head["env"],
+                   check=True).stdout.split()
+    assert [os.path.basename(p) for p in paths] == \
+        ["img-timeline.png", "img-image.png", "img-steps.png", "index.html"]
