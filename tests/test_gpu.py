@@ -105,6 +105,38 @@ def test_abft_on_the_gpu(tmp_path, rng, monkeypatch):
     assert mx.status(job_id)["steps"][0]["counters"]["abft-recomputed"] == 1
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "tf32", "fp64"])
+@pytest.mark.parametrize("cols", [520, 333])  # 16-byte rows, and rows that are not
+def test_abft_kernels_match_the_numpy_twin(rng, precision, cols):
+    import cupy
+
+    m, k = 301, 457
+    a = rng.standard_normal((m, k)) * 10.0 ** rng.integers(-2, 3, (m, 1))
+    b = rng.standard_normal((k, cols))
+    da, db = prec.to_device(cupy, a, precision), prec.to_device(cupy, b, precision)
+    # the values the GPU blocks hold (bf16 widened), for the NumPy twin
+    ha, hb = (cupy.asnumpy(prec.as_float(cupy, x, precision)) for x in (da, db))
+    bv, b_abs = abft.row_checks(cupy, db, None, precision)
+    hbv, hb_abs = abft.row_checks(np, hb, None, precision)
+    tol = 1e-12 if precision == "fp64" else 1e-5
+    assert rel_error(cupy.asnumpy(bv), hbv) < tol and abs(b_abs / hb_abs - 1) < tol
+    av, a_abs = abft.row_checks(cupy, da, bv, precision)
+    hav, ha_abs = abft.row_checks(np, ha, hbv, precision)
+    assert rel_error(cupy.asnumpy(av), hav) < tol and abs(a_abs / ha_abs - 1) < tol
+    # a corrupted product into a C that already holds a sum: only the bad row is recomputed
+    dtype = prec.output_dtype(precision)
+    c0 = rng.standard_normal((m, cols)).astype(dtype)
+    for fresh in (False, True):
+        start = np.zeros_like(c0) if fresh else c0
+        c, counters = cupy.asarray(start), {}
+        redone = abft.checked_accumulate(cupy, c, da, db, precision, counters, "t", corrupt=True,
+                                         fresh=fresh)
+        assert redone == 1 and counters == {"abft-checked": 1, "abft-recomputed": 1}
+        want = start + ha.astype(np.float64) @ hb.astype(np.float64)
+        assert rel_error(cupy.asnumpy(c), want) < (1e-12 if precision == "fp64" else 1e-5
+                                                   if precision != "tf32" else 5e-3)
+
+
 def test_gemm_model_measures_this_gpu(tmp_path, monkeypatch):
     from mx.kernels import gemm_model
 

@@ -86,3 +86,29 @@ def test_abft_fails_loudly_when_checksums_cannot_agree(rng):
     b = rng.standard_normal((9, 5))
     with pytest.raises(abft.ChecksumError, match="failed its checksums twice"):
         abft.checked_accumulate(np, np.zeros((8, 5)), a, b, "fp64", {}, "t")
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_abft_recomputes_only_the_rows_that_fail(rng, fresh):
+    a, b = rng.standard_normal((37, 53)), rng.standard_normal((53, 29))
+    c0 = np.zeros((37, 29)) if fresh else rng.standard_normal((37, 29))
+    c, counters = c0.copy(), {}
+    redone = abft.checked_accumulate(np, c, a, b, "fp64", counters, "t", corrupt=True, fresh=fresh)
+    assert redone == 1 and counters == {"abft-checked": 1, "abft-recomputed": 1}
+    assert rel_error(c, c0 + a @ b) < 1e-13
+
+
+def test_abft_weights_catch_errors_that_cancel_in_a_row_sum(rng):
+    a, b = rng.standard_normal((23, 41)), rng.standard_normal((41, 19))
+    bv, _ = abft.row_checks(np, b, None, "fp64")
+    expect, _ = abft.row_checks(np, a, bv, "fp64")
+    p = a @ b
+    tol = 1e-9
+    assert abft._check_add(np, p.copy(), None, expect, tol).size == 0
+    p[5, 3] += 1.0
+    p[5, 11] -= 1.0  # the plain row sum is unchanged
+    assert abs(p[5].sum() - (a @ b)[5].sum()) < tol
+    assert list(abft._check_add(np, p, None, expect, tol)) == [5]
+    c = np.zeros_like(p)
+    abft._check_add(np, p, c, expect, tol)  # rows that pass are added, row 5 is not
+    assert not c[5].any() and rel_error(np.delete(c, 5, 0), np.delete(a @ b, 5, 0)) < 1e-14

@@ -54,7 +54,7 @@ def _rounds(ctx, a, b, c, q, i, j, neighbours, inner, precision, verify, faults)
             ctx.count("bytes-shifted", int(a.nbytes + b.nbytes))
         with ctx.timed("compute"):
             abft.accumulate(xp, c, a, b, precision, verify, ctx.counters,
-                            f"worker ({i},{j}) round {step}", step in faults)
+                            f"worker ({i},{j}) round {step}", step in faults, fresh=step == 0)
         ctx.advance(1)
         if not last:
             a, b = ctx.wait(exchange, "shift-wait")

@@ -43,7 +43,8 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
                     a = prec.to_device(xp, a_host, precision)
                     b = prec.to_device(xp, b_host, precision)
                 with ctx.timed("compute"):
-                    abft.accumulate(xp, c, a, b, precision, verify, ctx.counters, f"tile {t} slab {s}")
+                    abft.accumulate(xp, c, a, b, precision, verify, ctx.counters, f"tile {t} slab {s}",
+                                    fresh=s == 0)
                 ctx.advance(1)
             ctx.finish()
             host = ctx.to_host(c)

@@ -71,5 +71,5 @@ def _steps(ctx, c, start, inner, precision, verify, faults, where):
             pending = start(k + 1)
         with ctx.timed("compute"):
             abft.accumulate(xp, c, a, b, precision, verify, ctx.counters,
-                            f"worker {where} panel {k}", k in faults)
+                            f"worker {where} panel {k}", k in faults, fresh=k == 0)
         ctx.advance(1)
