@@ -54,8 +54,8 @@ _SOURCE = r"""
 // halves travel as raw 16-bit patterns (unsigned short): NVRTC here has no cuda_fp16.h/mma.h
 #define BQ 128
 #define BK 64
-#define DPS (DP + 8)     // padded row of a k / q tile (fewer shared-memory bank conflicts)
-#define BKS (BK + 8)     // padded row of the transposed v tile
+#define DPS (DP + 8)     // padded row of a q / k / v tile: ldmatrix rows fall in distinct banks
+#define TILE (BK * DPS)  // halves in one k or v tile
 typedef unsigned short h16;
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -64,6 +64,32 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+// four 8x8 matrices of halves from shared memory; lane l gives the address of row l % 8 of
+// matrix l / 8
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const h16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const h16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x2(unsigned* r, const h16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid
+__device__ __forceinline__ void cp_async16(h16* dst, const h16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N));
 }
 __device__ __forceinline__ unsigned pack(float lo, float hi) {
     unsigned r;
@@ -75,82 +101,77 @@ __device__ __forceinline__ h16 to_half(float x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
     return r;
 }
-__device__ __forceinline__ unsigned ld32(const h16* p) { return *(const unsigned*)p; }
+
+// rows [r0, r0 + rows) of a (tokens, dl) matrix read through its row stride into a tile of
+// DPS-wide rows; rows past n and columns past dl (up to DP) are zero
+__device__ __forceinline__ void load_tile(h16* tile, const h16* x, long long stride, int r0,
+                                          int rows, int n, int dl) {
+    for (int i = threadIdx.x; i < rows * (DP / 8); i += blockDim.x) {
+        int r = i / (DP / 8), c = (i % (DP / 8)) * 8;
+        bool valid = r0 + r < n && c < dl;
+        cp_async16(tile + r * DPS + c, valid ? x + (long long)(r0 + r) * stride + c : x, valid);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(256) mx_flash_attention(
     const h16* __restrict__ q, const h16* __restrict__ k, const h16* __restrict__ v,
-    h16* __restrict__ o, int nq, int nk, int d,
+    h16* __restrict__ o, int nq, int nk, int d, int dl,
     long long qh, long long qt, long long kh, long long kt, long long vh, long long vt,
     long long oh, long long ot, float scale_log2)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    h16* ks = (h16*)smem;          // BK x DPS; holds the BQ x DPS q tile first
-    h16* vts = ks + BQ * DPS;      // DP x BKS: v transposed
+    h16* tiles = (h16*)smem;  // [k0 | v0 | k1 | v1], two stages; holds the q tile first
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tig = lane & 3;
     const int q0 = blockIdx.x * BQ;
     q += blockIdx.y * qh; k += blockIdx.y * kh; v += blockIdx.y * vh; o += blockIdx.y * oh;
 
-#if VEC
-    for (int i = threadIdx.x; i < BQ * (DP / 8); i += blockDim.x) {
-        int r = i / (DP / 8), c = (i % (DP / 8)) * 8;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (q0 + r < nq && c < d) val = *(const uint4*)(q + (long long)(q0 + r) * qt + c);
-        *(uint4*)(ks + r * DPS + c) = val;
-    }
-#else
-    for (int i = threadIdx.x; i < BQ * DP; i += blockDim.x) {
-        int r = i / DP, c = i % DP;
-        ks[r * DPS + c] = (q0 + r < nq && c < d) ? q[(long long)(q0 + r) * qt + c] : (h16)0;
-    }
-#endif
+    // this warp's 16 queries as mma A fragments, kept in registers for the whole block
+    load_tile(tiles, q, qt, q0, BQ, nq, dl);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     unsigned qa[DP / 16][4];
-    const h16* qw = ks + warp * 16 * DPS;
     #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-        qa[kk][0] = ld32(qw + g * DPS + kk * 16 + tig * 2);
-        qa[kk][1] = ld32(qw + (g + 8) * DPS + kk * 16 + tig * 2);
-        qa[kk][2] = ld32(qw + g * DPS + kk * 16 + tig * 2 + 8);
-        qa[kk][3] = ld32(qw + (g + 8) * DPS + kk * 16 + tig * 2 + 8);
-    }
+    for (int kk = 0; kk < DP / 16; ++kk)
+        ldmatrix_x4(qa[kk], tiles + (warp * 16 + (lane & 15)) * DPS + kk * 16 + (lane >> 4) * 8);
+    __syncthreads();
+
     float acc[DP / 8][4];
     #pragma unroll
     for (int t = 0; t < DP / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
 
-    for (int k0 = 0; k0 < nk; k0 += BK) {
-        __syncthreads();
-#if VEC
-        for (int i = threadIdx.x; i < BK * (DP / 8); i += blockDim.x) {
-            int r = i / (DP / 8), c = (i % (DP / 8)) * 8;
-            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nk && c < d) {
-                kv4 = *(const uint4*)(k + (long long)(k0 + r) * kt + c);
-                vv4 = *(const uint4*)(v + (long long)(k0 + r) * vt + c);
-            }
-            *(uint4*)(ks + r * DPS + c) = kv4;
-            const h16* vh = (const h16*)&vv4;
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) vts[(c + j) * BKS + r] = vh[j];
+    const int tiles_k = (nk + BK - 1) / BK;
+    load_tile(tiles, k, kt, 0, BK, nk, dl);
+    load_tile(tiles + TILE, v, vt, 0, BK, nk, dl);
+    cp_async_commit();
+    for (int it = 0; it < tiles_k; ++it) {
+        const int k0 = it * BK;
+        // the next tile streams in while this one is multiplied
+        if (it + 1 < tiles_k) {
+            h16* next = tiles + ((it + 1) & 1) * 2 * TILE;
+            load_tile(next, k, kt, k0 + BK, BK, nk, dl);
+            load_tile(next + TILE, v, vt, k0 + BK, BK, nk, dl);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
-#else
-        for (int i = threadIdx.x; i < BK * DP; i += blockDim.x) {
-            int r = i / DP, c = i % DP;
-            bool in = k0 + r < nk && c < d;
-            ks[r * DPS + c] = in ? k[(long long)(k0 + r) * kt + c] : (h16)0;
-            vts[c * BKS + r] = in ? v[(long long)(k0 + r) * vt + c] : (h16)0;
-        }
-#endif
         __syncthreads();
+        const h16* ks = tiles + (it & 1) * 2 * TILE;
+        const h16* vs = ks + TILE;
+
         float s[BK / 8][4];
         #pragma unroll
         for (int nt = 0; nt < BK / 8; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            const h16* kr = ks + (nt * 8 + g) * DPS + tig * 2;
             #pragma unroll
-            for (int kk = 0; kk < DP / 16; ++kk)
-                mma16816(s[nt], qa[kk], ld32(kr + kk * 16), ld32(kr + kk * 16 + 8));
+            for (int kk = 0; kk < DP / 16; ++kk) {
+                unsigned b[2];  // keys nt*8.., dims kk*16.. and kk*16+8..
+                ldmatrix_x2(b, ks + (nt * 8 + (lane & 7)) * DPS + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma16816(s[nt], qa[kk], b[0], b[1]);
+            }
         }
         float top0 = NEG_INF, top1 = NEG_INF;
         #pragma unroll
@@ -191,11 +212,17 @@ extern "C" __global__ void __launch_bounds__(256) mx_flash_attention(
                               pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
             #pragma unroll
-            for (int t = 0; t < DP / 8; ++t) {
-                const h16* vr = vts + (t * 8 + g) * BKS + kk * 16 + tig * 2;
-                mma16816(acc[t], pa, ld32(vr), ld32(vr + 8));
+            for (int t = 0; t < DP / 8; t += 2) {
+                // v is stored row-major (keys x dims); the transposing load gives the
+                // (keys x dims) B fragments for dims t*8.. and (t+1)*8..
+                unsigned b[4];
+                const int m = lane >> 3;
+                ldmatrix_x4_trans(b, vs + (kk * 16 + (m & 1) * 8 + (lane & 7)) * DPS + (t + (m >> 1)) * 8);
+                mma16816(acc[t], pa, b[0], b[1]);
+                mma16816(acc[t + 1], pa, b[2], b[3]);
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's loads
     }
     int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
     float i0 = 1.f / l0, i1 = 1.f / l1;
@@ -217,44 +244,48 @@ extern "C" __global__ void __launch_bounds__(256) mx_flash_attention(
 _KERNELS: dict[tuple, object] = {}
 
 
-def _kernel(padded: int, vector: bool):
-    kernel = _KERNELS.get((padded, vector))
+def _kernel(padded: int):
+    kernel = _KERNELS.get(padded)
     if kernel is None:
         import cupy
 
-        kernel = cupy.RawKernel(_SOURCE, "mx_flash_attention",
-                                options=(f"-DDP={padded}", f"-DVEC={int(vector)}"))
+        kernel = cupy.RawKernel(_SOURCE, "mx_flash_attention", options=(f"-DDP={padded}",))
         if _shared_bytes(padded) > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = _shared_bytes(padded)
-        _KERNELS[(padded, vector)] = kernel
+        _KERNELS[padded] = kernel
     return kernel
 
 
 def _shared_bytes(padded: int) -> int:
-    # q (then k) tile of padded rows + transposed v tile, as the source lays them out
-    return (BLOCK_Q * (padded + 8) + padded * (BLOCK_K + 8)) * 2
+    # two stages of a k and a v tile, padded rows; the q tile is loaded into the same space
+    return max(4 * BLOCK_K, BLOCK_Q) * (padded + 8) * 2
+
+
+def _loadable(xp, a, d8: int):
+    """``a`` as the kernel reads it: rows of whole 16-byte vectors at 16-byte-aligned
+    addresses, through its strides when they allow, else a copy with zero-padded rows."""
+    e = a.itemsize
+    if a.strides[2] == e and a.strides[0] % 16 == 0 and a.strides[1] % 16 == 0 \
+            and a.data.ptr % 16 == 0 and a.shape[2] % 8 == 0:
+        return a
+    padded = xp.zeros(a.shape[:2] + (d8,), dtype=a.dtype)
+    padded[..., :a.shape[2]] = a
+    return padded
 
 
 def _attend_fused(xp, q, k, v):
     heads, n, d = q.shape
     total = k.shape[1]
     padded = -(-d // 16) * 16
+    d8 = -(-d // 8) * 8
     out = xp.empty((n, heads, d), dtype=q.dtype)
-    args = []
-    for a in (q, k, v):
-        if a.strides[2] != a.itemsize:
-            a = xp.ascontiguousarray(a)
-        args.append(a)
-    q, k, v = args
+    q, k, v = (_loadable(xp, a, d8) for a in (q, k, v))
     e = q.itemsize
     strides = [q.strides[0] // e, q.strides[1] // e, k.strides[0] // e, k.strides[1] // e,
                v.strides[0] // e, v.strides[1] // e, d, heads * d]
-    # 16-byte loads need rows of whole 8-half vectors at 16-byte-aligned addresses
-    vector = d % 8 == 0 and all(x % 8 == 0 for x in strides[:6]) and \
-        all(a.data.ptr % 16 == 0 for a in (q, k, v))
     grid = (-(-n // BLOCK_Q), heads)
-    _kernel(padded, vector)(grid, (256,), (q, k, v, out, np.int32(n), np.int32(total), np.int32(d),
-                                   *[np.int64(s) for s in strides],
+    _kernel(padded)(grid, (256,), (q, k, v, out, np.int32(n), np.int32(total), np.int32(d),
+                                   np.int32(d8), *[np.int64(s) for s in strides],
                                    np.float32(math.log2(math.e) / math.sqrt(d))),
                     shared_mem=_shared_bytes(padded))
     return out.transpose(1, 0, 2)
