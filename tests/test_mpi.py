@@ -107,31 +107,34 @@ def test_killed_rank_ends_the_job_with_no_output(tmp_path):
     assert not leftovers(tmp_path)
 
 
-def test_completion_on_mpi_matches_the_local_backend(tmp_path):
+@pytest.mark.parametrize("workers", [1, 3, 4])
+def test_completion_on_mpi_matches_ray(tmp_path, ray_session, workers):
     from mx.storage import generate
     import zarr
 
     generate.lowrank(str(tmp_path / "O.zarr"), (233, 197), 5, 0.4, seed=9)
 
     def job(backend):
-        return {"backend": backend, "resources": {"workers": 3},
+        return {"backend": backend, "resources": {"workers": workers},
                 "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"},
                            "output": f"F-{backend}.zarr",
                            "params": {"rank": 5, "method": "altmin-sketch", "tol": 1e-9}}]}
 
-    for backend in ("mpi", "local"):
+    for backend in ("mpi", "ray"):
         mx.submit(job(backend), base=str(tmp_path))
     get = lambda b: zarr.open_group(str(tmp_path / f"F-{b}.zarr"))  # noqa: E731
     o = zarr.open_group(str(tmp_path / "O.zarr"))
     want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
-    results = {b: np.asarray(get(b)["u"][...]) @ np.asarray(get(b)["v"][...]).T for b in ("mpi", "local")}
+    results = {b: np.asarray(get(b)["u"][...]) @ np.asarray(get(b)["v"][...]).T for b in ("mpi", "ray")}
     assert rel_error(results["mpi"], want) < 1e-6
-    assert rel_error(results["mpi"], results["local"]) < 1e-9
+    assert rel_error(results["mpi"], results["ray"]) < 1e-9
 
 
-def test_diffusion_on_mpi_matches_the_local_backend(tmp_path):
-    """Three ranks, bands of 6/6/5 token rows: sync equals one band; pcpp gives the same image
-    on MPI as on in-process workers (the same exchange, another transport)."""
+@pytest.mark.parametrize("workers", [1, 3, 4])
+def test_diffusion_on_mpi_matches_ray(tmp_path, ray_session, workers):
+    """Bands of 17 token rows (6/6/5 on three ranks, 5/4/4/4 on four): sync equals one band;
+    pcpp gives the same image on MPI ranks as on Ray actors (the same exchange, another
+    transport)."""
     from mx.storage import image
 
     def step(mode):
@@ -144,11 +147,11 @@ def test_diffusion_on_mpi_matches_the_local_backend(tmp_path):
         steps = [step(m) for m in ("none", "sync", "pcpp")]
         for s in steps:
             s["output"] = s["output"].replace("BACKEND", backend)
-        mx.submit({"backend": backend, "resources": {"workers": 3}, "steps": steps},
+        mx.submit({"backend": backend, "resources": {"workers": workers}, "steps": steps},
                   base=str(tmp_path))
         return {m: image.read(str(tmp_path / f"{m}-{backend}.zarr"))[0] for m in ("none", "sync", "pcpp")}
 
-    got, want = run("mpi"), run("local")
+    got, want = run("mpi"), run("ray")
     assert rel_error(got["sync"], got["none"]) < 1e-5
     assert rel_error(got["none"], want["none"]) < 1e-6
     assert rel_error(got["pcpp"], want["pcpp"]) < 1e-5
