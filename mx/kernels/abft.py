@@ -117,8 +117,9 @@ def accumulate(xp, c, a, b, precision: str, verify: str | None, counters: dict, 
 
 
 # ---------------------------------------------------------------------------------- CuPy
-# One block of THREADS per row, 16-byte loads. X is the stored block (bf16 bit patterns, float
-# or double), A the accumulator type. The weights [e, w] are made from the column index, so the
+# Blocks of THREADS, 16-byte loads where rows allow: the check takes one row per block, the
+# input passes ROWS rows. X is the stored block (bf16 bit patterns, float or double), A the
+# accumulator type. The weights [e, w] are made from the column index, so the
 # pass over B reads nothing but B; the pass over A reads the k×2 vector B·[e, w] from L2.
 _SOURCE = r"""
 #define THREADS 256
