@@ -34,8 +34,20 @@ LAUNCH_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI
 
 
 def launched() -> bool:
-    """True inside a process started by mpiexec/srun (as one of several or of one rank)."""
-    return any(v in os.environ for v in LAUNCH_VARS)
+    """True inside a process started by mpiexec/srun (as one of several or of one rank).
+
+    srun sets the PMI variables only with an MPI plugin (``srun --mpi=pmi2``, or the site's
+    ``MpiDefault``). Without one, each of its tasks would be a rank of its own and start a
+    whole MPI job of its own: that is refused here, naming the fix."""
+    if any(v in os.environ for v in LAUNCH_VARS):
+        return True
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")  # set in srun's tasks, not in sbatch's script
+    if "SLURM_STEP_ID" in os.environ and tasks.isdigit() and int(tasks) > 1:
+        raise UserError(f"srun started this process as one of {tasks} tasks without an MPI plugin "
+                        f"(no PMI_RANK or PMIX_RANK is set), so the tasks cannot form one MPI job: "
+                        f"launch with `srun --mpi=pmi2 mx run job.yaml` (mx's MPICH speaks PMI-2), "
+                        f"as deploy/slurm/mx-mpi.sbatch does")
+    return False
 
 
 def cuda_aware() -> tuple[bool, str]:
