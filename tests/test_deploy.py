@@ -87,3 +87,18 @@ def test_ray_sbatch(tmp_path, rng, slurm, ray_session):
         time.sleep(1)
         time_left -= 1
     assert time_left, "the allocation's Ray processes outlived the script"
+
+
+def test_srun_without_mpi_plugin(tmp_path, rng):
+    """A task of `srun -n 3 mx run` without an MPI plugin (no PMI variables) is refused at
+    once, naming `srun --mpi=pmi2`, instead of starting an MPI job of its own."""
+    inputs(tmp_path, rng)
+    (tmp_path / "job.yaml").write_text("backend: mpi\nresources: {workers: 3}\nsteps:\n"
+                                       "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: C.zarr}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI_", "MPI_"))}
+    proc = subprocess.run([os.path.join(BIN, "mx"), "run", str(tmp_path / "job.yaml")], capture_output=True,
+                          text=True, timeout=120,
+                          env={**env, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "3", "SLURM_PROCID": "1"})
+    assert proc.returncode != 0
+    assert "without an MPI plugin" in proc.stderr and "srun --mpi=pmi2" in proc.stderr, proc.stderr
+    assert not (tmp_path / "C.zarr").exists() and not os.path.exists(os.path.join(env["MX_HOME"], "jobs"))
