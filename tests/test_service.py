@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ import pytest
 import zarr
 
 from conftest import mx_cli, read_dense, rel_error, wait_for, write_dense
+from mx.cluster.head import free_port
 from mx.storage import generate
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def head(tmp_path_factory):
     home = tmp_path_factory.mktemp("cluster-home")
     # metrics reach the node's endpoint every second instead of every ten
     env = {"MX_HOME": str(home), "RAY_ADDRESS": "", "RAY_metrics_report_interval_ms": "1000"}
-    port = _free_port()
+    port = free_port()
     up = mx_cli("cluster", "up", "--num-cpus", 4, "--dashboard-port", port, env=env, check=True)
     info = json.loads((home / "cluster" / "head.json").read_text())
     assert up.stdout.strip() == info["dashboard"] == f"http://127.0.0.1:{port}"

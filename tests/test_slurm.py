@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import time
 import pytest
 
 from conftest import leftovers, mx_cli, read_dense, rel_error, write_dense
+from mx.cluster.head import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -57,12 +57,6 @@ def fnv1a(text: str) -> int:
 def die_with_parent():
     """In a daemon's child before exec: SIGTERM it when pytest dies without tearing down."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

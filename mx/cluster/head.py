@@ -59,13 +59,13 @@ def up(num_cpus: int | None = None, num_gpus: int | None = None, dashboard_port:
     token = os.path.join(folder(), "auth_token")
     with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
-    port = _free_port()
+    port = free_port()
     # Ray's CLI through this Python: works where the `ray` script is not on the PATH
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
            "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
            # the job agent's fixed default port (52365) belongs to whichever Ray took it first
-           f"--dashboard-agent-listen-port={_free_port()}"]
+           f"--dashboard-agent-listen-port={free_port()}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -168,7 +168,8 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port no one listens on now (for Ray's ports, and tests' servers)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
