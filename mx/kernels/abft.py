@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from mx.kernels import gemm
-from mx.kernels.precision import UNIT_ROUNDOFF, as_float
+from mx.kernels.precision import UNIT_ROUNDOFF, as_float, output_dtype
 
 # For tests and drills: MX_FAULT="abft:<gang rank>:<round>" corrupts that product once.
 FAULT_ENV = "MX_FAULT"
@@ -121,27 +121,26 @@ def accumulate(xp, c, a, b, precision: str, verify: str | None, counters: dict, 
 # input passes ROWS rows. X is the stored block (bf16 bit patterns, float or double), A the
 # accumulator type. The weights [e, w] are made from the column index, so the
 # pass over B reads nothing but B; the pass over A reads the k×2 vector B·[e, w] from L2.
+THREADS = 256  # per block, in both kernels
+ROWS = 8  # rows per block of the input passes
 _SOURCE = r"""
-#define THREADS 256
 #define VEC ((int)(16 / sizeof(X)))
 
-__device__ __forceinline__ void block_sum3(A& s0, A& s1, A& s2, A* shared) {
+// the block's totals of s0 and s1, in thread 0
+__device__ __forceinline__ void block_sum2(A& s0, A& s1, A* shared) {
     for (int o = 16; o > 0; o >>= 1) {
         s0 += __shfl_down_sync(0xffffffffu, s0, o);
         s1 += __shfl_down_sync(0xffffffffu, s1, o);
-        s2 += __shfl_down_sync(0xffffffffu, s2, o);
     }
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) { shared[warp * 3] = s0; shared[warp * 3 + 1] = s1; shared[warp * 3 + 2] = s2; }
+    if (lane == 0) { shared[warp * 2] = s0; shared[warp * 2 + 1] = s1; }
     __syncthreads();
     if (warp == 0) {
-        s0 = lane < THREADS / 32 ? shared[lane * 3] : (A)0;
-        s1 = lane < THREADS / 32 ? shared[lane * 3 + 1] : (A)0;
-        s2 = lane < THREADS / 32 ? shared[lane * 3 + 2] : (A)0;
+        s0 = lane < THREADS / 32 ? shared[lane * 2] : (A)0;
+        s1 = lane < THREADS / 32 ? shared[lane * 2 + 1] : (A)0;
         for (int o = 16; o > 0; o >>= 1) {
             s0 += __shfl_down_sync(0xffffffffu, s0, o);
             s1 += __shfl_down_sync(0xffffffffu, s1, o);
-            s2 += __shfl_down_sync(0xffffffffu, s2, o);
         }
     }
 }
@@ -164,7 +163,6 @@ __device__ __forceinline__ void each(const X* row, int cols, bool vector, F f) {
 
 // y[r] = x[r,:]·v (v = [e, w] when null), absmax = max over rows of sum |x[r,:]|. A block
 // takes ROWS rows, so each chunk of v is loaded once for all of them.
-#define ROWS 8
 extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int cols, int vector,
                                               const A* v, A* y, A* absmax) {
     __shared__ A shared[THREADS / 32][3 * ROWS];
@@ -221,14 +219,14 @@ extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int co
 // not null), failing rows flagged in bad
 extern "C" __global__ void mx_abft_check_add(const X* p, A* c, long long rows, int cols, int vector,
                                              const A* expect, double tol, int* bad) {
-    __shared__ A shared[3 * THREADS / 32];
+    __shared__ A shared[2 * THREADS / 32];
     __shared__ int ok;
     long long r = blockIdx.x;
     if (r >= rows) return;
     const X* row = p + (size_t)r * cols;
-    A s0 = 0, s1 = 0, s2 = 0;
+    A s0 = 0, s1 = 0;
     each(row, cols, vector, [&](int j, A value) { s0 += value; s1 += value * (A)(1 + j % 7); });
-    block_sum3(s0, s1, s2, shared);
+    block_sum2(s0, s1, shared);
     if (threadIdx.x == 0) {
         // written so that NaN fails
         ok = (fabs((double)s0 - (double)expect[2 * r]) <= tol)
@@ -255,13 +253,10 @@ def _module(stored, acc):
             x, to_a = "unsigned short", "(A)__uint_as_float(((unsigned int)(V)) << 16)"
         else:
             x, to_a = ("double" if stored == np.float64 else "float"), "(A)(V)"
-        code = f"typedef {a} A;\ntypedef {x} X;\n#define TO_A(V) {to_a}\n" + _SOURCE
+        code = (f"typedef {a} A;\ntypedef {x} X;\n#define TO_A(V) {to_a}\n"
+                f"#define THREADS {THREADS}\n#define ROWS {ROWS}\n" + _SOURCE)
         _MODULES[key] = cupy.RawModule(code=code, options=("-std=c++14",))
     return _MODULES[key]
-
-
-def _acc_dtype(precision: str):
-    return np.float64 if precision == "fp64" else np.float32
 
 
 def _vector(x) -> np.int32:
@@ -272,14 +267,14 @@ def _vector(x) -> np.int32:
 def _row_checks_cupy(x, v, precision: str):
     import cupy
 
-    acc = _acc_dtype(precision)
+    acc = output_dtype(precision)
     rows, cols = x.shape
     y = cupy.zeros((rows, 2), dtype=acc)
     absmax = cupy.zeros(1, dtype=acc)
     if rows and cols:
         x = cupy.ascontiguousarray(x)
         fn = _module(x.dtype, acc).get_function("mx_abft_row_checks")
-        fn(((rows + 7) // 8,), (256,), (x, np.int64(rows), np.int32(cols), _vector(x),
+        fn((-(-rows // ROWS),), (THREADS,), (x, np.int64(rows), np.int32(cols), _vector(x),
                              0 if v is None else cupy.ascontiguousarray(v, dtype=acc), y, absmax))
     return y, float(absmax.get()[0])
 
@@ -291,7 +286,7 @@ def _check_add_cupy(p, c, expect, tol: float):
     bad = cupy.zeros(rows, dtype=np.int32)
     if rows:
         fn = _module(p.dtype, p.dtype).get_function("mx_abft_check_add")
-        fn((rows,), (256,), (p, 0 if c is None else c, np.int64(rows), np.int32(cols),
+        fn((rows,), (THREADS,), (p, 0 if c is None else c, np.int64(rows), np.int32(cols),
                              _vector(p), cupy.ascontiguousarray(expect, dtype=p.dtype),
                              np.float64(tol), bad))
     return cupy.flatnonzero(bad)
