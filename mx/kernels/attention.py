@@ -309,7 +309,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mx_flash_attention(
 }
 """
 
-_KERNELS: dict[tuple, object] = {}
+_KERNELS: dict[int, object] = {}
 
 
 def tiling(padded: int) -> tuple[int, int]:
@@ -321,7 +321,7 @@ def tiling(padded: int) -> tuple[int, int]:
 
 
 def _kernel(padded: int, d8: int):
-    kernel = _KERNELS.get((padded, d8))
+    kernel = _KERNELS.get(d8)  # d8 decides padded
     if kernel is None:
         import cupy
 
@@ -330,7 +330,7 @@ def _kernel(padded: int, d8: int):
                                 options=(f"-DDP={padded}", f"-DD8={d8}", f"-DBK={bk}", f"-DMT={mt}"))
         if _shared_bytes(padded) > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = _shared_bytes(padded)
-        _KERNELS[(padded, d8)] = kernel
+        _KERNELS[d8] = kernel
     return kernel
 
 
@@ -354,16 +354,18 @@ def _loadable(xp, a, d8: int):
 def _attend_fused(xp, q, k, v):
     heads, n, d = q.shape
     total = k.shape[1]
-    padded = -(-d // 16) * 16
     d8 = -(-d // 8) * 8
+    padded = -(-d8 // 16) * 16
     out = xp.empty((n, heads, d), dtype=q.dtype)
     q, k, v = (_loadable(xp, a, d8) for a in (q, k, v))
     e = q.itemsize
     strides = [q.strides[0] // e, q.strides[1] // e, k.strides[0] // e, k.strides[1] // e,
                v.strides[0] // e, v.strides[1] // e, d, heads * d]
     grid = (-(-n // BLOCK_Q), heads)
-    _kernel(padded, d8)(grid, (32 * BLOCK_Q // (16 * tiling(padded)[0]),), (q, k, v, out, np.int32(n), np.int32(total), np.int32(d),
-                                   np.int32(d8), *[np.int64(s) for s in strides],
-                                   np.float32(math.log2(math.e) / math.sqrt(d))),
-                    shared_mem=_shared_bytes(padded))
+    threads = 32 * BLOCK_Q // (16 * tiling(padded)[0])  # THREADS in the source
+    _kernel(padded, d8)(grid, (threads,),
+                        (q, k, v, out, np.int32(n), np.int32(total), np.int32(d), np.int32(d8),
+                         *[np.int64(s) for s in strides],
+                         np.float32(math.log2(math.e) / math.sqrt(d))),
+                        shared_mem=_shared_bytes(padded))
     return out.transpose(1, 0, 2)
