@@ -95,7 +95,7 @@ def main(argv=None):
           f"{'check':>8} {'GB/s':>6} {'fresh':>7} {'add':>7}")
     for r in rows:
         print(f"{r['shape']:>18} {r['precision']:>5} {r['tflops']:8.1f} {r['gemm']:8.4f} "
-              f"{r['checks-b']:8.4f} {r['checks-a']:8.4f} {r['check-only']:8.4f} "
+              f"{r['gemm-beta0']:8.4f} {r['checks-b']:8.4f} {r['checks-a']:8.4f} {r['check-only']:8.4f} "
               f"{r['check_gbs']:6.0f} {r['fresh_overhead']:+7.1%} {r['add_overhead']:+7.1%}")
 
 

@@ -75,17 +75,10 @@ def model_forward(size: int, repeat: int) -> dict:
     torch_s, torch_out = _time_cuda(torch_once, repeat, torch.cuda.synchronize)
     ref = torch_out.float().cpu().numpy()
     # attention alone, the same shapes: mx's fused kernel against torch's SDPA
-    from mx.kernels import attention
+    from attention import compare  # bench/attention.py
 
-    n = grid[0] * grid[1]
-    hd = cfg.hidden // cfg.heads
-    qkv = cupy.random.default_rng(1).standard_normal((n, 3, cfg.heads, hd), dtype=np.float32)
-    qkv = qkv.astype(np.float16).transpose(1, 2, 0, 3)
-    att_mx, _ = _time_cuda(lambda: attention.attend(cupy, qkv[0], qkv[1], qkv[2]), repeat,
-                           lambda: cupy.cuda.get_current_stream().synchronize())
-    qt = torch.randn(1, cfg.heads, n, hd, device="cuda", dtype=torch.float16)
-    att_torch, _ = _time_cuda(lambda: torch.nn.functional.scaled_dot_product_attention(qt, qt, qt),
-                              repeat, torch.cuda.synchronize)
+    alone = compare(grid[0] * grid[1], cfg.heads, cfg.hidden // cfg.heads, repeat)
+    att_mx, att_torch = alone["mx_ms"] / 1e3, alone["torch_ms"] / 1e3
     got = cupy.asnumpy(mx_out).astype(np.float32)
     model = None
     torch.cuda.empty_cache()
