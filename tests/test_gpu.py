@@ -431,6 +431,29 @@ def test_fused_attention_matches_float64(rng, heads, n, total, d):
     assert rel_error(chunked, want) < 1e-5
 
 
+@pytest.mark.parametrize("rows,cols", [(1, 1), (37, 45), (5, 1090), (1003, 1152), (9, 4099)])
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float16, 2e-3)])
+def test_adaln_kernels_match_numpy(rng, rows, cols, dtype, tol):
+    import cupy
+
+    from mx.kernels import norm
+
+    # an offset far from zero: float32 statistics taken as E[x²] - E[x]² would lose it (float16's
+    # own rounding of x at that offset would drown the test)
+    x = rng.standard_normal((rows, cols)) + (30 if dtype == np.float32 else 4)
+    y = rng.standard_normal((rows, cols))
+    gate, bias, shift, scale = rng.standard_normal((4, 1, cols))
+    want_x, want_h = norm.residual_modulate(np, x, gate, y, bias, shift, scale)
+    d = lambda a: cupy.asarray(a, dtype)  # noqa: E731
+    got_x, got_h = norm.residual_modulate(cupy, d(x), d(gate), d(y), d(bias), d(shift), d(scale))
+    assert rel_error(cupy.asnumpy(got_x), want_x) < tol
+    assert rel_error(cupy.asnumpy(got_h), want_h) < 4 * tol
+    alone = norm.modulate(cupy, d(want_x), d(shift), d(scale))
+    assert rel_error(cupy.asnumpy(alone), norm.modulate(np, want_x, shift, scale)) < 4 * tol
+    with pytest.raises(ValueError, match="shift"):
+        norm.modulate(cupy, d(x), d(shift[:, :-1]) if cols > 1 else d(np.ones((1, 2))), d(scale))
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float16, 2e-2)])
 def test_dit_on_the_gpu_matches_numpy(rng, dtype, tol):
     import cupy

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from mx.errors import UserError
-from mx.kernels import attention
+from mx.kernels import attention, norm
 from mx.storage import safetensors
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features
@@ -253,35 +253,14 @@ def _fused(name: str, params: str, out: str, body: str):
     return kernel
 
 
-def _gelu_tanh(xp, x):
+def _gelu_tanh(xp, x, bias):
+    """GELU (tanh form) of x + bias: the bias of the linear layer before it, added here."""
     if xp.__name__ == "cupy":
-        return _fused("gelu", "T x", "T y", "float v = (float)x; "
+        return _fused("gelu", "T x, T b", "T y", "float v = (float)x + (float)b; "
                       "y = (T)(0.5f * v * (1.f + tanhf(0.7978845608028654f * "
-                      "(v + 0.044715f * v * v * v))));")(x)
+                      "(v + 0.044715f * v * v * v))));")(x, bias)
+    x = x + bias
     return 0.5 * x * (1 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-
-
-def _residual(xp, x, gate, y):
-    """x + gate·y (gate broadcast over tokens)."""
-    if xp.__name__ == "cupy":
-        return _fused("residual", "T x, T g, T y", "T z",
-                      "z = (T)((float)x + (float)g * (float)y);")(x, gate, y)
-    return x + gate * y
-
-
-def _norm_modulate(xp, x, shift, scale):
-    """LayerNorm (no affine, eps 1e-6, statistics in float32), then x·(1 + scale) + shift."""
-    x32 = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
-    mean = x32.mean(axis=-1, keepdims=True)
-    if xp.__name__ == "cupy":
-        meansq = xp.square(x32).mean(axis=-1, keepdims=True)
-        return _fused("norm_modulate", "T x, float32 mean, float32 meansq, T shift, T scale",
-                      "T y", "float var = fmaxf(meansq - mean * mean, 0.f); "
-                      "y = (T)(((float)x - mean) * rsqrtf(var + 1e-6f) * (1.f + (float)scale) "
-                      "+ (float)shift);")(x, mean, meansq, shift, scale)
-    var = ((x32 - mean) ** 2).mean(axis=-1, keepdims=True)
-    normed = ((x32 - mean) / xp.sqrt(var + 1e-6)).astype(x.dtype, copy=False)
-    return normed * (1 + scale) + shift
 
 
 def patchify(xp, latent, patch: int):
@@ -315,17 +294,19 @@ def forward_band(model: Model, xp, latent_rows, token_rows: tuple[int, int], gri
         model.cache[key] = pos_embed(xp, d, grid, token_rows, x.dtype)
     x = x + model.cache[key]
     sc = _silu(xp, c)
-    for i in range(cfg.depth):
-        mod = linear(sc, w, f"blocks.{i}.adaLN_modulation.1")
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, j * d:(j + 1) * d] for j in range(6))
-        h = _norm_modulate(xp, x, shift1, scale1)
-        x = _residual(xp, x, gate1, _attention(model, xp, h, i, kv))
-        h = _norm_modulate(xp, x, shift2, scale2)
-        h = _gelu_tanh(xp, linear(h, w, f"blocks.{i}.mlp.fc1"))
-        x = _residual(xp, x, gate2, linear(h, w, f"blocks.{i}.mlp.fc2"))
-    mod = linear(sc, w, "final_layer.adaLN_modulation.1")
-    x = _norm_modulate(xp, x, mod[:, :d], mod[:, d:])
-    out = linear(x, w, "final_layer.linear")
+    # each block's six modulation vectors depend on the condition alone: made up front, so that
+    # a residual update and the next LayerNorm are one kernel (norm.residual_modulate)
+    mods = [_split(linear(sc, w, f"blocks.{i}.adaLN_modulation.1"), 6) for i in range(cfg.depth)]
+    final = _split(linear(sc, w, "final_layer.adaLN_modulation.1"), 2)
+    h = norm.modulate(xp, x, mods[0][0], mods[0][1])
+    for i, (_, _, gate1, shift2, scale2, gate2) in enumerate(mods):
+        x, h = norm.residual_modulate(xp, x, gate1, _attention(model, xp, h, i, kv),
+                                      w[f"blocks.{i}.attn.proj.bias"], shift2, scale2)
+        f = _gelu_tanh(xp, h @ w[f"blocks.{i}.mlp.fc1.weight"], w[f"blocks.{i}.mlp.fc1.bias"])
+        shift, scale = mods[i + 1][:2] if i + 1 < cfg.depth else final
+        x, h = norm.residual_modulate(xp, x, gate2, f @ w[f"blocks.{i}.mlp.fc2.weight"],
+                                      w[f"blocks.{i}.mlp.fc2.bias"], shift, scale)
+    out = linear(h, w, "final_layer.linear")
     rows = token_rows[1] - token_rows[0]
     noise = unpatchify(xp, out, rows, grid[1], p, cfg.out_channels)
     return noise[:cfg.in_channels]
@@ -340,7 +321,12 @@ def _attention(model: Model, xp, h, layer: int, kv):
     k_all, v_all = kv(layer, qkv[1], qkv[2])
     out = attention.attend(xp, qkv[0], k_all, v_all)  # (heads, tokens, head_dim)
     out = out.transpose(1, 0, 2).reshape(n, d)
-    return linear(out, model.w, f"blocks.{layer}.attn.proj")
+    return out @ model.w[f"blocks.{layer}.attn.proj.weight"]  # its bias: in the residual
+
+
+def _split(v, parts: int):
+    width = v.shape[-1] // parts
+    return [v[..., j * width:(j + 1) * width] for j in range(parts)]
 
 
 def own_kv(layer, k, v):
