@@ -126,6 +126,14 @@ def run_one(name, path, args):
     row.update(mx_s=seconds, mx_gflops=flops / seconds / 1e9, mx_peak_gib=peak / 2**30,
                out_nnz=int(mx_out[0][-1]))
     del c
+    if args.profile:  # one more run, each kernel launch timed on the GPU
+        t0 = time.perf_counter()
+        product = spgemm._GpuProduct(a_dev, a_dev, profile=True)
+        product.numeric()
+        cupy.cuda.runtime.deviceSynchronize()
+        row["mx_profile"] = product.profile()
+        row["mx_profile_wall_ms"] = (time.perf_counter() - t0) * 1e3
+        del product
 
     cus = None
     try:
@@ -188,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--scipy-max-products", type=float, default=3e8)
     ap.add_argument("--e2e", default="", help="matrices to also run as an mx job, e.g. rmat-16")
     ap.add_argument("--gpus", default="1")
+    ap.add_argument("--profile", action="store_true", help="also time mx's kernels one by one")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="spgemm-bench.json")
     args = ap.parse_args(argv)
@@ -200,10 +209,21 @@ def main(argv=None):
     rows = []
     mats = matrices(args, folder)
     for name, path in mats:
-        row = run_one(name, path, args)
+        try:
+            row = run_one(name, path, args)
+        except Exception as exc:  # recorded and shown; the other matrices still run
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"matrix": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-              flush=True)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if k != "mx_profile"}), flush=True)
+        if "mx_profile" in row:
+            spans = row["mx_profile"]
+            print(f"  {name} kernels {sum(s['ms'] for s in spans):.2f} ms of "
+                  f"{row['mx_profile_wall_ms']:.2f} ms: " +
+                  "; ".join(f"{s['kernel']} ({s['rows']} rows) {s['ms']:.2f}" for s in spans),
+                  flush=True)
     e2e = []
     if args.e2e:
         import ray
@@ -224,6 +244,9 @@ def main(argv=None):
     print(f"{'matrix':>12} {'nnz':>10} {'out nnz':>12} {'mx':>7} {'cuSPARSE':>9} {'×':>5} "
           f"{'scipy':>6} {'mx GiB':>7} {'cuSP GiB':>8}  correct (mx / cuSPARSE)")
     for r in rows:
+        if "error" in r:
+            print(f"{r['matrix']:>12} failed: {r['error'][:150]}")
+            continue
         cus = r.get("cusparse_gflops")
         print(f"{r['matrix']:>12} {r['nnz']:>10} {r['out_nnz']:>12} {r['mx_gflops']:7.1f} "
               f"{cus if cus else float('nan'):9.1f} {(r['mx_gflops'] / cus) if cus else float('nan'):5.2f} "

@@ -176,13 +176,16 @@ def _powerlaw(rng, m, n, avg, dtype, heavy_rows=0):
     return sp.csr_array((vals, (rows, cols)), shape=(m, n))
 
 
+# 20011 columns: every block row is written through its bitmap, and dense rows in one chunk;
+# 300007: wide rows fall back to the sort, and dense rows take several chunks
+@pytest.mark.parametrize("cols", [20011, 300007])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol):
+def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol, cols):
     import cupy
     from mx.kernels import spgemm
 
     a = _powerlaw(rng, 3001, 2003, 20, dtype, heavy_rows=3)
-    b = _powerlaw(rng, 2003, 20011, 15, dtype, heavy_rows=2)
+    b = _powerlaw(rng, 2003, cols, 15, dtype, heavy_rows=2)
     ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
     want = spgemm.multiply(np, ca, cb)
     product = spgemm._GpuProduct(ca, cb)
@@ -452,6 +455,22 @@ def test_adaln_kernels_match_numpy(rng, rows, cols, dtype, tol):
     assert rel_error(cupy.asnumpy(alone), norm.modulate(np, want_x, shift, scale)) < 4 * tol
     with pytest.raises(ValueError, match="shift"):
         norm.modulate(cupy, d(x), d(shift[:, :-1]) if cols > 1 else d(np.ones((1, 2))), d(scale))
+
+
+# (70001, 6): more rows than a grid's second dimension holds, so blocks stride over rows
+@pytest.mark.parametrize("rows,cols", [(1, 1), (37, 45), (5, 1090), (300, 4608), (70001, 6)])
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float16, 2e-3)])
+def test_bias_kernels_match_numpy(rng, rows, cols, dtype, tol):
+    import cupy
+
+    from mx.kernels import pointwise
+
+    x, b = rng.standard_normal((rows, cols)) * 3, rng.standard_normal((1, cols))
+    got = pointwise.bias_gelu(cupy, cupy.asarray(x, dtype), cupy.asarray(b, dtype))
+    assert rel_error(cupy.asnumpy(got), pointwise.bias_gelu(np, x, b)) < tol
+    xd = cupy.asarray(x, dtype)
+    assert pointwise.add_bias(cupy, xd, cupy.asarray(b, dtype)) is xd  # in place
+    assert rel_error(cupy.asnumpy(xd), x + b) < tol
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (np.float16, 2e-2)])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from mx.errors import UserError
-from mx.kernels import attention, norm
+from mx.kernels import attention, norm, pointwise
 from mx.storage import safetensors
 
 FREQ_DIM = 256  # width of the sinusoidal timestep features
@@ -238,31 +238,6 @@ def _silu(xp, x):
     return x / (1 + xp.exp(-x))
 
 
-_FUSED: dict[str, object] = {}
-
-
-def _fused(name: str, params: str, out: str, body: str):
-    """One CuPy elementwise kernel (float math inside), made once: on the GPU each of these
-    would otherwise be several passes over a (tokens × width) array."""
-    kernel = _FUSED.get(name)
-    if kernel is None:
-        import cupy
-
-        kernel = cupy.ElementwiseKernel(params, out, body, f"mx_dit_{name}")
-        _FUSED[name] = kernel
-    return kernel
-
-
-def _gelu_tanh(xp, x, bias):
-    """GELU (tanh form) of x + bias: the bias of the linear layer before it, added here."""
-    if xp.__name__ == "cupy":
-        return _fused("gelu", "T x, T b", "T y", "float v = (float)x + (float)b; "
-                      "y = (T)(0.5f * v * (1.f + tanhf(0.7978845608028654f * "
-                      "(v + 0.044715f * v * v * v))));")(x, bias)
-    x = x + bias
-    return 0.5 * x * (1 + xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-
-
 def patchify(xp, latent, patch: int):
     """(C, h, W) latent rows -> (h/p · W/p, C·p·p) tokens, features ordered (c, a, b) like the
     patch-embedding convolution's weight."""
@@ -302,7 +277,7 @@ def forward_band(model: Model, xp, latent_rows, token_rows: tuple[int, int], gri
     for i, (_, _, gate1, shift2, scale2, gate2) in enumerate(mods):
         x, h = norm.residual_modulate(xp, x, gate1, _attention(model, xp, h, i, kv),
                                       w[f"blocks.{i}.attn.proj.bias"], shift2, scale2)
-        f = _gelu_tanh(xp, h @ w[f"blocks.{i}.mlp.fc1.weight"], w[f"blocks.{i}.mlp.fc1.bias"])
+        f = pointwise.bias_gelu(xp, h @ w[f"blocks.{i}.mlp.fc1.weight"], w[f"blocks.{i}.mlp.fc1.bias"])
         shift, scale = mods[i + 1][:2] if i + 1 < cfg.depth else final
         x, h = norm.residual_modulate(xp, x, gate2, f @ w[f"blocks.{i}.mlp.fc2.weight"],
                                       w[f"blocks.{i}.mlp.fc2.bias"], shift, scale)
@@ -316,7 +291,9 @@ def _attention(model: Model, xp, h, layer: int, kv):
     cfg = model.config
     n, d = h.shape
     hd = d // cfg.heads
-    qkv = linear(h, model.w, f"blocks.{layer}.attn.qkv").reshape(n, 3, cfg.heads, hd)
+    name = f"blocks.{layer}.attn.qkv"
+    qkv = pointwise.add_bias(xp, h @ model.w[name + ".weight"], model.w[name + ".bias"])
+    qkv = qkv.reshape(n, 3, cfg.heads, hd)
     qkv = qkv.transpose(1, 2, 0, 3)  # (3, heads, tokens, head_dim)
     k_all, v_all = kv(layer, qkv[1], qkv[2])
     out = attention.attend(xp, qkv[0], k_all, v_all)  # (heads, tokens, head_dim)

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from mx.kernels import pointwise
+
 EPS = 1e-6
 WARPS = 8  # rows per block: one warp each
 
 
 def modulate(xp, x, shift, scale):
     """LayerNorm of x's rows, then ·(1 + scale) + shift (both broadcast over rows)."""
-    if _on_gpu(xp, x):
+    if pointwise.on_gpu(xp, x):
         return _launch(x, None, None, None, shift, scale)[1]
     return _reference(xp, x, shift, scale)
 
 
 def residual_modulate(xp, x, gate, y, bias, shift, scale):
     """(x + gate·(y + bias), modulate of it); gate, bias, shift and scale broadcast over rows."""
-    if _on_gpu(xp, x):
+    if pointwise.on_gpu(xp, x):
         return _launch(x, gate, y, bias, shift, scale)
     x = x + gate * (y + bias)
     return x, _reference(xp, x, shift, scale)
@@ -38,39 +40,10 @@ def _reference(xp, x, shift, scale):
     return normed * (1 + scale) + shift
 
 
-def _on_gpu(xp, x) -> bool:
-    return xp.__name__ == "cupy" and x.dtype in (np.float16, np.float32) and x.ndim == 2
-
-
-_SOURCE = r"""
-// halves travel as raw 16-bit patterns: NVRTC here has no cuda_fp16.h
-#if HALF
-typedef unsigned short T;
-__device__ __forceinline__ float ld(T v) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f; }
-__device__ __forceinline__ T st(float f) { T v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v; }
-#else
-typedef float T;
-__device__ __forceinline__ float ld(T v) { return v; }
-__device__ __forceinline__ T st(float f) { return f; }
-#endif
-
+_SOURCE = pointwise.PRELUDE + r"""
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
-}
-
-// VEC consecutive elements, loaded or stored as one access of VEC·sizeof(T) bytes
-struct __align__(sizeof(T) * VEC) Pack { T v[VEC]; };
-__device__ __forceinline__ void load(const T* p, float* f) {
-    Pack k = *reinterpret_cast<const Pack*>(p);
-#pragma unroll
-    for (int i = 0; i < VEC; i++) f[i] = ld(k.v[i]);
-}
-__device__ __forceinline__ void store(T* p, const float* f) {
-    Pack k;
-#pragma unroll
-    for (int i = 0; i < VEC; i++) k.v[i] = st(f[i]);
-    *reinterpret_cast<Pack*>(p) = k;
 }
 
 // One warp per row, each lane VEC columns at a time (cols % VEC == 0, rows VEC-aligned). With
@@ -159,16 +132,8 @@ def _launch(x, gate, y, bias, shift, scale):
     else:
         gate = y = bias = x  # unread
     arrays = (x, gate, y, bias, vector(shift), vector(scale), xout, h)
-    vec = _widest(cols, dtype.itemsize, arrays)
+    vec = pointwise.widest(cols, dtype.itemsize, arrays)
     _kernel(dtype == np.float16, residual, vec)(
         (-(-rows // WARPS),), (32 * WARPS,),
         (*arrays, np.int64(rows), np.int32(cols), np.float32(EPS)))
     return xout, h
-
-
-def _widest(cols: int, itemsize: int, arrays) -> int:
-    """Elements per access: up to 8 bytes, where every row and vector starts aligned to it."""
-    for vec in (8 // itemsize, 2, 1):
-        if cols % vec == 0 and all(a.data.ptr % (vec * itemsize) == 0 for a in arrays):
-            return vec
-    return 1

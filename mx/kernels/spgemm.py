@@ -21,6 +21,7 @@ from a scan of its bitmap. The NumPy/SciPy path defines the expected result.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,35 +108,109 @@ _SOURCE = r"""
 #define EMPTY 0x7fffffff
 typedef VAL_T val_t;
 
-__device__ __forceinline__ int slot_of(int key, int mask) {
-    return (int)(((unsigned int)key * 2654435761u) & (unsigned int)mask);
+// Knuth's multiplicative hash, its top bits: the low bits of key·odd are the low bits of key
+// alone, and R-MAT's hub columns share their low bits, so a low-bit slot clusters them
+__device__ __forceinline__ int slot_of(int key) {
+    return (int)(((unsigned int)key * 2654435761u) >> (32 - TBITS));
 }
 
-// the slot of key, inserting it; *fresh says whether it was new
-__device__ __forceinline__ int insert(int* keys, int key, int mask, bool* fresh) {
-    int h = slot_of(key, mask);
+// the slot of key, inserting it; *fresh says whether it was new. Most products of a long row
+// meet a key already there: a plain read finds it without an atomic.
+__device__ __forceinline__ int insert(int* keys, int key, bool* fresh) {
+    int h = slot_of(key);
     while (true) {
-        int old = atomicCAS(&keys[h], EMPTY, key);
-        if (old == EMPTY) { *fresh = true; return h; }
-        if (old == key) { *fresh = false; return h; }
-        h = (h + 1) & mask;
+        const int seen = ((volatile int*)keys)[h];
+        if (seen == key) { *fresh = false; return h; }
+        if (seen == EMPTY) {
+            const int old = atomicCAS(&keys[h], EMPTY, key);
+            if (old == EMPTY) { *fresh = true; return h; }
+            if (old == key) { *fresh = false; return h; }
+        }
+        h = (h + 1) & (T - 1);
     }
 }
 
-// The partial products of a row: each warp of the group takes one entry of A's row at a time
-// and its lanes stride over the matching row of B (B's rows are short: a warp per entry keeps
-// the lanes busy where a whole block per entry would idle).
-#define FOR_PRODUCTS(G_, row, body)                                                     \
-    {                                                                                   \
-        const int warp_ = (threadIdx.x % (G_)) / 32, warps_ = ((G_) + 31) / 32;          \
-        const int lane_ = threadIdx.x % 32;                                             \
-        for (long long p = aptr[row] + warp_; p < aptr[row + 1]; p += warps_) {         \
-            const int k = aidx[p];                                                      \
-            for (long long q = bptr[k] + lane_; q < bptr[k + 1]; q += 32) { body }      \
-        }                                                                               \
+// The partial products of a row. The warps of the group take the entries of A's row in turn;
+// each warp locates the rows of B of its next 32 entries at once, one a lane (one round trip
+// rather than 32), then, entry by entry, its lanes stride over that entry's row of B. (Lanes sharing out several rows of B at once were
+// tried: in R-MAT most rows of B hold the same hub columns, so the lanes of one instruction
+// collide on a slot, and it ran 3-7x slower.) Each entry's row of B starts at a place drawn
+// from the entry: B's rows are sorted and the hub columns open most of them, so warps starting
+// together would update the same few slots at once. QLO and QHI give the part of B's row k to
+// use (all of it, or a chunk of columns).
+#define FOR_PRODUCTS_IN(G_, row, QLO, QHI, body)                                         \
+    {                                                                                    \
+        const int warp_ = (threadIdx.x % (G_)) / 32, warps_ = ((G_) + 31) / 32;           \
+        const int lane_ = threadIdx.x % 32;                                              \
+        const long long a1_ = aptr[(row) + 1];                                           \
+        for (long long first_ = aptr[row] + warp_; first_ < a1_;                         \
+             first_ += 32ll * warps_) {                                                  \
+            const long long mine_ = first_ + (long long)lane_ * warps_;                  \
+            long long q0_ = 0;                                                           \
+            int len_ = 0, rot_ = 0;                                                      \
+            if (mine_ < a1_) {                                                           \
+                const int k = aidx[mine_];                                               \
+                q0_ = QLO;                                                               \
+                len_ = (int)((QHI) - q0_);                                               \
+                if (len_ > 32)                                                           \
+                    rot_ = (int)((((unsigned long long)mine_ *                            \
+                                   0x9E3779B97F4A7C15ull) >> 33) % len_);                 \
+            }                                                                            \
+            const int entries_ = (int)min(32ll, (a1_ - first_ + warps_ - 1) / warps_);   \
+            for (int e_ = 0; e_ < entries_; ++e_) {                                      \
+                const long long eq0_ = __shfl_sync(0xffffffffu, q0_, e_);                \
+                const int elen_ = __shfl_sync(0xffffffffu, len_, e_);                    \
+                const int erot_ = __shfl_sync(0xffffffffu, rot_, e_);                    \
+                const long long p = first_ + (long long)e_ * warps_;                     \
+                for (int i_ = lane_; i_ < elen_; i_ += 32) {                             \
+                    const long long q = eq0_ + (i_ + erot_ < elen_ ? i_ + erot_          \
+                                                                   : i_ + erot_ - elen_); \
+                    body                                                                 \
+                }                                                                        \
+            }                                                                            \
+        }                                                                                \
     }
+#define FOR_PRODUCTS(G_, row, body) FOR_PRODUCTS_IN(G_, row, bptr[k], bptr[k + 1], body)
 
-extern "C" __global__ void symbolic_shared(const int* rows, int nrows, const long long* aptr,
+// the first position in bidx[lo, hi) (sorted) holding a column >= col
+__device__ __forceinline__ long long lower_bound(const int* bidx, long long lo, long long hi,
+                                                 int col) {
+    while (lo < hi) {
+        const long long mid = (lo + hi) >> 1;
+        if (bidx[mid] < col) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// exclusive prefix sum of v over the block (blockDim.x a multiple of 32); *total gets the sum
+__device__ int block_exclusive_scan(int v, int* total) {
+    __shared__ int sums[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < warps ? sums[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        sums[lane] = w;
+    }
+    __syncthreads();
+    const int out = (warp ? sums[warp - 1] : 0) + x - v;
+    *total = sums[warps - 1];
+    __syncthreads();  // sums is reused by the next call
+    return out;
+}
+
+// MAX_THREADS: the largest block this module launches (at 1024, registers must fit 64)
+extern "C" __global__ void __launch_bounds__(MAX_THREADS)
+symbolic_shared(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const long long* bptr, const int* bidx, long long* row_nnz) {
     extern __shared__ int smem[];
     __shared__ int counts[32];
@@ -149,7 +224,7 @@ extern "C" __global__ void symbolic_shared(const int* rows, int nrows, const lon
         const int row = rows[r];
         FOR_PRODUCTS(G, row, {
             bool fresh;
-            insert(keys, bidx[q], T - 1, &fresh);
+            insert(keys, bidx[q], &fresh);
             if (fresh) atomicAdd(&counts[g], 1);
         })
     }
@@ -157,7 +232,8 @@ extern "C" __global__ void symbolic_shared(const int* rows, int nrows, const lon
     if (r < nrows && lane == 0) row_nnz[rows[r]] = counts[g];
 }
 
-extern "C" __global__ void numeric_shared(const int* rows, int nrows, const long long* aptr,
+extern "C" __global__ void __launch_bounds__(MAX_THREADS)
+numeric_shared(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const val_t* aval, const long long* bptr, const int* bidx,
         const val_t* bval, const long long* cptr, int* cidx, val_t* cval) {
     extern __shared__ __align__(8) unsigned char raw[];
@@ -171,11 +247,61 @@ extern "C" __global__ void numeric_shared(const int* rows, int nrows, const long
         const int row = rows[r];
         FOR_PRODUCTS(G, row, {
             bool fresh;
-            const int h = insert(keys, bidx[q], T - 1, &fresh);
+            const int h = insert(keys, bidx[q], &fresh);
             atomicAdd(&vals[h], aval[p] * bval[q]);
         })
     }
     __syncthreads();
+#if RANK_WORDS
+    // One row per block. When the row's columns span at most RANK_WORDS·32, a bitmap of them
+    // gives each entry its place (the set bits before it) and no sort is needed.
+    {
+        __shared__ int span[2];
+        unsigned int* bits = (unsigned int*)(keys + T);
+        int* before = (int*)(bits + RANK_WORDS);
+        if (threadIdx.x == 0) { span[0] = EMPTY; span[1] = -1; }
+        __syncthreads();
+        int lo = EMPTY, hi = -1;
+        for (int s = lane; s < T; s += G) {
+            const int key = keys[s];
+            if (key != EMPTY) { lo = min(lo, key); hi = max(hi, key); }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        if (threadIdx.x % 32 == 0) { atomicMin(&span[0], lo); atomicMax(&span[1], hi); }
+        __syncthreads();
+        const int w0 = span[0] >> 5;
+        const int words = span[1] < 0 ? 0 : (span[1] >> 5) - w0 + 1;
+        if (words <= RANK_WORDS) {  // the same for every thread of the block
+            for (int w = lane; w < words; w += G) bits[w] = 0;
+            __syncthreads();
+            for (int s = lane; s < T; s += G) {
+                const int key = keys[s];
+                if (key != EMPTY) atomicOr(&bits[(key >> 5) - w0], 1u << (key & 31));
+            }
+            __syncthreads();
+            const int per = (words + G - 1) / G;
+            const int a = min(words, lane * per), b = min(words, a + per);
+            int mine = 0, total;
+            for (int w = a; w < b; ++w) mine += __popc(bits[w]);
+            int at = block_exclusive_scan(mine, &total);
+            for (int w = a; w < b; ++w) { before[w] = at; at += __popc(bits[w]); }
+            __syncthreads();
+            const long long base = cptr[rows[r]];
+            for (int s = lane; s < T; s += G) {
+                const int key = keys[s];
+                if (key == EMPTY) continue;
+                const int w = (key >> 5) - w0;
+                const long long pos = base + before[w] + __popc(bits[w] & ((1u << (key & 31)) - 1u));
+                cidx[pos] = key;
+                cval[pos] = vals[s];
+            }
+            return;
+        }
+    }
+#endif
     // bitonic sort of the table by key; empty slots (EMPTY) sort last
     for (int size = 2; size <= T; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
@@ -200,10 +326,17 @@ extern "C" __global__ void numeric_shared(const int* rows, int nrows, const long
     }
 }
 
+// a column's bit, set by an atomic only when a read does not find it set already
+__device__ __forceinline__ void mark(unsigned int* bits, int col) {
+    const unsigned int bit = 1u << (col & 31);
+    if (!(bits[col >> 5] & bit)) atomicOr(&bits[col >> 5], bit);
+}
+
 // Rows too long for a shared table: a bitmap of all n columns in shared memory (and, for
 // the numeric pass, a dense accumulator of n values in global memory). Scanning the bitmap
 // in column order writes the row sorted, with no sort at all.
-extern "C" __global__ void symbolic_dense(const int* rows, int nrows, const long long* aptr,
+extern "C" __global__ void __launch_bounds__(MAX_THREADS)
+symbolic_dense(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const long long* bptr, const int* bidx, int ncols, long long* row_nnz) {
     extern __shared__ unsigned int bits[];
     __shared__ unsigned long long count;
@@ -214,7 +347,7 @@ extern "C" __global__ void symbolic_dense(const int* rows, int nrows, const long
     const int row = rows[blockIdx.x];
     FOR_PRODUCTS(DENSE_G, row, {
         const int col = bidx[q];
-        atomicOr(&bits[col >> 5], 1u << (col & 31));
+        mark(bits, col);
     })
     __syncthreads();
     unsigned long long mine = 0;
@@ -224,49 +357,51 @@ extern "C" __global__ void symbolic_dense(const int* rows, int nrows, const long
     if (threadIdx.x == 0) row_nnz[row] = (long long)count;
 }
 
-extern "C" __global__ void numeric_dense(const int* rows, int nrows, const long long* aptr,
+// The numeric pass of rows too long for a shared table: the columns in chunks of CHUNK, each
+// with a dense accumulator and a bitmap in shared memory. Every warp finds the chunk's part of
+// each row of B by binary search, so each product is still read once; a scan of the bitmap
+// writes the chunk's entries in column order.
+extern "C" __global__ void __launch_bounds__(MAX_THREADS)
+numeric_dense(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const val_t* aval, const long long* bptr, const int* bidx,
-        const val_t* bval, int ncols, val_t* dense, const long long* cptr, int* cidx,
-        val_t* cval) {
-    extern __shared__ unsigned int bits[];
-    __shared__ int scan[DENSE_G];
-    const int words = (ncols + 31) / 32;
-    val_t* acc = dense + (long long)blockIdx.x * ncols;
-    for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
-    for (int c = threadIdx.x; c < ncols; c += blockDim.x) acc[c] = 0;
-    __syncthreads();
+        const val_t* bval, int ncols, const long long* cptr, int* cidx, val_t* cval) {
+    extern __shared__ __align__(8) unsigned char raw[];
+    val_t* acc = (val_t*)raw;
+    unsigned int* bits = (unsigned int*)(acc + CHUNK);
     const int row = rows[blockIdx.x];
-    FOR_PRODUCTS(DENSE_G, row, {
-        const int col = bidx[q];
-        atomicOr(&bits[col >> 5], 1u << (col & 31));
-        atomicAdd(&acc[col], aval[p] * bval[q]);
-    })
-    __syncthreads();
-    // each thread takes a contiguous run of words; a block scan of their counts gives where
-    // each run's entries go, in column order
-    const int per = (words + blockDim.x - 1) / blockDim.x;
-    const int w0 = min(words, threadIdx.x * per), w1 = min(words, w0 + per);
-    int mine = 0;
-    for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
-    scan[threadIdx.x] = mine;
-    __syncthreads();
-    for (int off = 1; off < blockDim.x; off <<= 1) {
-        const int add = threadIdx.x >= off ? scan[threadIdx.x - off] : 0;
+    long long at = cptr[row];
+    for (int c0 = 0; c0 < ncols; c0 += CHUNK) {
+        const int c1 = min(ncols, c0 + CHUNK), words = (c1 - c0 + 31) / 32;
+        for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
+        for (int c = threadIdx.x; c < c1 - c0; c += blockDim.x) acc[c] = 0;
         __syncthreads();
-        scan[threadIdx.x] += add;
+        FOR_PRODUCTS_IN(DENSE_G, row,
+                        c0 == 0 ? bptr[k] : lower_bound(bidx, bptr[k], bptr[k + 1], c0),
+                        c1 == ncols ? bptr[k + 1] : lower_bound(bidx, bptr[k], bptr[k + 1], c1), {
+            const int col = bidx[q] - c0;
+            mark(bits, col);
+            atomicAdd(&acc[col], aval[p] * bval[q]);
+        })
         __syncthreads();
-    }
-    long long at = cptr[row] + scan[threadIdx.x] - mine;
-    for (int w = w0; w < w1; ++w) {
-        unsigned int word = bits[w];
-        while (word) {
-            const int bit = __ffs(word) - 1;
-            word &= word - 1;
-            const int col = w * 32 + bit;
-            cidx[at] = col;
-            cval[at] = acc[col];
-            ++at;
+        // each thread takes a contiguous run of words; a block scan of their counts gives
+        // where each run's entries go
+        const int per = (words + blockDim.x - 1) / blockDim.x;
+        const int w0 = min(words, (int)threadIdx.x * per), w1 = min(words, w0 + per);
+        int mine = 0, total;
+        for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
+        long long out = at + block_exclusive_scan(mine, &total);
+        for (int w = w0; w < w1; ++w) {
+            unsigned int word = bits[w];
+            while (word) {
+                const int col = w * 32 + __ffs(word) - 1;
+                word &= word - 1;
+                cidx[out] = c0 + col;
+                cval[out] = acc[col];
+                ++out;
+            }
         }
+        at += total;
+        __syncthreads();  // the chunk is written before the next one clears it
     }
 }
 """
@@ -274,54 +409,110 @@ extern "C" __global__ void numeric_dense(const int* rows, int nrows, const long 
 _MODULES: dict = {}
 
 
-def _kernel(name: str, val_t: str, group: int = 0, table: int = 0):
+def _kernel(name: str, val_t: str, group: int = 0, table: int = 0, rank_words: int = 0,
+            chunk: int = 0):
     import cupy
 
-    key = (val_t, group, table)
+    key = (val_t, group, table, rank_words, chunk)
     module = _MODULES.get(key)
     if module is None:
-        code = (f"#define VAL_T {val_t}\n#define G {max(group, 1)}\n#define T {max(table, 2)}\n"
-                f"#define DENSE_G {DENSE_THREADS}\n" + _SOURCE)
+        table = max(table, 2)
+        code = (f"#define VAL_T {val_t}\n#define G {max(group, 1)}\n#define T {table}\n"
+                f"#define TBITS {table.bit_length() - 1}\n#define RANK_WORDS {rank_words}\n"
+                f"#define CHUNK {max(chunk, 32)}\n#define DENSE_G {DENSE_THREADS}\n"
+                f"#define MAX_THREADS {max(group, BLOCK) if group else DENSE_THREADS}\n" + _SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[key] = module
     return module.get_function(name)
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_limit(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"]) - 1024
+
+
+def shared_limit() -> int:
+    """Bytes of shared memory one block may use on this GPU (opted in), less what the kernels
+    declare statically. (CuPy's ``attributes`` asks the driver for every attribute: cached.)"""
+    import cupy
+
+    return _shared_limit(cupy.cuda.Device().id)
+
+
+def dense_chunk(val_size: int) -> int:
+    """Columns per chunk of the dense numeric pass: a power of two whose accumulator and bitmap
+    fit in shared memory."""
+    chunk = 1 << 20
+    while chunk * val_size + chunk // 8 > shared_limit():
+        chunk //= 2
+    return chunk
+
+
 def _launch(fn, blocks: int, threads: int, smem: int, args) -> None:
-    if smem > 48 * 1024:
-        fn.max_dynamic_shared_size_bytes = smem
-    if blocks:
+    if not blocks:
+        return
+    try:
+        if smem > 32 * 1024:  # the default cap is 48 KiB less the kernel's static shared memory
+            fn.max_dynamic_shared_size_bytes = smem
         fn((blocks,), (threads,), args, shared_mem=smem)
+    except Exception as exc:  # name the launch: the driver's own message does not
+        info = {k: getattr(fn, k, "?") for k in ("num_regs", "max_threads_per_block",
+                                                 "max_dynamic_shared_size_bytes")}
+        raise RuntimeError(f"SpGEMM launch of {blocks} blocks of {threads} threads with {smem} "
+                           f"bytes of shared memory refused ({info}): {exc}") from exc
 
 
-def _launch_shared(name, val_t, val_size, rows, group, table, args):
-    """Launch a shared-table kernel over ``rows`` (int32 row ids), a group of threads each."""
+def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
+    """Launch a shared-table kernel over ``rows`` (int32 row ids), a group of threads each.
+    Numeric rows that get a block of their own (group >= 128) are written in order through a
+    bitmap of their columns where it fits beside the table, and sorted otherwise."""
     import cupy
 
     entry = 4 + (val_size if name.startswith("numeric") else 0)
-    threads = BLOCK if group < BLOCK and table * entry * (BLOCK // group) <= 48 * 1024 else group
+    rank_words = 0
+    if name.startswith("numeric") and group >= 128:
+        threads = group
+        room = (shared_limit() - table * entry) // 8  # a bitmap word and its count
+        rank_words = min(_pow2_at_least(-(-ncols // 32)), 2 * table)  # few kernel variants
+        while rank_words > room:
+            rank_words //= 2
+    elif group < BLOCK and table * entry * (BLOCK // group) <= 48 * 1024:
+        threads = BLOCK
+    else:
+        threads = group
     groups = threads // group
     n = int(rows.size)
-    _launch(_kernel(name, val_t, group, table), -(-n // groups), threads,
-            groups * table * entry, (rows, cupy.int32(n), *args))
+    _launch(_kernel(name, val_t, group, table, rank_words), -(-n // groups), threads,
+            groups * table * entry + 8 * rank_words, (rows, cupy.int32(n), *args))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _bin(cupy, counts, bins):
-    """Row ids (int32) per bin of ``bins`` by ``counts``, and the rows above the last bin."""
-    out, lower = [], 0
-    for upper, group, table in bins:
-        out.append((cupy.nonzero((counts > lower) & (counts <= upper))[0].astype(np.int32), group, table))
-        lower = upper
-    return out, cupy.nonzero(counts > lower)[0].astype(np.int32)
+    """Row ids (int32) per bin of ``bins`` by ``counts`` (rows with a count of 0 in none), and
+    the rows above the last bin: one sort of the rows by bin, one copy of the bins' sizes."""
+    uppers = cupy.asarray([upper for upper, _, _ in bins], dtype=counts.dtype)
+    which = cupy.searchsorted(uppers, counts, side="left")  # the first bin whose upper >= count
+    which[counts == 0] = len(bins) + 1
+    order = cupy.argsort(which).astype(np.int32)
+    sizes = np.cumsum(cupy.bincount(which, minlength=len(bins) + 2).get())
+    starts = np.concatenate([[0], sizes])
+    out = [(order[starts[i]:starts[i + 1]], group, table) for i, (_, group, table) in enumerate(bins)]
+    return out, order[starts[len(bins)]:starts[len(bins) + 1]]
 
 
 class _GpuProduct:
     """One A·B on the GPU: inputs on the device and the symbolic pass done on construction;
     ``numeric(lo, hi)`` fills rows lo..hi (an output larger than the GPU is made in batches)."""
 
-    def __init__(self, a: Csr, b: Csr, dense_budget: int = 1 << 30):
+    def __init__(self, a: Csr, b: Csr, profile: bool = False):
         import cupy
 
+        self.spans = [] if profile else None  # (label, rows, start event, stop event)
         val_dtype = np.result_type(a.data.dtype, b.data.dtype)
         if val_dtype not in (np.float32, np.float64):
             val_dtype = np.dtype(np.float64)
@@ -335,7 +526,6 @@ class _GpuProduct:
         self.val_t = "double" if val_dtype == np.float64 else "float"
         self.vsize = self.val_dtype.itemsize
         self.shape = (a.shape[0], n)
-        self.dense_budget = dense_budget
         as_dev = lambda x, t: cupy.asarray(x, dtype=t)  # noqa: E731
         self.aptr = as_dev(a.indptr, np.int64)
         self.aptr = self.aptr - self.aptr[0]
@@ -347,6 +537,27 @@ class _GpuProduct:
                                           Csr(self.bptr, self.bidx, self.bval, b.shape))
         self.row_nnz = self._symbolic()
         self.cptr = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(self.row_nnz)])
+
+    def _timed(self, label: str, rows: int, launch) -> None:
+        """launch(), timed on the GPU when profiling."""
+        if self.spans is None or not rows:
+            return launch()
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        launch()
+        stop.record()
+        self.spans.append((label, rows, start, stop))
+
+    def profile(self) -> list[dict]:
+        """Each kernel launch's rows and milliseconds so far (after profile=True)."""
+        import cupy
+
+        if self.spans:
+            self.spans[-1][3].synchronize()
+        return [{"kernel": label, "rows": rows, "ms": cupy.cuda.get_elapsed_time(start, stop)}
+                for label, rows, start, stop in self.spans or []]
 
     @property
     def flops(self) -> int:
@@ -361,12 +572,14 @@ class _GpuProduct:
         row_nnz = cupy.zeros(self.shape[0], dtype=np.int64)
         bins, dense = _bin(cupy, self.products, SYMBOLIC_BINS)
         for rows, group, table in bins:
-            _launch_shared("symbolic_shared", self.val_t, self.vsize, rows, group, table,
-                           (self.aptr, self.aidx, self.bptr, self.bidx, row_nnz))
-        _launch(_kernel("symbolic_dense", self.val_t), int(dense.size), DENSE_THREADS,
-                self._bitmap_bytes(),
-                (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.bptr, self.bidx,
-                 cupy.int32(self.shape[1]), row_nnz))
+            self._timed(f"symbolic table {table}", int(rows.size), lambda: _launch_shared(
+                "symbolic_shared", self.val_t, self.vsize, rows, group, table,
+                (self.aptr, self.aidx, self.bptr, self.bidx, row_nnz)))
+        self._timed("symbolic dense", int(dense.size), lambda: _launch(
+            _kernel("symbolic_dense", self.val_t), int(dense.size), DENSE_THREADS,
+            self._bitmap_bytes(),
+            (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.bptr, self.bidx,
+             cupy.int32(self.shape[1]), row_nnz)))
         return row_nnz
 
     def batches(self, max_entries: int) -> list[tuple[int, int]]:
@@ -395,21 +608,16 @@ class _GpuProduct:
         counts[lo:hi] = self.row_nnz[lo:hi]
         bins, dense = _bin(cupy, counts, NUMERIC_BINS)
         for rows, group, table in bins:
-            _launch_shared("numeric_shared", self.val_t, self.vsize, rows, group, table,
-                           (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval,
-                            cptr, cidx, cval))
-        if dense.size:
-            # dense accumulators for as many rows at a time as the budget allows
-            per = max(1, self.dense_budget // (self.shape[1] * self.vsize))
-            fn = _kernel("numeric_dense", self.val_t)
-            for start in range(0, int(dense.size), per):
-                rows = dense[start:start + per]
-                acc = cupy.empty(int(rows.size) * self.shape[1], dtype=self.val_dtype)
-                _launch(fn, int(rows.size), DENSE_THREADS, self._bitmap_bytes(),
-                        (rows, cupy.int32(rows.size), self.aptr, self.aidx, self.aval,
-                         self.bptr, self.bidx, self.bval, cupy.int32(self.shape[1]), acc,
-                         cptr, cidx, cval))
-                del acc
+            self._timed(f"numeric table {table}", int(rows.size), lambda: _launch_shared(
+                "numeric_shared", self.val_t, self.vsize, rows, group, table,
+                (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, cptr, cidx,
+                 cval), ncols=self.shape[1]))
+        chunk = dense_chunk(self.vsize)
+        self._timed("numeric dense", int(dense.size), lambda: _launch(
+            _kernel("numeric_dense", self.val_t, chunk=chunk), int(dense.size), DENSE_THREADS,
+            chunk * self.vsize + chunk // 8,
+            (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.aval, self.bptr,
+             self.bidx, self.bval, cupy.int32(self.shape[1]), cptr, cidx, cval)))
         return Csr(self.cptr[lo:hi + 1] - base, cidx, cval, (hi - lo, self.shape[1]))
 
 
