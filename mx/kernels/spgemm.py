@@ -497,7 +497,7 @@ def _bin(cupy, counts, bins):
     the rows above the last bin: one sort of the rows by bin, one copy of the bins' sizes."""
     uppers = cupy.asarray([upper for upper, _, _ in bins], dtype=counts.dtype)
     which = cupy.searchsorted(uppers, counts, side="left")  # the first bin whose upper >= count
-    which[counts == 0] = len(bins) + 1
+    which = cupy.where(counts == 0, len(bins) + 1, which)  # (a masked store would synchronise)
     order = cupy.argsort(which).astype(np.int32)
     sizes = np.cumsum(cupy.bincount(which, minlength=len(bins) + 2).get())
     starts = np.concatenate([[0], sizes])
