@@ -277,10 +277,11 @@ def forward_band(model: Model, xp, latent_rows, token_rows: tuple[int, int], gri
     for i, (_, _, gate1, shift2, scale2, gate2) in enumerate(mods):
         x, h = norm.residual_modulate(xp, x, gate1, _attention(model, xp, h, i, kv),
                                       w[f"blocks.{i}.attn.proj.bias"], shift2, scale2)
-        f = pointwise.bias_gelu(xp, h @ w[f"blocks.{i}.mlp.fc1.weight"], w[f"blocks.{i}.mlp.fc1.bias"])
+        fc1, fc2 = f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"
+        f = pointwise.bias_gelu(xp, h @ w[fc1 + ".weight"], w[fc1 + ".bias"])
         shift, scale = mods[i + 1][:2] if i + 1 < cfg.depth else final
-        x, h = norm.residual_modulate(xp, x, gate2, f @ w[f"blocks.{i}.mlp.fc2.weight"],
-                                      w[f"blocks.{i}.mlp.fc2.bias"], shift, scale)
+        x, h = norm.residual_modulate(xp, x, gate2, f @ w[fc2 + ".weight"], w[fc2 + ".bias"],
+                                      shift, scale)
     out = linear(h, w, "final_layer.linear")
     rows = token_rows[1] - token_rows[0]
     noise = unpatchify(xp, out, rows, grid[1], p, cfg.out_channels)
