@@ -37,18 +37,43 @@ MODES = ("none", "naive", "sync", "distrifusion", "pcpp")
 
 
 # ------------------------------------------------------------------------ 1. one GPU
-def model_forward(size: int, repeat: int) -> dict:
-    import cupy
-    import torch
-
-    from dit_torch import DiT
-
+def xl_setup(size: int):
+    """DiT-XL/2 shapes at one image size: (config, weights drawn from seed 0, token grid, a
+    float16 latent), the same for mx and torch."""
     cfg = dit.XL
     weights = dit.random_weights(cfg, 0)
     lat = size // cfg.vae_factor
     grid = (lat // cfg.patch, lat // cfg.patch)
     x = np.random.default_rng(0).standard_normal((cfg.in_channels, lat, lat)).astype(np.float16)
+    return cfg, weights, grid, x
 
+
+def torch_forward(cfg, weights, x):
+    """The same DiT in PyTorch (``scripts/dit_torch.py``), float16 on the GPU: a function
+    running its forward on x at step 500, class 3."""
+    import torch
+
+    from dit_torch import DiT
+
+    model = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, cfg.in_channels, cfg.out_channels,
+                classes=cfg.num_classes)
+    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in weights.items()})
+    model = model.cuda().half().eval()
+    xt, t, y = (torch.from_numpy(x)[None].cuda(), torch.tensor([500], device="cuda"),
+                torch.tensor([3], device="cuda"))
+
+    def forward():
+        with torch.no_grad():
+            return model(xt, t, y)
+
+    return forward
+
+
+def model_forward(size: int, repeat: int) -> dict:
+    import cupy
+    import torch
+
+    cfg, weights, grid, x = xl_setup(size)
     net = dit.load("builtin:dit-xl", cupy, np.float16, seed=0)
     xd = cupy.asarray(x)
 
@@ -60,17 +85,10 @@ def model_forward(size: int, repeat: int) -> dict:
     net = None  # free its memory before torch's model
     cupy.get_default_memory_pool().free_all_blocks()
 
-    model = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, cfg.in_channels, cfg.out_channels,
-                classes=cfg.num_classes)
-    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in weights.items()})
-    model = model.cuda().half().eval()
-    xt = torch.from_numpy(x)[None].cuda()
-    t = torch.tensor([500], device="cuda")
-    y = torch.tensor([3], device="cuda")
+    forward = torch_forward(cfg, weights, x)
 
     def torch_once():
-        with torch.no_grad():
-            return model(xt, t, y)[0, :cfg.in_channels]
+        return forward()[0, :cfg.in_channels]
 
     torch_s, torch_out = _time_cuda(torch_once, repeat, torch.cuda.synchronize)
     ref = torch_out.float().cpu().numpy()
@@ -80,7 +98,7 @@ def model_forward(size: int, repeat: int) -> dict:
     alone = compare(grid[0] * grid[1], cfg.heads, cfg.hidden // cfg.heads, repeat)
     att_mx, att_torch = alone["mx_ms"] / 1e3, alone["torch_ms"] / 1e3
     got = cupy.asnumpy(mx_out).astype(np.float32)
-    model = None
+    forward = None
     torch.cuda.empty_cache()
     return {"size": size, "tokens": grid[0] * grid[1], "mx_s": mx_s, "torch_s": torch_s,
             "mx_over_torch": mx_s / torch_s, "attention_mx_s": att_mx,

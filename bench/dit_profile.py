@@ -59,13 +59,9 @@ def profile_size(size: int) -> dict:
     import cupy
     import torch
 
-    from dit_torch import DiT
+    from diffuse import torch_forward, xl_setup  # bench/diffuse.py
 
-    cfg = dit.XL
-    weights = dit.random_weights(cfg, 0)
-    lat = size // cfg.vae_factor
-    grid = (lat // cfg.patch, lat // cfg.patch)
-    x = np.random.default_rng(0).standard_normal((cfg.in_channels, lat, lat)).astype(np.float16)
+    cfg, weights, grid, x = xl_setup(size)
     net = dit.load("builtin:dit-xl", cupy, np.float16, seed=0)
     xd = cupy.asarray(x)
     c = dit.condition(net, cupy, 500, 3)
@@ -74,15 +70,9 @@ def profile_size(size: int) -> dict:
                                cupy.cuda.get_current_stream().synchronize)
     net = None
     cupy.get_default_memory_pool().free_all_blocks()
-    model = DiT(cfg.hidden, cfg.depth, cfg.heads, cfg.patch, cfg.in_channels, cfg.out_channels,
-                classes=cfg.num_classes)
-    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in weights.items()})
-    model = model.cuda().half().eval()
-    xt, t, y = (torch.from_numpy(x)[None].cuda(), torch.tensor([500], device="cuda"),
-                torch.tensor([3], device="cuda"))
-    with torch.no_grad():
-        torch_ms, torch_n, torch_top = kernel_times(lambda: model(xt, t, y), torch.cuda.synchronize)
-    model = None
+    forward = torch_forward(cfg, weights, x)
+    torch_ms, torch_n, torch_top = kernel_times(forward, torch.cuda.synchronize)
+    forward = None
     torch.cuda.empty_cache()
     return {"size": size, "tokens": grid[0] * grid[1], "mx_ms": mx_ms, "mx_kernels": mx_n,
             "torch_ms": torch_ms, "torch_kernels": torch_n, "mx_top": mx_top,

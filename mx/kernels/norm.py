@@ -97,20 +97,6 @@ extern "C" __global__ void mx_adaln(const T* __restrict__ x, const T* __restrict
 }
 """
 
-_KERNELS: dict[tuple, object] = {}
-
-
-def _kernel(half: bool, residual: bool, vec: int):
-    key = (half, residual, vec)
-    if key not in _KERNELS:
-        import cupy
-
-        options = (f"-DHALF={int(half)}", f"-DRESIDUAL={int(residual)}", f"-DWARPS={WARPS}",
-                   f"-DVEC={vec}")
-        _KERNELS[key] = cupy.RawKernel(_SOURCE, "mx_adaln", options=options)
-    return _KERNELS[key]
-
-
 def _launch(x, gate, y, bias, shift, scale):
     import cupy
 
@@ -133,7 +119,8 @@ def _launch(x, gate, y, bias, shift, scale):
         gate = y = bias = x  # unread
     arrays = (x, gate, y, bias, vector(shift), vector(scale), xout, h)
     vec = pointwise.widest(cols, dtype.itemsize, arrays)
-    _kernel(dtype == np.float16, residual, vec)(
-        (-(-rows // WARPS),), (32 * WARPS,),
-        (*arrays, np.int64(rows), np.int32(cols), np.float32(EPS)))
+    kernel = pointwise.compiled(_SOURCE, "mx_adaln", HALF=int(dtype == np.float16),
+                                RESIDUAL=int(residual), WARPS=WARPS, VEC=vec)
+    kernel((-(-rows // WARPS),), (32 * WARPS,),
+           (*arrays, np.int64(rows), np.int32(cols), np.float32(EPS)))
     return xout, h

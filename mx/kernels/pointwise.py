@@ -99,14 +99,14 @@ THREADS = 256
 _KERNELS: dict[tuple, object] = {}
 
 
-def _kernel(half: bool, gelu: bool, vec: int):
-    key = (half, gelu, vec)
+def compiled(source: str, name: str, **defines):
+    """Kernel ``name`` of ``source`` compiled with ``-Dkey=value`` for each define, made once."""
+    key = (name, source, tuple(sorted(defines.items())))
     if key not in _KERNELS:
         import cupy
 
-        options = (f"-DHALF={int(half)}", f"-DGELU={int(gelu)}", f"-DVEC={vec}",
-                   f"-DGELU_C={GELU_C}f")
-        _KERNELS[key] = cupy.RawKernel(_SOURCE, "mx_bias_act", options=options)
+        options = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
+        _KERNELS[key] = cupy.RawKernel(source, name, options=options)
     return _KERNELS[key]
 
 
@@ -122,6 +122,7 @@ def _launch(x, b, out, gelu: bool):
     vec = widest(cols, x.itemsize, (x, b, out))
     grid = (-(-cols // (vec * THREADS)), min(rows, 65535))
     if rows:
-        _kernel(x.dtype == np.float16, gelu, vec)(
-            grid, (THREADS,), (x, b, out, np.int64(rows), np.int32(cols)))
+        kernel = compiled(_SOURCE, "mx_bias_act", HALF=int(x.dtype == np.float16),
+                          GELU=int(gelu), VEC=vec, GELU_C=f"{GELU_C}f")
+        kernel(grid, (THREADS,), (x, b, out, np.int64(rows), np.int32(cols)))
     return out
