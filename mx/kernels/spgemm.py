@@ -103,15 +103,26 @@ BLOCK = 256  # threads per block for the warp-per-row bins
 DENSE_THREADS = 1024
 MAX_DENSE_COLUMNS = 8 * 160 * 1024  # a row bitmap of this many columns fits in shared memory
 EMPTY = 0x7FFFFFFF  # an empty slot; larger than any column, so it sorts last
+LISTED_BYTES = 24  # one entry of a group's list of long rows of B (struct Listed)
+STATIC_SHARED = 16 * 1024  # the kernels' own shared memory: the lists of long rows, the scans
 
 _SOURCE = r"""
 #define EMPTY 0x7fffffff
+#define FULL 0xffffffffu
+#define NO_BIN 255
+#define LONG_ROW 64  // a row of B longer than this is shared out among a group's warps
+#define PIECE 128    // products of a shared-out row that one warp takes at a time
 typedef VAL_T val_t;
 
 // Knuth's multiplicative hash, its top bits: the low bits of key·odd are the low bits of key
 // alone, and R-MAT's hub columns share their low bits, so a low-bit slot clusters them
 __device__ __forceinline__ int slot_of(int key) {
     return (int)(((unsigned int)key * 2654435761u) >> (32 - TBITS));
+}
+
+// a place in [0, n) drawn from x
+__device__ __forceinline__ int spread(long long x, int n) {
+    return (int)((((unsigned long long)x * 0x9E3779B97F4A7C15ull) >> 33) % (unsigned int)n);
 }
 
 // the slot of key, inserting it; *fresh says whether it was new. Most products of a long row
@@ -130,47 +141,105 @@ __device__ __forceinline__ int insert(int* keys, int key, bool* fresh) {
     }
 }
 
-// The partial products of a row. The warps of the group take the entries of A's row in turn;
-// each warp locates the rows of B of its next 32 entries at once, one a lane (one round trip
-// rather than 32), then, entry by entry, its lanes stride over that entry's row of B. (Lanes sharing out several rows of B at once were
-// tried: in R-MAT most rows of B hold the same hub columns, so the lanes of one instruction
-// collide on a slot, and it ran 3-7x slower.) Each entry's row of B starts at a place drawn
-// from the entry: B's rows are sorted and the hub columns open most of them, so warps starting
-// together would update the same few slots at once. QLO and QHI give the part of B's row k to
-// use (all of it, or a chunk of columns).
-#define FOR_PRODUCTS_IN(G_, row, QLO, QHI, body)                                         \
-    {                                                                                    \
-        const int warp_ = (threadIdx.x % (G_)) / 32, warps_ = ((G_) + 31) / 32;           \
-        const int lane_ = threadIdx.x % 32;                                              \
-        const long long a1_ = aptr[(row) + 1];                                           \
-        for (long long first_ = aptr[row] + warp_; first_ < a1_;                         \
-             first_ += 32ll * warps_) {                                                  \
-            const long long mine_ = first_ + (long long)lane_ * warps_;                  \
-            long long q0_ = 0;                                                           \
-            int len_ = 0, rot_ = 0;                                                      \
-            if (mine_ < a1_) {                                                           \
-                const int k = aidx[mine_];                                               \
-                q0_ = QLO;                                                               \
-                len_ = (int)((QHI) - q0_);                                               \
-                if (len_ > 32)                                                           \
-                    rot_ = (int)((((unsigned long long)mine_ *                            \
-                                   0x9E3779B97F4A7C15ull) >> 33) % len_);                 \
-            }                                                                            \
-            const int entries_ = (int)min(32ll, (a1_ - first_ + warps_ - 1) / warps_);   \
-            for (int e_ = 0; e_ < entries_; ++e_) {                                      \
-                const long long eq0_ = __shfl_sync(0xffffffffu, q0_, e_);                \
-                const int elen_ = __shfl_sync(0xffffffffu, len_, e_);                    \
-                const int erot_ = __shfl_sync(0xffffffffu, rot_, e_);                    \
-                const long long p = first_ + (long long)e_ * warps_;                     \
-                for (int i_ = lane_; i_ < elen_; i_ += 32) {                             \
-                    const long long q = eq0_ + (i_ + erot_ < elen_ ? i_ + erot_          \
-                                                                   : i_ + erot_ - elen_); \
-                    body                                                                 \
-                }                                                                        \
-            }                                                                            \
-        }                                                                                \
+// exclusive prefix sum of v over each group of G_ threads (a multiple of 32); *total gets the
+// group's sum. Every thread of the block calls it.
+template <int G_>
+__device__ int group_exclusive_scan(int v, int* total) {
+    __shared__ int sums[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(FULL, x, o);
+        if (lane >= o) x += y;
     }
-#define FOR_PRODUCTS(G_, row, body) FOR_PRODUCTS_IN(G_, row, bptr[k], bptr[k + 1], body)
+    if (lane == 31) sums[warp] = x;
+    __syncthreads();
+    const int first = (threadIdx.x / G_) * (G_ / 32);
+    int before = 0, all = 0;
+    for (int w = first; w < first + G_ / 32; ++w) {
+        const int s = sums[w];
+        all += s;
+        if (w < warp) before += s;
+    }
+    *total = all;
+    __syncthreads();  // sums is reused by the next call
+    return before + x - v;
+}
+
+// a long row of B met in a row of A, kept for the group's warps to share out
+struct Listed { long long q0, p; int len, start; };
+
+// body(p, q) for each partial product A[p]·B[q] of A's row (none when row < 0), by the G_
+// threads of a group. range(k, &q0, &len) gives the part of B's row k to use (all of it, or a
+// chunk of columns). The warps take the entries of A's row in turn; each warp locates the rows
+// of B of its next 32 entries at once, one a lane, then, entry by entry, its lanes stride over
+// that entry's row of B. (Lanes sharing out several rows of B at once were tried: in R-MAT most
+// rows of B hold the same hub columns, so the lanes of one instruction collide on a slot, and
+// it ran 3-7x slower.) Each row of B starts at a place drawn from the entry: B's rows are sorted
+// and the hub columns open most of them, so warps starting together would update the same few
+// slots at once.
+// A group of several warps (CAP_ > 0) lists the rows of B longer than LONG_ROW and shares them
+// out afterwards in pieces of PIECE products: taken whole, one hub row of B kept one warp busy
+// while the others waited at the next barrier (most of the block's time, measured on R-MAT).
+// Every thread of the block calls it.
+template <int G_, int CAP_, class Range, class Body>
+__device__ __forceinline__ void for_products(const long long* aptr, const int* aidx, int row,
+                                             Listed* listed, int* nlisted, Range range, Body body) {
+    const int warp = (threadIdx.x % G_) / 32, warps = G_ / 32, lane = threadIdx.x % 32;
+    if (CAP_) {
+        if (threadIdx.x % G_ == 0) *nlisted = 0;
+        __syncthreads();
+    }
+    const long long a0 = row < 0 ? 0 : aptr[row], a1 = row < 0 ? 0 : aptr[row + 1];
+    for (long long first = a0 + warp; first < a1; first += 32ll * warps) {
+        const long long mine = first + (long long)lane * warps;
+        long long q0 = 0;
+        int len = 0, rot = 0;
+        if (mine < a1) {
+            range(aidx[mine], &q0, &len);
+            if (CAP_ && len > LONG_ROW) {
+                const int at = atomicAdd(nlisted, 1);
+                if (at < CAP_) {
+                    listed[at].q0 = q0; listed[at].p = mine; listed[at].len = len;
+                    len = 0;
+                }
+            }
+            if (len > 32) rot = spread(mine, len);
+        }
+        const int entries = (int)min(32ll, (a1 - first + warps - 1) / warps);
+        for (int e = 0; e < entries; ++e) {
+            const long long eq0 = __shfl_sync(FULL, q0, e);
+            const int elen = __shfl_sync(FULL, len, e), erot = __shfl_sync(FULL, rot, e);
+            const long long p = first + (long long)e * warps;
+            for (int i = lane; i < elen; i += 32)
+                body(p, eq0 + (i + erot < elen ? i + erot : i + erot - elen));
+        }
+    }
+    if (CAP_) {
+        __syncthreads();
+        const int n = min(*nlisted, CAP_), t = threadIdx.x % G_;
+        int total;
+        const int start = group_exclusive_scan<G_>(t < n ? (listed[t].len + PIECE - 1) / PIECE : 0,
+                                                   &total);
+        if (t < n) listed[t].start = start;
+        __syncthreads();
+        for (int c = warp; c < total; c += warps) {
+            int lo = 0, hi = n - 1;  // the last listed row whose pieces start at or before c
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if (listed[mid].start <= c) lo = mid; else hi = mid - 1;
+            }
+            const long long q0 = listed[lo].q0, p = listed[lo].p;
+            const int len = listed[lo].len, pieces = (len + PIECE - 1) / PIECE;
+            int j = c - listed[lo].start + spread(p, pieces);  // rows' first pieces hold the hubs
+            if (j >= pieces) j -= pieces;
+            const int i1 = min(len, (j + 1) * PIECE);
+            for (int i = j * PIECE + lane; i < i1; i += 32) body(p, q0 + i);
+        }
+    }
+}
+
+#define B_ROW [&](int k, long long* q0, int* len) { *q0 = bptr[k]; *len = (int)(bptr[k + 1] - *q0); }
 
 // the first position in bidx[lo, hi) (sorted) holding a column >= col
 __device__ __forceinline__ long long lower_bound(const int* bidx, long long lo, long long hi,
@@ -182,30 +251,67 @@ __device__ __forceinline__ long long lower_bound(const int* bidx, long long lo, 
     return lo;
 }
 
-// exclusive prefix sum of v over the block (blockDim.x a multiple of 32); *total gets the sum
-__device__ int block_exclusive_scan(int v, int* total) {
-    __shared__ int sums[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    int x = v;
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
+// Partial products of each row of A·B, a warp a row
+extern "C" __global__ void row_products(int m, const long long* aptr, const int* aidx,
+                                        const long long* bptr, long long* out) {
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= m) return;
+    long long sum = 0;
+    for (long long e = aptr[row] + lane; e < aptr[row + 1]; e += 32) {
+        const int k = aidx[e];
+        sum += bptr[k + 1] - bptr[k];
     }
-    if (lane == 31) sums[warp] = x;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL, sum, o);
+    if (lane == 0) out[row] = sum;
+}
+
+// Each row's bin in lo..hi: the first whose upper bound holds its count (a count of 0: none;
+// above the last bound: bin nbins, the dense rows). sizes[b] counts bin b's rows.
+extern "C" __global__ void bin_rows(long long lo, long long hi, const long long* counts,
+                                    const long long* uppers, int nbins, unsigned char* bin_of,
+                                    int* sizes) {
+    __shared__ int local[32];
+    if (threadIdx.x < 32) local[threadIdx.x] = 0;
     __syncthreads();
-    if (warp == 0) {
-        int w = lane < warps ? sums[lane] : 0;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
+    const long long row = lo + (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row < hi) {
+        const long long c = counts[row];
+        int b = NO_BIN;
+        if (c > 0) {
+            b = 0;
+            while (b < nbins && c > uppers[b]) ++b;
+            atomicAdd(&local[b], 1);
         }
-        sums[lane] = w;
+        bin_of[row - lo] = (unsigned char)b;
     }
     __syncthreads();
-    const int out = (warp ? sums[warp - 1] : 0) + x - v;
-    *total = sums[warps - 1];
-    __syncthreads();  // sums is reused by the next call
-    return out;
+    if (threadIdx.x <= nbins && local[threadIdx.x]) atomicAdd(&sizes[threadIdx.x], local[threadIdx.x]);
+}
+
+// The rows of lo..hi laid out bin after bin in order (any order within a bin); sizes[nbins + 1
+// + b] is bin b's fill, zero at the start. A block counts its rows in shared memory first, so
+// there is one global atomic per bin and block.
+extern "C" __global__ void bin_scatter(long long lo, long long hi, const unsigned char* bin_of,
+                                       int nbins, int* sizes, int* order) {
+    __shared__ int local[32], base[32];
+    if (threadIdx.x < 32) local[threadIdx.x] = 0;
+    __syncthreads();
+    const long long row = lo + (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int b = NO_BIN, mine = 0;
+    if (row < hi) {
+        b = bin_of[row - lo];
+        if (b != NO_BIN) mine = atomicAdd(&local[b], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x <= nbins) {
+        int start = 0;
+        for (int i = 0; i < (int)threadIdx.x; ++i) start += sizes[i];
+        const int n = local[threadIdx.x];
+        base[threadIdx.x] = start + (n ? atomicAdd(&sizes[nbins + 1 + threadIdx.x], n) : 0);
+    }
+    __syncthreads();
+    if (b != NO_BIN) order[base[b] + mine] = (int)row;
 }
 
 // MAX_THREADS: the largest block this module launches (at 1024, registers must fit 64)
@@ -213,44 +319,45 @@ extern "C" __global__ void __launch_bounds__(MAX_THREADS)
 symbolic_shared(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const long long* bptr, const int* bidx, long long* row_nnz) {
     extern __shared__ int smem[];
-    __shared__ int counts[32];
-    const int groups = blockDim.x / G, g = threadIdx.x / G, lane = threadIdx.x % G;
+    __shared__ int counts[GROUPS], nlisted[GROUPS];
+    __shared__ Listed listed[GROUPS * CAP + 1];
+    const int g = threadIdx.x / G, lane = threadIdx.x % G;
     int* keys = smem + g * T;
-    const long long r = (long long)blockIdx.x * groups + g;
+    const long long r = (long long)blockIdx.x * GROUPS + g;
     for (int s = lane; s < T; s += G) keys[s] = EMPTY;
     if (lane == 0) counts[g] = 0;
     __syncthreads();
-    if (r < nrows) {
-        const int row = rows[r];
-        FOR_PRODUCTS(G, row, {
-            bool fresh;
-            insert(keys, bidx[q], &fresh);
-            if (fresh) atomicAdd(&counts[g], 1);
-        })
-    }
+    const int row = r < nrows ? rows[r] : -1;
+    for_products<G, CAP>(aptr, aidx, row, listed + g * CAP, nlisted + g, B_ROW,
+                         [&](long long, long long q) {
+        bool fresh;
+        insert(keys, bidx[q], &fresh);
+        if (fresh) atomicAdd(&counts[g], 1);
+    });
     __syncthreads();
-    if (r < nrows && lane == 0) row_nnz[rows[r]] = counts[g];
+    if (row >= 0 && lane == 0) row_nnz[row] = counts[g];
 }
 
 extern "C" __global__ void __launch_bounds__(MAX_THREADS)
 numeric_shared(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const val_t* aval, const long long* bptr, const int* bidx,
-        const val_t* bval, const long long* cptr, int* cidx, val_t* cval) {
+        const val_t* bval, const long long* cptr, long long cbase, int* cidx, val_t* cval) {
     extern __shared__ __align__(8) unsigned char raw[];
-    const int groups = blockDim.x / G, g = threadIdx.x / G, lane = threadIdx.x % G;
+    __shared__ int nlisted[GROUPS];
+    __shared__ Listed listed[GROUPS * CAP + 1];
+    const int g = threadIdx.x / G, lane = threadIdx.x % G;
     val_t* vals = (val_t*)raw + g * T;
-    int* keys = (int*)((val_t*)raw + groups * T) + g * T;
-    const long long r = (long long)blockIdx.x * groups + g;
+    int* keys = (int*)((val_t*)raw + GROUPS * T) + g * T;
+    const long long r = (long long)blockIdx.x * GROUPS + g;
     for (int s = lane; s < T; s += G) { keys[s] = EMPTY; vals[s] = 0; }
     __syncthreads();
-    if (r < nrows) {
-        const int row = rows[r];
-        FOR_PRODUCTS(G, row, {
-            bool fresh;
-            const int h = insert(keys, bidx[q], &fresh);
-            atomicAdd(&vals[h], aval[p] * bval[q]);
-        })
-    }
+    const int row = r < nrows ? rows[r] : -1;
+    for_products<G, CAP>(aptr, aidx, row, listed + g * CAP, nlisted + g, B_ROW,
+                         [&](long long p, long long q) {
+        bool fresh;
+        const int h = insert(keys, bidx[q], &fresh);
+        atomicAdd(&vals[h], aval[p] * bval[q]);
+    });
     __syncthreads();
 #if RANK_WORDS
     // One row per block. When the row's columns span at most RANK_WORDS·32, a bitmap of them
@@ -267,8 +374,8 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
             if (key != EMPTY) { lo = min(lo, key); hi = max(hi, key); }
         }
         for (int o = 16; o > 0; o >>= 1) {
-            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+            lo = min(lo, __shfl_xor_sync(FULL, lo, o));
+            hi = max(hi, __shfl_xor_sync(FULL, hi, o));
         }
         if (threadIdx.x % 32 == 0) { atomicMin(&span[0], lo); atomicMax(&span[1], hi); }
         __syncthreads();
@@ -286,10 +393,11 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
             const int a = min(words, lane * per), b = min(words, a + per);
             int mine = 0, total;
             for (int w = a; w < b; ++w) mine += __popc(bits[w]);
-            int at = block_exclusive_scan(mine, &total);
+            int at = group_exclusive_scan<G>(mine, &total);
             for (int w = a; w < b; ++w) { before[w] = at; at += __popc(bits[w]); }
             __syncthreads();
-            const long long base = cptr[rows[r]];
+            if (row < 0) return;
+            const long long base = cptr[row] - cbase;
             for (int s = lane; s < T; s += G) {
                 const int key = keys[s];
                 if (key == EMPTY) continue;
@@ -319,9 +427,8 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
             __syncthreads();
         }
     }
-    if (r < nrows) {
-        const int row = rows[r];
-        const long long base = cptr[row], count = cptr[row + 1] - base;
+    if (row >= 0) {
+        const long long base = cptr[row] - cbase, count = cptr[row + 1] - cptr[row];
         for (int s = lane; s < count; s += G) { cidx[base + s] = keys[s]; cval[base + s] = vals[s]; }
     }
 }
@@ -332,23 +439,24 @@ __device__ __forceinline__ void mark(unsigned int* bits, int col) {
     if (!(bits[col >> 5] & bit)) atomicOr(&bits[col >> 5], bit);
 }
 
-// Rows too long for a shared table: a bitmap of all n columns in shared memory (and, for
-// the numeric pass, a dense accumulator of n values in global memory). Scanning the bitmap
-// in column order writes the row sorted, with no sort at all.
+#define DENSE_CAP (DENSE_G / 2)
+
+// Rows too long for a shared table: a bitmap of all n columns in shared memory. Its count is
+// the row's nonzeros.
 extern "C" __global__ void __launch_bounds__(MAX_THREADS)
 symbolic_dense(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const long long* bptr, const int* bidx, int ncols, long long* row_nnz) {
     extern __shared__ unsigned int bits[];
     __shared__ unsigned long long count;
+    __shared__ int nlisted;
+    __shared__ Listed listed[DENSE_CAP];
     const int words = (ncols + 31) / 32;
     for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
     if (threadIdx.x == 0) count = 0;
     __syncthreads();
     const int row = rows[blockIdx.x];
-    FOR_PRODUCTS(DENSE_G, row, {
-        const int col = bidx[q];
-        mark(bits, col);
-    })
+    for_products<DENSE_G, DENSE_CAP>(aptr, aidx, row, listed, &nlisted, B_ROW,
+                                     [&](long long, long long q) { mark(bits, bidx[q]); });
     __syncthreads();
     unsigned long long mine = 0;
     for (int w = threadIdx.x; w < words; w += blockDim.x) mine += __popc(bits[w]);
@@ -364,24 +472,33 @@ symbolic_dense(const int* rows, int nrows, const long long* aptr,
 extern "C" __global__ void __launch_bounds__(MAX_THREADS)
 numeric_dense(const int* rows, int nrows, const long long* aptr,
         const int* aidx, const val_t* aval, const long long* bptr, const int* bidx,
-        const val_t* bval, int ncols, const long long* cptr, int* cidx, val_t* cval) {
+        const val_t* bval, int ncols, const long long* cptr, long long cbase, int* cidx,
+        val_t* cval) {
     extern __shared__ __align__(8) unsigned char raw[];
+    __shared__ int nlisted;
+    __shared__ Listed listed[DENSE_CAP];
     val_t* acc = (val_t*)raw;
     unsigned int* bits = (unsigned int*)(acc + CHUNK);
     const int row = rows[blockIdx.x];
-    long long at = cptr[row];
+    long long at = cptr[row] - cbase;
     for (int c0 = 0; c0 < ncols; c0 += CHUNK) {
         const int c1 = min(ncols, c0 + CHUNK), words = (c1 - c0 + 31) / 32;
         for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
         for (int c = threadIdx.x; c < c1 - c0; c += blockDim.x) acc[c] = 0;
         __syncthreads();
-        FOR_PRODUCTS_IN(DENSE_G, row,
-                        c0 == 0 ? bptr[k] : lower_bound(bidx, bptr[k], bptr[k + 1], c0),
-                        c1 == ncols ? bptr[k + 1] : lower_bound(bidx, bptr[k], bptr[k + 1], c1), {
-            const int col = bidx[q] - c0;
-            mark(bits, col);
-            atomicAdd(&acc[col], aval[p] * bval[q]);
-        })
+        for_products<DENSE_G, DENSE_CAP>(aptr, aidx, row, listed, &nlisted,
+            [&](int k, long long* q0, int* len) {
+                const long long lo = c0 == 0 ? bptr[k] : lower_bound(bidx, bptr[k], bptr[k + 1], c0);
+                const long long hi = c1 == ncols ? bptr[k + 1]
+                                                 : lower_bound(bidx, bptr[k], bptr[k + 1], c1);
+                *q0 = lo;
+                *len = (int)(hi - lo);
+            },
+            [&](long long p, long long q) {
+                const int col = bidx[q] - c0;
+                mark(bits, col);
+                atomicAdd(&acc[col], aval[p] * bval[q]);
+            });
         __syncthreads();
         // each thread takes a contiguous run of words; a block scan of their counts gives
         // where each run's entries go
@@ -389,7 +506,7 @@ numeric_dense(const int* rows, int nrows, const long long* aptr,
         const int w0 = min(words, (int)threadIdx.x * per), w1 = min(words, w0 + per);
         int mine = 0, total;
         for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
-        long long out = at + block_exclusive_scan(mine, &total);
+        long long out = at + group_exclusive_scan<DENSE_G>(mine, &total);
         for (int w = w0; w < w1; ++w) {
             unsigned int word = bits[w];
             while (word) {
@@ -409,18 +526,31 @@ numeric_dense(const int* rows, int nrows, const long long* aptr,
 _MODULES: dict = {}
 
 
+def _threads(group: int, table: int, entry: int) -> int:
+    """Threads per block of a shared-table kernel: several warp-sized groups share a block where
+    their tables fit in the default 48 KiB, otherwise a block is one group."""
+    if group < BLOCK and table * entry * (BLOCK // group) <= 48 * 1024:
+        return BLOCK
+    return group
+
+
 def _kernel(name: str, val_t: str, group: int = 0, table: int = 0, rank_words: int = 0,
-            chunk: int = 0):
+            chunk: int = 0, threads: int = 0):
     import cupy
 
-    key = (val_t, group, table, rank_words, chunk)
+    key = (val_t, group, table, rank_words, chunk, threads)
     module = _MODULES.get(key)
     if module is None:
-        table = max(table, 2)
-        code = (f"#define VAL_T {val_t}\n#define G {max(group, 1)}\n#define T {table}\n"
+        # group 0: the module of the dense and binning kernels, whose blocks are up to
+        # DENSE_THREADS; otherwise a shared-table module, blocks of ``threads``
+        max_threads = threads or group or DENSE_THREADS
+        table, group = max(table, 2), max(group, 32)
+        code = (f"#define VAL_T {val_t}\n#define G {group}\n#define T {table}\n"
+                f"#define GROUPS {max(1, threads // group)}\n"
+                f"#define CAP {group // 2 if group >= 64 else 0}\n"
                 f"#define TBITS {table.bit_length() - 1}\n#define RANK_WORDS {rank_words}\n"
                 f"#define CHUNK {max(chunk, 32)}\n#define DENSE_G {DENSE_THREADS}\n"
-                f"#define MAX_THREADS {max(group, BLOCK) if group else DENSE_THREADS}\n" + _SOURCE)
+                f"#define MAX_THREADS {max_threads}\n" + _SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[key] = module
     return module.get_function(name)
@@ -430,12 +560,14 @@ def _kernel(name: str, val_t: str, group: int = 0, table: int = 0, rank_words: i
 def _shared_limit(device: int) -> int:
     import cupy
 
-    return int(cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"]) - 1024
+    optin = int(cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
+    return optin - STATIC_SHARED
 
 
 def shared_limit() -> int:
-    """Bytes of shared memory one block may use on this GPU (opted in), less what the kernels
-    declare statically. (CuPy's ``attributes`` asks the driver for every attribute: cached.)"""
+    """Bytes of dynamic shared memory one block may use on this GPU (opted in), less what the
+    kernels declare statically. (CuPy's ``attributes`` asks the driver for every attribute:
+    cached.)"""
     import cupy
 
     return _shared_limit(cupy.cuda.Device().id)
@@ -478,31 +610,41 @@ def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
         rank_words = min(_pow2_at_least(-(-ncols // 32)), 2 * table)  # few kernel variants
         while rank_words > room:
             rank_words //= 2
-    elif group < BLOCK and table * entry * (BLOCK // group) <= 48 * 1024:
-        threads = BLOCK
     else:
-        threads = group
+        threads = _threads(group, table, entry)
     groups = threads // group
     n = int(rows.size)
-    _launch(_kernel(name, val_t, group, table, rank_words), -(-n // groups), threads,
-            groups * table * entry + 8 * rank_words, (rows, cupy.int32(n), *args))
+    _launch(_kernel(name, val_t, group, table, rank_words, threads=threads), -(-n // groups),
+            threads, groups * table * entry + 8 * rank_words, (rows, cupy.int32(n), *args))
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _bin(cupy, counts, bins):
-    """Row ids (int32) per bin of ``bins`` by ``counts`` (rows with a count of 0 in none), and
-    the rows above the last bin: one sort of the rows by bin, one copy of the bins' sizes."""
-    uppers = cupy.asarray([upper for upper, _, _ in bins], dtype=counts.dtype)
-    which = cupy.searchsorted(uppers, counts, side="left")  # the first bin whose upper >= count
-    which = cupy.where(counts == 0, len(bins) + 1, which)  # (a masked store would synchronise)
-    order = cupy.argsort(which).astype(np.int32)
-    sizes = np.cumsum(cupy.bincount(which, minlength=len(bins) + 2).get())
-    starts = np.concatenate([[0], sizes])
+_UPPERS: dict = {}
+
+
+def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None):
+    """Row ids (int32) of rows lo..hi per bin of ``bins`` by ``counts`` (rows with a count of 0
+    in none), and the rows above the last bin. Two kernels and one copy of the bins' sizes to
+    the host (where CuPy's sort, search and count took a dozen calls and as many kernels)."""
+    hi = int(counts.size) if hi is None else hi
+    n, nbins = hi - lo, len(bins)
+    key = (bins, cupy.cuda.Device().id)
+    if key not in _UPPERS:
+        _UPPERS[key] = cupy.asarray([upper for upper, _, _ in bins], dtype=np.int64)
+    sizes = cupy.zeros(2 * (nbins + 1), dtype=np.int32)  # the bins' sizes, then their fills
+    bin_of = cupy.empty(max(n, 1), dtype=np.uint8)
+    order = cupy.empty(max(n, 1), dtype=np.int32)
+    blocks = -(-n // 256)
+    _launch(_kernel("bin_rows", "float"), blocks, 256, 0,
+            (np.int64(lo), np.int64(hi), counts, _UPPERS[key], np.int32(nbins), bin_of, sizes))
+    _launch(_kernel("bin_scatter", "float"), blocks, 256, 0,
+            (np.int64(lo), np.int64(hi), bin_of, np.int32(nbins), sizes, order))
+    starts = np.concatenate([[0], np.cumsum(sizes[:nbins + 1].get())])
     out = [(order[starts[i]:starts[i + 1]], group, table) for i, (_, group, table) in enumerate(bins)]
-    return out, order[starts[len(bins)]:starts[len(bins) + 1]]
+    return out, order[starts[nbins]:starts[nbins + 1]]
 
 
 class _GpuProduct:
@@ -533,10 +675,14 @@ class _GpuProduct:
         self.bptr = as_dev(b.indptr, np.int64)
         self.bptr = self.bptr - self.bptr[0]
         self.bidx, self.bval = as_dev(b.indices, np.int32), as_dev(b.data, val_dtype)
-        self.products = products_per_row(cupy, Csr(self.aptr, self.aidx, self.aval, a.shape),
-                                          Csr(self.bptr, self.bidx, self.bval, b.shape))
-        self.row_nnz = self._symbolic()
-        self.cptr = cupy.concatenate([cupy.zeros(1, np.int64), cupy.cumsum(self.row_nnz)])
+        m = self.shape[0]
+        self.products = cupy.empty(m, dtype=np.int64)
+        _launch(_kernel("row_products", "float"), -(-m // 8), 256, 0,
+                (np.int32(m), self.aptr, self.aidx, self.bptr, self.products))
+        counts = cupy.zeros(m + 1, dtype=np.int64)  # each row's nonzeros, after a leading 0
+        self.row_nnz = counts[1:]
+        self._symbolic()
+        self.cptr = cupy.cumsum(counts)
 
     def _timed(self, label: str, rows: int, launch) -> None:
         """launch(), timed on the GPU when profiling."""
@@ -566,21 +712,19 @@ class _GpuProduct:
     def _bitmap_bytes(self) -> int:
         return 4 * ((self.shape[1] + 31) // 32)
 
-    def _symbolic(self):
+    def _symbolic(self) -> None:
         import cupy
 
-        row_nnz = cupy.zeros(self.shape[0], dtype=np.int64)
         bins, dense = _bin(cupy, self.products, SYMBOLIC_BINS)
         for rows, group, table in bins:
             self._timed(f"symbolic table {table}", int(rows.size), lambda: _launch_shared(
                 "symbolic_shared", self.val_t, self.vsize, rows, group, table,
-                (self.aptr, self.aidx, self.bptr, self.bidx, row_nnz)))
+                (self.aptr, self.aidx, self.bptr, self.bidx, self.row_nnz)))
         self._timed("symbolic dense", int(dense.size), lambda: _launch(
             _kernel("symbolic_dense", self.val_t), int(dense.size), DENSE_THREADS,
             self._bitmap_bytes(),
             (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.bptr, self.bidx,
-             cupy.int32(self.shape[1]), row_nnz)))
-        return row_nnz
+             cupy.int32(self.shape[1]), self.row_nnz)))
 
     def batches(self, max_entries: int) -> list[tuple[int, int]]:
         """Contiguous row ranges whose outputs hold at most ``max_entries`` each (a single
@@ -599,25 +743,22 @@ class _GpuProduct:
         import cupy
 
         hi = self.shape[0] if hi is None else hi
-        base = int(self.cptr[lo])
-        cptr = self.cptr - base  # the kernels address rows by their index in A
-        total = int(self.cptr[hi]) - base
-        cidx = cupy.empty(total, dtype=np.int32)
-        cval = cupy.empty(total, dtype=self.val_dtype)
-        counts = cupy.zeros_like(self.row_nnz)
-        counts[lo:hi] = self.row_nnz[lo:hi]
-        bins, dense = _bin(cupy, counts, NUMERIC_BINS)
+        base, end = (int(x) for x in self.cptr[[lo, hi]].get())
+        cidx = cupy.empty(end - base, dtype=np.int32)
+        cval = cupy.empty(end - base, dtype=self.val_dtype)
+        bins, dense = _bin(cupy, self.row_nnz, NUMERIC_BINS, lo, hi)
+        cbase = np.int64(base)  # the kernels address C's rows by their index in A
         for rows, group, table in bins:
             self._timed(f"numeric table {table}", int(rows.size), lambda: _launch_shared(
                 "numeric_shared", self.val_t, self.vsize, rows, group, table,
-                (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, cptr, cidx,
-                 cval), ncols=self.shape[1]))
+                (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, self.cptr,
+                 cbase, cidx, cval), ncols=self.shape[1]))
         chunk = dense_chunk(self.vsize)
         self._timed("numeric dense", int(dense.size), lambda: _launch(
             _kernel("numeric_dense", self.val_t, chunk=chunk), int(dense.size), DENSE_THREADS,
             chunk * self.vsize + chunk // 8,
             (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.aval, self.bptr,
-             self.bidx, self.bval, cupy.int32(self.shape[1]), cptr, cidx, cval)))
+             self.bidx, self.bval, cupy.int32(self.shape[1]), self.cptr, cbase, cidx, cval)))
         return Csr(self.cptr[lo:hi + 1] - base, cidx, cval, (hi - lo, self.shape[1]))
 
 
