@@ -50,24 +50,28 @@ class PeakPool:
 
 
 def timed_gpu(fn, repeat=3):
-    """(median seconds, peak bytes, last result) of fn() on the GPU, after one warm-up. One pool
-    serves all the runs, warm as in real use (a cold pool would time cudaMalloc, which hits a
-    kernel that allocates often harder than one that allocates once); its peak use is kept."""
+    """(median seconds, peak bytes, last result) of fn() on the GPU, after one warm-up. The timed
+    runs share one warm pool (a cold pool would time cudaMalloc, which hits a kernel that
+    allocates often harder than one that allocates once). The peak comes from one more run,
+    untimed, through a pool that tracks it: its Python hook on every allocation would tax the
+    side that allocates more often."""
     import cupy
 
-    times, pool, result = [], PeakPool(), None
+    times, pool = [], cupy.cuda.MemoryPool()
     with cupy.cuda.using_allocator(pool.malloc):
         for it in range(repeat + 1):
-            result = None  # the last run's output is freed before the next one
             cupy.cuda.runtime.deviceSynchronize()
             t0 = time.perf_counter()
-            result = fn()
+            fn()
             cupy.cuda.runtime.deviceSynchronize()
             if it:
                 times.append(time.perf_counter() - t0)
-    peak = pool.peak
-    pool.pool.free_all_blocks()
-    return statistics.median(times), peak, result
+    pool.free_all_blocks()
+    tracked = PeakPool()
+    with cupy.cuda.using_allocator(tracked.malloc):
+        result = fn()
+        cupy.cuda.runtime.deviceSynchronize()
+    return statistics.median(times), tracked.peak, result
 
 
 def mx_kernel(a_dev):

@@ -176,8 +176,9 @@ def _powerlaw(rng, m, n, avg, dtype, heavy_rows=0):
     return sp.csr_array((vals, (rows, cols)), shape=(m, n))
 
 
-# 20011 columns: every block row is written through its bitmap, and dense rows in one chunk;
-# 300007: wide rows fall back to the sort, and dense rows take several chunks
+# 20011 columns: every block row is written through its bitmap, and long rows are filled in
+# one chunk (float32) or two (float64); 300007: wide rows fall back to the sort, and dense rows
+# take many chunks
 @pytest.mark.parametrize("cols", [20011, 300007])
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol, cols):
@@ -191,7 +192,7 @@ def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol, cols):
     product = spgemm._GpuProduct(ca, cb)
     # every path is taken: each shared bin, and dense rows in both passes
     sym_bins, sym_dense = spgemm._bin(cupy, product.products, spgemm.SYMBOLIC_BINS)
-    num_bins, num_dense = spgemm._bin(cupy, product.row_nnz, spgemm.NUMERIC_BINS)
+    num_bins, num_dense = spgemm._bin(cupy, product.row_nnz, product._numeric_plan()[0])
     assert all(rows.size for rows, _, _ in sym_bins[:4]) and sym_dense.size
     assert all(rows.size for rows, _, _ in num_bins[:4]) and num_dense.size
     got = product.numeric()
@@ -204,6 +205,30 @@ def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol, cols):
     np.testing.assert_array_equal(batched.indptr, want.indptr)
     np.testing.assert_array_equal(batched.indices, want.indices)
     assert rel_error(batched.data, want.data) < tol
+
+
+def test_hash_spgemm_with_more_long_rows_of_b_than_a_group_lists(rng):
+    """Rows of A meeting more long rows of B than a group's list holds: the rest are worked
+    through where they are met, and the result is the same."""
+    import cupy
+    import scipy.sparse as sp
+    from mx.kernels import spgemm
+
+    k, n = 1777, 5003
+    b_lengths = rng.integers(65, 300, size=k)  # every row of B longer than LONG_ROW (64)
+    b_rows = np.repeat(np.arange(k), b_lengths)
+    b_cols = np.concatenate([rng.choice(n, size=l, replace=False) for l in b_lengths])
+    b = sp.csr_array((rng.standard_normal(b_rows.size), (b_rows, b_cols)), shape=(k, n))
+    a_lengths = np.array([k, 1200, 700, 90, 0, 3])  # 1200 long entries: above the list's 512
+    a_rows = np.repeat(np.arange(a_lengths.size), a_lengths)
+    a_cols = np.concatenate([rng.choice(k, size=l, replace=False) for l in a_lengths])
+    a = sp.csr_array((rng.standard_normal(a_rows.size), (a_rows, a_cols)), shape=(a_lengths.size, k))
+    ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
+    want = spgemm.multiply(np, ca, cb)
+    got = spgemm._GpuProduct(ca, cb).numeric()
+    np.testing.assert_array_equal(cupy.asnumpy(got.indptr), want.indptr)
+    np.testing.assert_array_equal(cupy.asnumpy(got.indices), want.indices)
+    assert rel_error(cupy.asnumpy(got.data), want.data) < 1e-12
 
 
 def test_spgemm_op_on_gpu_actors(tmp_path, rng, ray_session):

@@ -98,7 +98,8 @@ def _multiply_scipy(a: Csr, b: Csr) -> Csr:
 SYMBOLIC_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
                  (16384, 1024, 32768))
 NUMERIC_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
-                (8192, 1024, 16384))
+                (4096, 512, 8192), (8192, 1024, 16384))
+DENSE_RATIO = 4  # see _GpuProduct._numeric_plan
 BLOCK = 256  # threads per block for the warp-per-row bins
 DENSE_THREADS = 1024
 MAX_DENSE_COLUMNS = 8 * 160 * 1024  # a row bitmap of this many columns fits in shared memory
@@ -466,8 +467,10 @@ symbolic_dense(const int* rows, int nrows, const long long* aptr,
 }
 
 // The numeric pass of rows too long for a shared table: the columns in chunks of CHUNK, each
-// with a dense accumulator and a bitmap in shared memory. Every warp finds the chunk's part of
-// each row of B by binary search, so each product is still read once; a scan of the bitmap
+// with a dense accumulator in shared memory and a byte per column that says it was met (a
+// plain store: bits would take an atomic, and the lanes of one instruction, on neighbouring
+// columns of a row of B, would wait on each other's). Every warp finds the chunk's part of
+// each row of B by binary search, so each product is still read once; a scan of the bytes
 // writes the chunk's entries in column order.
 extern "C" __global__ void __launch_bounds__(MAX_THREADS)
 numeric_dense(const int* rows, int nrows, const long long* aptr,
@@ -478,12 +481,13 @@ numeric_dense(const int* rows, int nrows, const long long* aptr,
     __shared__ int nlisted;
     __shared__ Listed listed[DENSE_CAP];
     val_t* acc = (val_t*)raw;
-    unsigned int* bits = (unsigned int*)(acc + CHUNK);
+    unsigned char* seen = (unsigned char*)(acc + CHUNK);
+    const unsigned int* seen4 = (const unsigned int*)seen;
     const int row = rows[blockIdx.x];
     long long at = cptr[row] - cbase;
     for (int c0 = 0; c0 < ncols; c0 += CHUNK) {
-        const int c1 = min(ncols, c0 + CHUNK), words = (c1 - c0 + 31) / 32;
-        for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
+        const int c1 = min(ncols, c0 + CHUNK), words = (c1 - c0 + 3) / 4;
+        for (int w = threadIdx.x; w < words; w += blockDim.x) ((unsigned int*)seen)[w] = 0;
         for (int c = threadIdx.x; c < c1 - c0; c += blockDim.x) acc[c] = 0;
         __syncthreads();
         for_products<DENSE_G, DENSE_CAP>(aptr, aidx, row, listed, &nlisted,
@@ -496,7 +500,7 @@ numeric_dense(const int* rows, int nrows, const long long* aptr,
             },
             [&](long long p, long long q) {
                 const int col = bidx[q] - c0;
-                mark(bits, col);
+                seen[col] = 1;
                 atomicAdd(&acc[col], aval[p] * bval[q]);
             });
         __syncthreads();
@@ -505,12 +509,12 @@ numeric_dense(const int* rows, int nrows, const long long* aptr,
         const int per = (words + blockDim.x - 1) / blockDim.x;
         const int w0 = min(words, (int)threadIdx.x * per), w1 = min(words, w0 + per);
         int mine = 0, total;
-        for (int w = w0; w < w1; ++w) mine += __popc(bits[w]);
+        for (int w = w0; w < w1; ++w) mine += __popc(seen4[w]);  // a met column's byte is 1
         long long out = at + group_exclusive_scan<DENSE_G>(mine, &total);
         for (int w = w0; w < w1; ++w) {
-            unsigned int word = bits[w];
+            unsigned int word = seen4[w];
             while (word) {
-                const int col = w * 32 + __ffs(word) - 1;
+                const int col = w * 4 + (__ffs(word) - 1) / 8;
                 word &= word - 1;
                 cidx[out] = c0 + col;
                 cval[out] = acc[col];
@@ -574,10 +578,10 @@ def shared_limit() -> int:
 
 
 def dense_chunk(val_size: int) -> int:
-    """Columns per chunk of the dense numeric pass: a power of two whose accumulator and bitmap
-    fit in shared memory."""
+    """Columns per chunk of the dense numeric pass: a power of two whose accumulator and bytes
+    of met columns fit in shared memory."""
     chunk = 1 << 20
-    while chunk * val_size + chunk // 8 > shared_limit():
+    while chunk * (val_size + 1) > shared_limit():
         chunk //= 2
     return chunk
 
@@ -712,6 +716,16 @@ class _GpuProduct:
     def _bitmap_bytes(self) -> int:
         return 4 * ((self.shape[1] + 31) // 32)
 
+    def _numeric_plan(self):
+        """(bins, columns per chunk of the dense pass). Where C's rows fit one chunk, a row goes
+        dense rather than to a table of T slots when C has at most DENSE_RATIO·T columns: an
+        accumulator indexed by column needs no hashing, and clearing and scanning it costs no
+        more than the passes over the table (clear, span, rank, write)."""
+        chunk = min(dense_chunk(self.vsize), _pow2_at_least(max(32, self.shape[1])))
+        if self.shape[1] > chunk:
+            return NUMERIC_BINS, chunk
+        return tuple(b for b in NUMERIC_BINS if self.shape[1] > DENSE_RATIO * b[2]), chunk
+
     def _symbolic(self) -> None:
         import cupy
 
@@ -746,17 +760,17 @@ class _GpuProduct:
         base, end = (int(x) for x in self.cptr[[lo, hi]].get())
         cidx = cupy.empty(end - base, dtype=np.int32)
         cval = cupy.empty(end - base, dtype=self.val_dtype)
-        bins, dense = _bin(cupy, self.row_nnz, NUMERIC_BINS, lo, hi)
+        numeric_bins, chunk = self._numeric_plan()
+        bins, dense = _bin(cupy, self.row_nnz, numeric_bins, lo, hi)
         cbase = np.int64(base)  # the kernels address C's rows by their index in A
         for rows, group, table in bins:
             self._timed(f"numeric table {table}", int(rows.size), lambda: _launch_shared(
                 "numeric_shared", self.val_t, self.vsize, rows, group, table,
                 (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, self.cptr,
                  cbase, cidx, cval), ncols=self.shape[1]))
-        chunk = dense_chunk(self.vsize)
         self._timed("numeric dense", int(dense.size), lambda: _launch(
             _kernel("numeric_dense", self.val_t, chunk=chunk), int(dense.size), DENSE_THREADS,
-            chunk * self.vsize + chunk // 8,
+            chunk * (self.vsize + 1),
             (dense, cupy.int32(dense.size), self.aptr, self.aidx, self.aval, self.bptr,
              self.bidx, self.bval, cupy.int32(self.shape[1]), self.cptr, cbase, cidx, cval)))
         return Csr(self.cptr[lo:hi + 1] - base, cidx, cval, (hi - lo, self.shape[1]))
