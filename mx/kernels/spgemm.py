@@ -115,6 +115,10 @@ _SOURCE = r"""
 #define PIECE 128    // products of a shared-out row that one warp takes at a time
 typedef VAL_T val_t;
 
+// a barrier for a group's threads: the groups of a block share nothing but the block, and a
+// warp-sized group need not wait for the others
+#define GROUP_SYNC() do { if (G <= 32) __syncwarp(); else __syncthreads(); } while (0)
+
 // Knuth's multiplicative hash, its top bits: the low bits of key·odd are the low bits of key
 // alone, and R-MAT's hub columns share their low bits, so a low-bit slot clusters them
 __device__ __forceinline__ int slot_of(int key) {
@@ -143,7 +147,7 @@ __device__ __forceinline__ int insert(int* keys, int key, bool* fresh) {
 }
 
 // exclusive prefix sum of v over each group of G_ threads (a multiple of 32); *total gets the
-// group's sum. Every thread of the block calls it.
+// group's sum. Every thread of the block calls it (of the warp, for groups of 32).
 template <int G_>
 __device__ int group_exclusive_scan(int v, int* total) {
     __shared__ int sums[32];
@@ -152,6 +156,10 @@ __device__ int group_exclusive_scan(int v, int* total) {
     for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(FULL, x, o);
         if (lane >= o) x += y;
+    }
+    if (G_ == 32) {  // a warp: no shared memory, no barrier
+        *total = __shfl_sync(FULL, x, 31);
+        return x - v;
     }
     if (lane == 31) sums[warp] = x;
     __syncthreads();
@@ -327,7 +335,7 @@ symbolic_shared(const int* rows, int nrows, const long long* aptr,
     const long long r = (long long)blockIdx.x * GROUPS + g;
     for (int s = lane; s < T; s += G) keys[s] = EMPTY;
     if (lane == 0) counts[g] = 0;
-    __syncthreads();
+    GROUP_SYNC();
     const int row = r < nrows ? rows[r] : -1;
     for_products<G, CAP>(aptr, aidx, row, listed + g * CAP, nlisted + g, B_ROW,
                          [&](long long, long long q) {
@@ -335,7 +343,7 @@ symbolic_shared(const int* rows, int nrows, const long long* aptr,
         insert(keys, bidx[q], &fresh);
         if (fresh) atomicAdd(&counts[g], 1);
     });
-    __syncthreads();
+    GROUP_SYNC();
     if (row >= 0 && lane == 0) row_nnz[row] = counts[g];
 }
 
@@ -351,7 +359,7 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
     int* keys = (int*)((val_t*)raw + GROUPS * T) + g * T;
     const long long r = (long long)blockIdx.x * GROUPS + g;
     for (int s = lane; s < T; s += G) { keys[s] = EMPTY; vals[s] = 0; }
-    __syncthreads();
+    GROUP_SYNC();
     const int row = r < nrows ? rows[r] : -1;
     for_products<G, CAP>(aptr, aidx, row, listed + g * CAP, nlisted + g, B_ROW,
                          [&](long long p, long long q) {
@@ -359,7 +367,7 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
         const int h = insert(keys, bidx[q], &fresh);
         atomicAdd(&vals[h], aval[p] * bval[q]);
     });
-    __syncthreads();
+    GROUP_SYNC();
 #if RANK_WORDS
     // One row per block. When the row's columns span at most RANK_WORDS·32, a bitmap of them
     // gives each entry its place (the set bits before it) and no sort is needed.
@@ -411,10 +419,26 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
         }
     }
 #endif
-    // bitonic sort of the table by key; empty slots (EMPTY) sort last
-    for (int size = 2; size <= T; size <<= 1) {
+    // The entries moved to the table's front, in rounds of G slots (an entry only moves to a
+    // slot already read), then sorted (bitonic) over the next power of two: a row fills at most
+    // half its table, and most rows far less.
+    int count = 0;
+    for (int s0 = 0; s0 < T; s0 += G) {
+        const int key = keys[s0 + lane];
+        const val_t val = vals[s0 + lane];
+        int moved;
+        const int at = count + group_exclusive_scan<G>(key != EMPTY, &moved);
+        GROUP_SYNC();
+        if (key != EMPTY) { keys[at] = key; vals[at] = val; }
+        count += moved;
+    }
+    int size_all = 1;
+    while (size_all < count) size_all <<= 1;
+    for (int s = count + lane; s < size_all; s += G) keys[s] = EMPTY;  // sorts last
+    GROUP_SYNC();
+    for (int size = 2; size <= size_all; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = lane; i < T; i += G) {
+            for (int i = lane; i < size_all; i += G) {
                 const int j = i ^ stride;
                 if (j > i) {
                     const bool up = (i & size) == 0;
@@ -425,11 +449,11 @@ numeric_shared(const int* rows, int nrows, const long long* aptr,
                     }
                 }
             }
-            __syncthreads();
+            GROUP_SYNC();
         }
     }
     if (row >= 0) {
-        const long long base = cptr[row] - cbase, count = cptr[row + 1] - cptr[row];
+        const long long base = cptr[row] - cbase;
         for (int s = lane; s < count; s += G) { cidx[base + s] = keys[s]; cval[base + s] = vals[s]; }
     }
 }
@@ -606,6 +630,7 @@ def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
     bitmap of their columns where it fits beside the table, and sorted otherwise."""
     import cupy
 
+    assert table % group == 0, "a group's threads take the table's slots in whole rounds"
     entry = 4 + (val_size if name.startswith("numeric") else 0)
     rank_words = 0
     if name.startswith("numeric") and group >= 128:
