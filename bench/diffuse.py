@@ -134,7 +134,19 @@ def run_job(folder, model, size, mode, workers, gpus, steps, precision="auto", t
     return {"mode": mode, "size": size, "workers": workers, "job_s": rec["seconds"],
             "step_s": info["steady_step_seconds"], "bytes_per_step": info["bytes_per_step_per_worker"],
             "buffer_bytes": info["buffer_bytes_per_worker"], "latent": latent,
-            "phases": rec["steps"][0].get("phases", {})}
+            "phases": rec["steps"][0].get("phases", {}),
+            # on NCCL: per worker, how much exchange time the compute hid, and the timeline
+            "overlap": info.get("overlap"), "timeline": info.get("timeline")}
+
+
+def _overlap_note(r) -> str:
+    """The steady steps' exchange seconds per worker and the share of them the compute hid."""
+    if not r.get("overlap"):
+        return ""
+    parts = [f"{o['exchange_s'] * 1e3:.0f} ms exchanging, {o['stalled_s'] * 1e3:.0f} ms stalled"
+             + (f" ({o['hidden']:.0%} hidden)" if o["hidden"] is not None else "")
+             for o in r["overlap"]]
+    return "; overlap: " + " | ".join(parts)
 
 
 def ssim(a, b, data_range=2.0):
@@ -209,7 +221,7 @@ def main(argv=None):
                 report["modes"].append(r)
                 print(f"{size}² {mode:12s} {r['workers']} GPU(s): {r['step_s'] * 1e3:8.1f} ms/step, "
                       f"×{r['speedup'] or 0:.2f}, {r['bytes_per_step'] / 1e6:9.1f} MB/step sent, "
-                      f"buffers {r['buffer_bytes'] / 1e6:8.1f} MB", flush=True)
+                      f"buffers {r['buffer_bytes'] / 1e6:8.1f} MB{_overlap_note(r)}", flush=True)
 
     tiny_runs = [(g, g) for g in gpus if g >= 2] + ([(args.tiny_cpu_bands, 0)]
                                                     if args.tiny_cpu_bands else [])
@@ -236,7 +248,8 @@ def main(argv=None):
               f"{row['mx_over_torch']:.2f} ({row['mx_s'] * 1e3:.1f} vs {row['torch_s'] * 1e3:.1f} ms)")
     for r in report["modes"]:
         print(f"{r['size']}² {r['mode']:12s} {r['workers']} GPU: {r['step_s'] * 1e3:7.1f} ms/step "
-              f"speed-up ×{r['speedup']:.2f}  {r['bytes_per_step'] / 1e6:8.1f} MB/step")
+              f"speed-up ×{r['speedup']:.2f}  {r['bytes_per_step'] / 1e6:8.1f} MB/step"
+              f"{_overlap_note(r)}")
     for row in report["fidelity"]:
         print(f"fidelity {row['bands']} bands {row['mode']:12s} PSNR {row['psnr_db']:6.1f} "
               f"SSIM {row['ssim']:.4f} max {row['max_err']:.1e}")

@@ -548,3 +548,12 @@ def test_diffuse_modes_over_nccl(tmp_path):
     assert rel_error(out["sync"], ref) < 1e-4
     err = {m: float(np.abs(a - ref).mean()) for m, a in out.items()}
     assert err["distrifusion"] < err["naive"] and err["pcpp"] < err["naive"], err
+    # the NCCL trace: every worker's steps in order, its exchanges, and the share hidden
+    info = image.read(str(tmp_path / "pcpp.zarr"))[1]["diffuse"]
+    assert len(info["timeline"]) == 2 and len(info["overlap"]) == 2
+    for timeline, overlap in zip(info["timeline"], info["overlap"]):
+        starts = [a for a, _ in timeline["steps"]]
+        assert len(starts) == 10 and starts == sorted(starts)
+        assert all(b >= a for a, b in timeline["exchanges"]) and len(timeline["exchanges"]) > 10
+        assert overlap["exchange_s"] > 0 and overlap["hidden"] <= 1.0
+    assert "overlap" not in image.read(str(tmp_path / "naive.zarr"))[1]["diffuse"]

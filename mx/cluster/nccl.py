@@ -33,6 +33,7 @@ class NcclComm(Comm):
         self.comm = nccl.NcclCommunicator(size, unique_id, rank)
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.bytes_sent = 0
+        self.spans: list | None = None  # while traced: (began, finished) events per exchange
 
     @classmethod
     def for_gang(cls, control: Comm, members: tuple) -> "NcclComm":
@@ -64,6 +65,7 @@ class NcclComm(Comm):
         compute = cupy.cuda.get_current_stream()
         outs = [cupy.empty(shape, dtype=dtype) for _, _, shape, dtype in recvs]
         self.stream.wait_event(compute.record())
+        began = self.stream.record() if self.spans is not None else None
         nccl = self._nccl
         nccl.groupStart()
         try:
@@ -78,12 +80,23 @@ class NcclComm(Comm):
         finally:
             nccl.groupEnd()
         finished = self.stream.record()
+        if self.spans is not None:
+            self.spans.append((began, finished))
 
         def wait():
             cupy.cuda.get_current_stream().wait_event(finished)
             return outs
 
         return Request(wait)
+
+    def trace(self) -> None:
+        """From now on, record when each exchange runs on the NCCL stream."""
+        self.spans = []
+
+    def take_spans(self) -> list:
+        """The (began, finished) CUDA events of the exchanges since ``trace``; stops tracing."""
+        spans, self.spans = self.spans or [], None
+        return spans
 
     def close(self) -> None:
         pass  # cached for the job; freed with the worker

@@ -166,6 +166,9 @@ def run(rank: int, *, model, precision, height, width, steps, seed, label, mode,
     exchange = Exchange(ctx, mode, bands, grid[1], cfg.heads, cfg.hidden // cfg.heads, cfg.depth,
                         dtype, warmup, condition, bucket)
     times = sampler.timesteps(steps)
+    traced = bool(exchange.whole) and hasattr(ctx.comm, "trace")  # NCCL: when exchanges run
+    if traced:
+        ctx.comm.trace()
     clock = _Clock(xp)
     sent = []
     for step, t in enumerate(times):
@@ -189,6 +192,9 @@ def run(rank: int, *, model, precision, height, width, steps, seed, label, mode,
     mine = {"band": [r0, r1], "step_seconds": seconds,
             "steady_bytes": float(np.median([sent[i] for i in steady])),
             "buffer_bytes": exchange.buffer_bytes()}
+    if traced:
+        mine["timeline"] = clock.timeline(ctx.comm.take_spans())
+        mine["overlap"] = _overlap(mine["timeline"], steady, ctx.stats.get("wait-exchange", 0.0))
     gathered = _gather(ctx, ctx.to_host(x), mine, len(bands))
     if gathered is None:
         return {"band": [r0, r1]}
@@ -201,6 +207,9 @@ def run(rank: int, *, model, precision, height, width, steps, seed, label, mode,
                "steady_step_seconds": float(np.median([step_seconds[i] for i in steady])),
                "bytes_per_step_per_worker": int(max(r["steady_bytes"] for r in records)),
                "buffer_bytes_per_worker": int(max(r["buffer_bytes"] for r in records))}
+    if all("timeline" in r for r in records):
+        summary["overlap"] = [r["overlap"] for r in records]
+        summary["timeline"] = [r["timeline"] for r in records]
     image.write(out_path, latent, cfg.clip_x0, summary)
     return summary
 
@@ -219,6 +228,18 @@ def _gather(ctx, band, record, parts: int):
             [record] + [g[1] for g in got])
 
 
+def _overlap(timeline: dict, steady: list[int], stalled: float) -> dict:
+    """How much of the steady steps' exchange time the compute hid: the NCCL stream's busy
+    seconds in those steps against the seconds the compute stream waited for an exchange."""
+    steps = timeline["steps"]
+    lo, hi = steps[min(steady)][0], steps[max(steady)][1]
+    busy = sum(e - b for b, e in timeline["exchanges"] if lo <= b < hi)
+    compute = sum(e - b for b, e in steps[min(steady):max(steady) + 1])
+    return {"steady_steps": len(steady), "compute_s": round(compute, 6),
+            "exchange_s": round(busy, 6), "stalled_s": round(stalled, 6),
+            "hidden": round(1.0 - stalled / busy, 4) if busy else None}
+
+
 class _Clock:
     """Per-step seconds: CUDA events on the GPU (launches are asynchronous), else host time."""
 
@@ -232,6 +253,14 @@ class _Clock:
 
     def mark(self) -> None:
         self.marks.append(self._now())
+
+    def timeline(self, spans) -> dict:
+        """Each step's and each exchange's (start, end) in seconds from the first mark (GPU)."""
+        self.marks[-1].synchronize()
+        at = lambda e: round(self.xp.cuda.get_elapsed_time(self.marks[0], e) / 1000.0, 6)  # noqa: E731
+        marks = [at(m) for m in self.marks]
+        return {"steps": [[a, b] for a, b in zip(marks, marks[1:])],
+                "exchanges": [[at(b), at(e)] for b, e in spans]}
 
     def seconds(self) -> list[float]:
         if not self.gpu:
