@@ -49,6 +49,9 @@ class PeakPool:
         return ptr
 
 
+MIN_SECONDS = 0.5
+
+
 def timed_gpu(fn, repeat=3):
     """(median seconds, peak bytes, last result) of fn() on the GPU, after one warm-up. The timed
     runs share one warm pool (a cold pool would time cudaMalloc, which hits a kernel that
@@ -59,13 +62,17 @@ def timed_gpu(fn, repeat=3):
 
     times, pool = [], cupy.cuda.MemoryPool()
     with cupy.cuda.using_allocator(pool.malloc):
-        for it in range(repeat + 1):
+        it = 0
+        # short runs are repeated for at least MIN_SECONDS, so the median rides out clock ramps
+        # and host jitter
+        while it <= repeat or (sum(times) < MIN_SECONDS and it <= 100):
             cupy.cuda.runtime.deviceSynchronize()
             t0 = time.perf_counter()
             fn()
             cupy.cuda.runtime.deviceSynchronize()
             if it:
                 times.append(time.perf_counter() - t0)
+            it += 1
     pool.free_all_blocks()
     tracked = PeakPool()
     with cupy.cuda.using_allocator(tracked.malloc):

@@ -654,10 +654,11 @@ def _pow2_at_least(n: int) -> int:
 _UPPERS: dict = {}
 
 
-def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None):
+def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None, fetch=None):
     """Row ids (int32) of rows lo..hi per bin of ``bins`` by ``counts`` (rows with a count of 0
     in none), and the rows above the last bin. Two kernels and one copy of the bins' sizes to
-    the host (where CuPy's sort, search and count took a dozen calls and as many kernels)."""
+    the host (where CuPy's sort, search and count took a dozen calls and as many kernels).
+    ``fetch`` (int64 on the device) comes to the host in the same copy, as a third result."""
     hi = int(counts.size) if hi is None else hi
     n, nbins = hi - lo, len(bins)
     key = (bins, cupy.cuda.Device().id)
@@ -671,9 +672,14 @@ def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None):
             (np.int64(lo), np.int64(hi), counts, _UPPERS[key], np.int32(nbins), bin_of, sizes))
     _launch(_kernel("bin_scatter", "float"), blocks, 256, 0,
             (np.int64(lo), np.int64(hi), bin_of, np.int32(nbins), sizes, order))
-    starts = np.concatenate([[0], np.cumsum(sizes[:nbins + 1].get())])
+    wanted = sizes[:nbins + 1]
+    if fetch is not None:
+        wanted = cupy.concatenate([wanted.astype(np.int64), fetch])
+    host = wanted.get()
+    starts = np.concatenate([[0], np.cumsum(host[:nbins + 1])])
     out = [(order[starts[i]:starts[i + 1]], group, table) for i, (_, group, table) in enumerate(bins)]
-    return out, order[starts[nbins]:starts[nbins + 1]]
+    dense = order[starts[nbins]:starts[nbins + 1]]
+    return (out, dense) if fetch is None else (out, dense, host[nbins + 1:])
 
 
 class _GpuProduct:
@@ -782,11 +788,12 @@ class _GpuProduct:
         import cupy
 
         hi = self.shape[0] if hi is None else hi
-        base, end = (int(x) for x in self.cptr[[lo, hi]].get())
+        numeric_bins, chunk = self._numeric_plan()
+        ends = self.cptr[lo:hi + 1:hi - lo] if hi > lo else self.cptr[lo:lo + 1].repeat(2)
+        bins, dense, (base, end) = _bin(cupy, self.row_nnz, numeric_bins, lo, hi, fetch=ends)
+        base, end = int(base), int(end)
         cidx = cupy.empty(end - base, dtype=np.int32)
         cval = cupy.empty(end - base, dtype=self.val_dtype)
-        numeric_bins, chunk = self._numeric_plan()
-        bins, dense = _bin(cupy, self.row_nnz, numeric_bins, lo, hi)
         cbase = np.int64(base)  # the kernels address C's rows by their index in A
         for rows, group, table in bins:
             self._timed(f"numeric table {table}", int(rows.size), lambda: _launch_shared(
