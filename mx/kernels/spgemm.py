@@ -6,17 +6,20 @@ stored, even if the values cancel. Rows are sorted, with no duplicates; row offs
 The GPU kernel (CuPy RawKernels) works the way SMASH and nsparse do. Each output row's
 partial products are merged as they are made, in a hash table keyed by column, so no
 partial-product matrix is ever stored. It runs in two passes: the symbolic pass counts each
-row's nonzeros so C is allocated exactly, and the numeric pass fills it. Rows are binned by
-their number of partial products:
+row's nonzeros so C is allocated exactly, and the numeric pass fills it. Rows are binned (two
+kernels) by their number of partial products, then by their exact nonzeros:
 
 - short rows share a block, a warp each, with a small shared-memory table;
-- longer rows get a whole block and a larger shared-memory table;
-- rows too long for shared tables use a bitmap of all columns in shared memory, and a dense
-  accumulator in global memory for the numeric pass.
+- longer rows get a group of warps or a whole block and a larger shared-memory table; the
+  long rows of B they meet are shared out among the group's warps in pieces, so one hub row of
+  B does not keep the others waiting;
+- rows too long for shared tables (and, where C is narrow, rows nearly as long) are dense:
+  a bitmap of C's columns for the symbolic pass, and for the numeric pass a dense accumulator
+  in shared memory, one chunk of columns at a time.
 
-The symbolic pass bins rows by partial products, the numeric pass by the exact counts. A
-shared table is sorted in place (bitonic) before it is written. A dense row comes out sorted
-from a scan of its bitmap. The NumPy/SciPy path defines the expected result.
+A table's entries are written in column order through a bitmap of the row's span where it
+fits beside the table, and otherwise compacted and sorted (bitonic). A dense row comes out
+sorted from a scan of its columns. The NumPy/SciPy path defines the expected result.
 """
 
 from __future__ import annotations
