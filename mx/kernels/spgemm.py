@@ -108,7 +108,9 @@ DENSE_THREADS = 1024
 MAX_DENSE_COLUMNS = 8 * 160 * 1024  # a row bitmap of this many columns fits in shared memory
 EMPTY = 0x7FFFFFFF  # an empty slot; larger than any column, so it sorts last
 LISTED_BYTES = 24  # one entry of a group's list of long rows of B (struct Listed)
-STATIC_SHARED = 16 * 1024  # the kernels' own shared memory: the lists of long rows, the scans
+# the kernels' own shared memory: a block's lists of long rows of B (half a block of entries at
+# most), and the scans' and counters' few words
+STATIC_SHARED = LISTED_BYTES * DENSE_THREADS // 2 + 4096
 
 _SOURCE = r"""
 #define EMPTY 0x7fffffff
