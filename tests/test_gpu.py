@@ -231,6 +231,36 @@ def test_hash_spgemm_with_more_long_rows_of_b_than_a_group_lists(rng):
     assert rel_error(cupy.asnumpy(got.data), want.data) < 1e-12
 
 
+def test_hash_spgemm_rows_of_few_nonzeros_but_many_products(rng):
+    """A row with few nonzeros made of many products skips the thread-per-row bin; the rest of
+    the short rows take it; both are right."""
+    import cupy
+    import scipy.sparse as sp
+    from mx.kernels import spgemm
+
+    k, n = 300, 1001
+    b_cols = [rng.choice(5, size=3, replace=False) for _ in range(k // 2)]  # 5 columns in all
+    b_cols += [rng.choice(n, size=rng.integers(0, 4), replace=False) for _ in range(k - k // 2)]
+    b_rows = np.repeat(np.arange(k), [len(c) for c in b_cols])
+    b = sp.csr_array((rng.standard_normal(b_rows.size), (b_rows, np.concatenate(b_cols))), shape=(k, n))
+    a_cols = [np.arange(k // 2)] + [rng.choice(k, size=rng.integers(0, 4), replace=False)
+                                    for _ in range(499)]
+    a_rows = np.repeat(np.arange(len(a_cols)), [len(c) for c in a_cols])
+    a = sp.csr_array((rng.standard_normal(a_rows.size), (a_rows, np.concatenate(a_cols))),
+                     shape=(len(a_cols), k))
+    ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
+    product = spgemm._GpuProduct(ca, cb)
+    assert int(product.row_nnz[0]) <= spgemm.TINY < int(product.products[0]) // 2
+    bins, _ = spgemm._bin(cupy, product.row_nnz, product._numeric_plan()[0],
+                          products=product.products, first_products=spgemm.TINY_PRODUCTS)
+    tiny = cupy.asnumpy(bins[0][0])
+    assert 0 not in tiny and tiny.size > 200
+    got, want = product.numeric(), spgemm.multiply(np, ca, cb)
+    np.testing.assert_array_equal(cupy.asnumpy(got.indptr), want.indptr)
+    np.testing.assert_array_equal(cupy.asnumpy(got.indices), want.indices)
+    assert rel_error(cupy.asnumpy(got.data), want.data) < 1e-12
+
+
 def test_spgemm_op_on_gpu_actors(tmp_path, rng, ray_session):
     from mx.storage import sparse
 

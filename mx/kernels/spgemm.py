@@ -98,10 +98,16 @@ def _multiply_scipy(a: Csr, b: Csr) -> Csr:
 # by partial products (an upper bound on their nonzeros); the numeric pass bins them by the
 # exact nonzeros the symbolic pass counted, so its tables (and the sorts) are as small as the
 # rows allow. A table holds at most half its slots, so linear probing stays short.
-SYMBOLIC_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
+# The first bin (threads per row 1, no table) is a thread per row, its columns kept in order
+# in a small array: for rows of at most TINY products (symbolic) or nonzeros (numeric, and then
+# at most TINY_PRODUCTS products, which the thread works through alone).
+SYMBOLIC_BINS = ((16, 1, 0), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
                  (16384, 1024, 32768))
-NUMERIC_BINS = ((16, 32, 32), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
+NUMERIC_BINS = ((16, 1, 0), (128, 32, 256), (512, 128, 1024), (2048, 256, 4096),
                 (4096, 512, 8192), (8192, 1024, 16384))
+TINY = 16
+TINY_PRODUCTS = 64
+assert SYMBOLIC_BINS[0][0] <= TINY and NUMERIC_BINS[0][0] <= TINY
 DENSE_RATIO = 4  # see _GpuProduct._numeric_plan
 BLOCK = 256  # threads per block for the warp-per-row bins
 DENSE_THREADS = 1024
@@ -282,9 +288,12 @@ extern "C" __global__ void row_products(int m, const long long* aptr, const int*
 
 // Each row's bin in lo..hi: the first whose upper bound holds its count (a count of 0: none;
 // above the last bound: bin nbins, the dense rows). sizes[b] counts bin b's rows.
+// A row whose products pass first_products goes to the second bin (or the dense rows) even if
+// its count fits the first: the numeric pass's thread-per-row bin works through every product
+// alone.
 extern "C" __global__ void bin_rows(long long lo, long long hi, const long long* counts,
-                                    const long long* uppers, int nbins, unsigned char* bin_of,
-                                    int* sizes) {
+                                    const long long* uppers, int nbins, const long long* products,
+                                    long long first_products, unsigned char* bin_of, int* sizes) {
     __shared__ int local[32];
     if (threadIdx.x < 32) local[threadIdx.x] = 0;
     __syncthreads();
@@ -295,6 +304,7 @@ extern "C" __global__ void bin_rows(long long lo, long long hi, const long long*
         if (c > 0) {
             b = 0;
             while (b < nbins && c > uppers[b]) ++b;
+            if (b == 0 && products[row] > first_products) b = 1;
             atomicAdd(&local[b], 1);
         }
         bin_of[row - lo] = (unsigned char)b;
@@ -326,6 +336,60 @@ extern "C" __global__ void bin_scatter(long long lo, long long hi, const unsigne
     }
     __syncthreads();
     if (b != NO_BIN) order[base[b] + mine] = (int)row;
+}
+
+// Rows of at most TINY nonzeros (and few products), a thread each: a warp per row left most
+// lanes idle on graphs whose rows hold a handful of entries. The row's columns are kept in
+// order in a small array as they come (insertion), so the numeric pass writes them with no
+// table and no sort.
+template <bool NUMERIC>
+__device__ __forceinline__ int tiny_row(int row, const long long* aptr, const int* aidx,
+        const val_t* aval, const long long* bptr, const int* bidx, const val_t* bval,
+        int* cols, val_t* vals) {
+    int n = 0;
+    for (long long p = aptr[row]; p < aptr[row + 1]; ++p) {
+        const int k = aidx[p];
+        const val_t a = NUMERIC ? aval[p] : val_t(0);
+        for (long long q = bptr[k]; q < bptr[k + 1]; ++q) {
+            const int col = bidx[q];
+            int i = n;
+            while (i > 0 && cols[i - 1] > col) --i;
+            if (i > 0 && cols[i - 1] == col) {
+                if (NUMERIC) vals[i - 1] += a * bval[q];
+                continue;
+            }
+            for (int j = n; j > i; --j) {
+                cols[j] = cols[j - 1];
+                if (NUMERIC) vals[j] = vals[j - 1];
+            }
+            cols[i] = col;
+            if (NUMERIC) vals[i] = a * bval[q];
+            ++n;
+        }
+    }
+    return n;
+}
+
+extern "C" __global__ void symbolic_tiny(const int* rows, int nrows, const long long* aptr,
+        const int* aidx, const long long* bptr, const int* bidx, long long* row_nnz) {
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= nrows) return;
+    int cols[TINY];
+    const int row = rows[r];
+    row_nnz[row] = tiny_row<false>(row, aptr, aidx, nullptr, bptr, bidx, nullptr, cols, nullptr);
+}
+
+extern "C" __global__ void numeric_tiny(const int* rows, int nrows, const long long* aptr,
+        const int* aidx, const val_t* aval, const long long* bptr, const int* bidx,
+        const val_t* bval, const long long* cptr, long long cbase, int* cidx, val_t* cval) {
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= nrows) return;
+    int cols[TINY];
+    val_t vals[TINY];
+    const int row = rows[r];
+    const int n = tiny_row<true>(row, aptr, aidx, aval, bptr, bidx, bval, cols, vals);
+    const long long base = cptr[row] - cbase;
+    for (int i = 0; i < n; ++i) { cidx[base + i] = cols[i]; cval[base + i] = vals[i]; }
 }
 
 // MAX_THREADS: the largest block this module launches (at 1024, registers must fit 64)
@@ -578,7 +642,7 @@ def _kernel(name: str, val_t: str, group: int = 0, table: int = 0, rank_words: i
         # DENSE_THREADS; otherwise a shared-table module, blocks of ``threads``
         max_threads = threads or group or DENSE_THREADS
         table, group = max(table, 2), max(group, 32)
-        code = (f"#define VAL_T {val_t}\n#define G {group}\n#define T {table}\n"
+        code = (f"#define VAL_T {val_t}\n#define G {group}\n#define T {table}\n#define TINY {TINY}\n"
                 f"#define GROUPS {max(1, threads // group)}\n"
                 f"#define CAP {group // 2 if group >= 64 else 0}\n"
                 f"#define TBITS {table.bit_length() - 1}\n#define RANK_WORDS {rank_words}\n"
@@ -635,6 +699,11 @@ def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
     bitmap of their columns where it fits beside the table, and sorted otherwise."""
     import cupy
 
+    if group == 1:  # the thread-per-row bin
+        n = int(rows.size)
+        kind = name.split("_")[0]
+        return _launch(_kernel(f"{kind}_tiny", val_t), -(-n // BLOCK), BLOCK, 0,
+                       (rows, cupy.int32(n), *args))
     assert table % group == 0, "a group's threads take the table's slots in whole rounds"
     entry = 4 + (val_size if name.startswith("numeric") else 0)
     rank_words = 0
@@ -652,6 +721,10 @@ def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
             threads, groups * table * entry + 8 * rank_words, (rows, cupy.int32(n), *args))
 
 
+def _bin_name(group: int, table: int) -> str:
+    return "a thread a row" if group == 1 else f"table {table}"
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -659,11 +732,13 @@ def _pow2_at_least(n: int) -> int:
 _UPPERS: dict = {}
 
 
-def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None, fetch=None):
+def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None, fetch=None, products=None,
+         first_products: int = 2**62):
     """Row ids (int32) of rows lo..hi per bin of ``bins`` by ``counts`` (rows with a count of 0
     in none), and the rows above the last bin. Two kernels and one copy of the bins' sizes to
     the host (where CuPy's sort, search and count took a dozen calls and as many kernels).
-    ``fetch`` (int64 on the device) comes to the host in the same copy, as a third result."""
+    ``fetch`` (int64 on the device) comes to the host in the same copy, as a third result.
+    Rows whose ``products`` pass ``first_products`` skip the first bin."""
     hi = int(counts.size) if hi is None else hi
     n, nbins = hi - lo, len(bins)
     key = (bins, cupy.cuda.Device().id)
@@ -674,7 +749,8 @@ def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None, fetch=None):
     order = cupy.empty(max(n, 1), dtype=np.int32)
     blocks = -(-n // 256)
     _launch(_kernel("bin_rows", "float"), blocks, 256, 0,
-            (np.int64(lo), np.int64(hi), counts, _UPPERS[key], np.int32(nbins), bin_of, sizes))
+            (np.int64(lo), np.int64(hi), counts, _UPPERS[key], np.int32(nbins),
+             counts if products is None else products, np.int64(first_products), bin_of, sizes))
     _launch(_kernel("bin_scatter", "float"), blocks, 256, 0,
             (np.int64(lo), np.int64(hi), bin_of, np.int32(nbins), sizes, order))
     wanted = sizes[:nbins + 1]
@@ -767,7 +843,7 @@ class _GpuProduct:
 
         bins, dense = _bin(cupy, self.products, SYMBOLIC_BINS)
         for rows, group, table in bins:
-            self._timed(f"symbolic table {table}", int(rows.size), lambda: _launch_shared(
+            self._timed(f"symbolic {_bin_name(group, table)}", int(rows.size), lambda: _launch_shared(
                 "symbolic_shared", self.val_t, self.vsize, rows, group, table,
                 (self.aptr, self.aidx, self.bptr, self.bidx, self.row_nnz)))
         self._timed("symbolic dense", int(dense.size), lambda: _launch(
@@ -795,13 +871,14 @@ class _GpuProduct:
         hi = self.shape[0] if hi is None else hi
         numeric_bins, chunk = self._numeric_plan()
         ends = self.cptr[lo:hi + 1:hi - lo] if hi > lo else self.cptr[lo:lo + 1].repeat(2)
-        bins, dense, (base, end) = _bin(cupy, self.row_nnz, numeric_bins, lo, hi, fetch=ends)
+        bins, dense, (base, end) = _bin(cupy, self.row_nnz, numeric_bins, lo, hi, fetch=ends,
+                                        products=self.products, first_products=TINY_PRODUCTS)
         base, end = int(base), int(end)
         cidx = cupy.empty(end - base, dtype=np.int32)
         cval = cupy.empty(end - base, dtype=self.val_dtype)
         cbase = np.int64(base)  # the kernels address C's rows by their index in A
         for rows, group, table in bins:
-            self._timed(f"numeric table {table}", int(rows.size), lambda: _launch_shared(
+            self._timed(f"numeric {_bin_name(group, table)}", int(rows.size), lambda: _launch_shared(
                 "numeric_shared", self.val_t, self.vsize, rows, group, table,
                 (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, self.cptr,
                  cbase, cidx, cval), ncols=self.shape[1]))
