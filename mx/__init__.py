@@ -18,8 +18,7 @@ def status(job_id: str) -> dict:
     """A job's record: state, steps, progress, timings."""
     from mx.tasks import jobs, record
 
-    rec = record.load(record.find(job_id))
-    return {**rec, "state": jobs.current_state(rec)}
+    return jobs.settled(record.load(record.find(job_id)))
 
 
 def cancel(job_id: str, timeout: float = 60.0) -> dict:

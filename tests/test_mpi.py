@@ -82,6 +82,31 @@ def test_failing_rank_ends_the_job_with_no_output(tmp_path, rng):
     assert not (tmp_path / "C.zarr").exists() and not leftovers(tmp_path)
 
 
+def test_a_failing_rank_under_an_outside_launcher_settles_the_status(tmp_path, rng):
+    """Ranks started by the launcher (as srun does): a rank that fails aborts the gang before
+    rank 0 can record the end. The status still reads failed for the job and its step, with
+    the rank's error, and no output is left."""
+    write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    with open(tmp_path / "A.zarr" / "c" / "2" / "0", "wb") as f:
+        f.write(b"garbage")  # only the rank reading rows 80.. fails
+    (tmp_path / "job.yaml").write_text(
+        "backend: mpi\nresources: {workers: 4}\nsteps:\n"
+        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: C.zarr}\n")
+    proc = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-m", "mx.cli.main", "run",
+                           str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    from mx.tasks import record
+
+    (job_id,) = record.all_ids()  # this test's MX_HOME holds the one job rank 0 recorded
+    rec = mx.status(job_id)
+    assert rec["state"] == "failed" and rec["steps"][0]["state"] == "failed", rec
+    assert "rank" in rec["error"]
+    shown = mx_cli("status", job_id, check=True).stdout
+    assert "state    failed" in shown and "step c (gemm) failed" in shown, shown
+    assert not (tmp_path / "C.zarr").exists() and not leftovers(tmp_path)
+
+
 def test_killed_rank_ends_the_job_with_no_output(tmp_path):
     n = 2200
     for name, seed in (("A", 1), ("B", 2)):

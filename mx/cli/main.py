@@ -160,8 +160,9 @@ def status(job: str) -> None:
         _fail(exc)
     from mx.tasks import jobs
 
+    rec = jobs.settled(rec)
     click.echo(f"job      {rec['id']}")
-    click.echo(f"state    {jobs.current_state(rec)}")
+    click.echo(f"state    {rec['state']}")
     if rec.get("cluster"):
         click.echo(f"cluster  {rec['cluster']['address']} (Ray job {jobs.ray_job(rec)})")
     for field in ("name", "backend", "created", "started", "ended", "seconds", "error"):

@@ -151,6 +151,20 @@ def current_state(rec: dict) -> str:
     return state
 
 
+def settled(rec: dict) -> dict:
+    """The record as it stands: the job's state made good (``current_state``) and, where the
+    job ended without its runner saying so (a rank aborted the gang, the runner died), its
+    unfinished steps marked as the runner would have marked them."""
+    state = current_state(rec)
+    if state == rec.get("state") or state not in ENDED:
+        return {**rec, "state": state}
+    steps = [{**step, "state": state if step["state"] == "running" else "not run"}
+             if step["state"] in ("queued", "running") else step for step in rec.get("steps", [])]
+    error = rec.get("error") or record.failure(rec["id"]) or \
+        ("its runner ended without recording an end" if state == "lost" else None)
+    return {**rec, "state": state, "steps": steps, "error": error}
+
+
 def resume(prefix: str, **kwargs) -> str:
     """Run a job that failed, was cancelled or lost its driver again, from what is stored:
     steps whose outputs it committed are kept, a ``complete`` step restarts from its last
