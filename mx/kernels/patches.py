@@ -96,7 +96,8 @@ class Exchange:
         def kv(layer, k, v):
             own = xp.stack([k, v])  # (2, heads, tokens, head_dim)
             if sync:
-                got = self._post(own, ("kv", step, layer), self.mine, self.whole).wait()
+                got = self.ctx.wait(self._post(own, ("kv", step, layer), self.mine, self.whole),
+                                    "wait-sync-exchange")
                 others = dict(zip(sorted(self.whole), got))
                 if self.want:  # what the first stale step will use
                     self.stale[layer] = {q: self._slice(others[q], rows)
@@ -193,8 +194,11 @@ def run(rank: int, *, model, precision, height, width, steps, seed, label, mode,
             "steady_bytes": float(np.median([sent[i] for i in steady])),
             "buffer_bytes": exchange.buffer_bytes()}
     if traced:
+        # the steady steps' stalls: waits for stale keys/values, or (sync mode, where every step
+        # is synchronous and counts as steady) the waits for fresh ones
+        waits = "wait-sync-exchange" if exchange.synchronous(steady[0]) else "wait-exchange"
         mine["timeline"] = clock.timeline(ctx.comm.take_spans())
-        mine["overlap"] = _overlap(mine["timeline"], steady, ctx.stats.get("wait-exchange", 0.0))
+        mine["overlap"] = _overlap(mine["timeline"], steady, ctx.stats.get(waits, 0.0))
     gathered = _gather(ctx, ctx.to_host(x), mine, len(bands))
     if gathered is None:
         return {"band": [r0, r1]}
