@@ -9,6 +9,7 @@ partial-product matrix is ever stored. It runs in two passes: the symbolic pass 
 row's nonzeros so C is allocated exactly, and the numeric pass fills it. Rows are binned (two
 kernels) by their number of partial products, then by their exact nonzeros:
 
+- the shortest rows get a thread each, which keeps the row's columns in order as they come;
 - short rows share a block, a warp each, with a small shared-memory table;
 - longer rows get a group of warps or a whole block and a larger shared-memory table; the
   long rows of B they meet are shared out among the group's warps in pieces, so one hub row of
@@ -109,7 +110,7 @@ TINY = 16
 TINY_PRODUCTS = 64
 assert SYMBOLIC_BINS[0][0] <= TINY and NUMERIC_BINS[0][0] <= TINY
 DENSE_RATIO = 4  # see _GpuProduct._numeric_plan
-BLOCK = 256  # threads per block for the warp-per-row bins
+BLOCK = 256  # threads per block for the thread-per-row and warp-per-row bins
 DENSE_THREADS = 1024
 MAX_DENSE_COLUMNS = 8 * 160 * 1024  # a row bitmap of this many columns fits in shared memory
 EMPTY = 0x7FFFFFFF  # an empty slot; larger than any column, so it sorts last
