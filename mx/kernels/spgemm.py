@@ -694,21 +694,22 @@ def _launch(fn, blocks: int, threads: int, smem: int, args) -> None:
                            f"bytes of shared memory refused ({info}): {exc}") from exc
 
 
-def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
-    """Launch a shared-table kernel over ``rows`` (int32 row ids), a group of threads each.
-    Numeric rows that get a block of their own (group >= 128) are written in order through a
-    bitmap of their columns where it fits beside the table, and sorted otherwise."""
+def _launch_bin(kind, val_t, val_size, rows, group, table, args, ncols=0):
+    """Launch the ``kind`` ("symbolic" or "numeric") kernel of one bin over ``rows`` (int32
+    row ids): a thread per row (group 1), else a shared-table kernel, a group of threads a
+    row. Numeric rows that get a block of their own (group >= 128) are written in order
+    through a bitmap of their columns where it fits beside the table, and sorted otherwise."""
     import cupy
 
-    if group == 1:  # the thread-per-row bin
-        n = int(rows.size)
-        kind = name.split("_")[0]
+    n = int(rows.size)
+    if group == 1:
         return _launch(_kernel(f"{kind}_tiny", val_t), -(-n // BLOCK), BLOCK, 0,
                        (rows, cupy.int32(n), *args))
     assert table % group == 0, "a group's threads take the table's slots in whole rounds"
-    entry = 4 + (val_size if name.startswith("numeric") else 0)
+    numeric = kind == "numeric"
+    entry = 4 + (val_size if numeric else 0)
     rank_words = 0
-    if name.startswith("numeric") and group >= 128:
+    if numeric and group >= 128:
         threads = group
         room = (shared_limit() - table * entry) // 8  # a bitmap word and its count
         rank_words = min(_pow2_at_least(-(-ncols // 32)), 2 * table)  # few kernel variants
@@ -717,9 +718,9 @@ def _launch_shared(name, val_t, val_size, rows, group, table, args, ncols=0):
     else:
         threads = _threads(group, table, entry)
     groups = threads // group
-    n = int(rows.size)
-    _launch(_kernel(name, val_t, group, table, rank_words, threads=threads), -(-n // groups),
-            threads, groups * table * entry + 8 * rank_words, (rows, cupy.int32(n), *args))
+    _launch(_kernel(f"{kind}_shared", val_t, group, table, rank_words, threads=threads),
+            -(-n // groups), threads, groups * table * entry + 8 * rank_words,
+            (rows, cupy.int32(n), *args))
 
 
 def _bin_name(group: int, table: int) -> str:
@@ -748,11 +749,11 @@ def _bin(cupy, counts, bins, lo: int = 0, hi: int | None = None, fetch=None, pro
     sizes = cupy.zeros(2 * (nbins + 1), dtype=np.int32)  # the bins' sizes, then their fills
     bin_of = cupy.empty(max(n, 1), dtype=np.uint8)
     order = cupy.empty(max(n, 1), dtype=np.int32)
-    blocks = -(-n // 256)
-    _launch(_kernel("bin_rows", "float"), blocks, 256, 0,
+    blocks = -(-n // BLOCK)
+    _launch(_kernel("bin_rows", "float"), blocks, BLOCK, 0,
             (np.int64(lo), np.int64(hi), counts, _UPPERS[key], np.int32(nbins),
              counts if products is None else products, np.int64(first_products), bin_of, sizes))
-    _launch(_kernel("bin_scatter", "float"), blocks, 256, 0,
+    _launch(_kernel("bin_scatter", "float"), blocks, BLOCK, 0,
             (np.int64(lo), np.int64(hi), bin_of, np.int32(nbins), sizes, order))
     wanted = sizes[:nbins + 1]
     if fetch is not None:
@@ -794,7 +795,7 @@ class _GpuProduct:
         self.bidx, self.bval = as_dev(b.indices, np.int32), as_dev(b.data, val_dtype)
         m = self.shape[0]
         self.products = cupy.empty(m, dtype=np.int64)
-        _launch(_kernel("row_products", "float"), -(-m // 8), 256, 0,
+        _launch(_kernel("row_products", "float"), -(-m // (BLOCK // 32)), BLOCK, 0,  # a warp a row
                 (np.int32(m), self.aptr, self.aidx, self.bptr, self.products))
         counts = cupy.zeros(m + 1, dtype=np.int64)  # each row's nonzeros, after a leading 0
         self.row_nnz = counts[1:]
@@ -844,8 +845,8 @@ class _GpuProduct:
 
         bins, dense = _bin(cupy, self.products, SYMBOLIC_BINS)
         for rows, group, table in bins:
-            self._timed(f"symbolic {_bin_name(group, table)}", int(rows.size), lambda: _launch_shared(
-                "symbolic_shared", self.val_t, self.vsize, rows, group, table,
+            self._timed(f"symbolic {_bin_name(group, table)}", int(rows.size), lambda: _launch_bin(
+                "symbolic", self.val_t, self.vsize, rows, group, table,
                 (self.aptr, self.aidx, self.bptr, self.bidx, self.row_nnz)))
         self._timed("symbolic dense", int(dense.size), lambda: _launch(
             _kernel("symbolic_dense", self.val_t), int(dense.size), DENSE_THREADS,
@@ -879,8 +880,8 @@ class _GpuProduct:
         cval = cupy.empty(end - base, dtype=self.val_dtype)
         cbase = np.int64(base)  # the kernels address C's rows by their index in A
         for rows, group, table in bins:
-            self._timed(f"numeric {_bin_name(group, table)}", int(rows.size), lambda: _launch_shared(
-                "numeric_shared", self.val_t, self.vsize, rows, group, table,
+            self._timed(f"numeric {_bin_name(group, table)}", int(rows.size), lambda: _launch_bin(
+                "numeric", self.val_t, self.vsize, rows, group, table,
                 (self.aptr, self.aidx, self.aval, self.bptr, self.bidx, self.bval, self.cptr,
                  cbase, cidx, cval), ncols=self.shape[1]))
         self._timed("numeric dense", int(dense.size), lambda: _launch(
