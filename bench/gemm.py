@@ -6,8 +6,11 @@ For each shape and precision it measures
                 (the span of the rounds, shifts included, slowest actor)
   mx-e2e        an mx job from Zarr to Zarr (read, transfer, rounds, write, commit), with the
                 actors already started
-  dask-compute  dask.array with CuPy chunks on one GPU, operands persisted on the GPU
-  dask-e2e      dask.array with CuPy chunks, Zarr to Zarr (threaded scheduler, one GPU)
+  dask-compute  dask.array with CuPy chunks on the same GPUs, operands persisted on them
+  dask-e2e      dask.array with CuPy chunks, Zarr to Zarr
+On one GPU dask runs its threaded scheduler. On G > 1 it runs dask.distributed with one
+single-threaded worker process per GPU, each seeing only its GPU: what dask-cuda's
+LocalCUDACluster sets up (chunks move between workers over TCP, its default protocol).
 and with --cpu the same job on CPU actors against dask.array (NumPy chunks) and NumPy.
 
 Usage (GPU machine):  python bench/gemm.py --gpus 1,2,4 --sizes 16384,32768 --out $OUT/gemm.json
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -108,7 +112,8 @@ def mx_compute(backend, m, k, n, precision, workers, gpu, repeat=2, verify="none
 
 # ------------------------------------------------------------------------------- mx e2e
 def mx_e2e(folder, a_path, b_path, precision, workers, gpus, backend_name="ray", memory=None):
-    """An mx job of two identical steps (the first warms cuBLAS and NCCL); the second is timed.
+    """An mx job of two identical steps (the first warms the page cache and the kernel caches);
+    the second is timed, without the start of its workers.
     ``memory`` caps each worker's memory (forcing the out-of-core path when it is small)."""
     params = {"precision": precision, **({"memory": memory} if memory else {})}
     steps = [{"id": f"c{t}", "op": "gemm", "inputs": {"a": a_path, "b": b_path},
@@ -121,39 +126,80 @@ def mx_e2e(folder, a_path, b_path, precision, workers, gpus, backend_name="ray",
     timed = rec["steps"][1]
     for t in range(2):
         shutil.rmtree(os.path.join(folder, f"C{t}.zarr"), ignore_errors=True)
-    return timed["seconds"], timed, job_id
+    # each step starts its own workers (named for it in the dashboard); that start is timed
+    # apart, as phase start-workers, and left out here like dask's own start-up
+    return timed["seconds"] - timed["phases"].get("start-workers", 0.0), timed, job_id
 
 
 # ---------------------------------------------------------------------------------- dask
-def dask_run(a_path, b_path, out_path, gpu, compute_only):
+def dask_gpu_cluster(gpus: int):
+    """A dask.distributed client over one worker process per GPU (one thread each), every
+    worker seeing only its own GPU."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    workers = {f"gpu{i}": {"cls": Nanny, "options": {
+        "nthreads": 1, "memory_limit": 0, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+        for i in range(gpus)}
+    cluster = SpecCluster(workers=workers, silence_logs=logging.ERROR,
+                          scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+    return Client(cluster)
+
+
+def _sync_gpus(client):
+    """Wait for every GPU's queued work (on one GPU without a client: this process's)."""
+    import cupy
+
+    if client is None:
+        cupy.cuda.runtime.deviceSynchronize()
+    else:
+        client.run(lambda: __import__("cupy").cuda.runtime.deviceSynchronize())
+
+
+def dask_run(a_path, b_path, out_path, gpu, compute_only, gpus=1):
+    """Seconds for dask.array's A @ B: compute only (operands persisted, the product persisted)
+    or Zarr to Zarr. ``gpus`` > 1: on a dask.distributed cluster, a worker per GPU."""
     import dask
     import dask.array as da
 
-    a, b = da.from_zarr(a_path), da.from_zarr(b_path)
-    if gpu:
-        import cupy
-
-        a, b = a.map_blocks(cupy.asarray), b.map_blocks(cupy.asarray)
-    with dask.config.set(scheduler="threads"):
-        if compute_only:
-            a, b = a.persist(), b.persist()
-            if gpu:
-                cupy.cuda.runtime.deviceSynchronize()
-            t0 = time.perf_counter()
-            c = (a @ b).persist()
-            if gpu:
-                cupy.cuda.runtime.deviceSynchronize()
-            seconds = time.perf_counter() - t0
-            del c
-            return seconds
-        t0 = time.perf_counter()
-        c = a @ b
+    client = dask_gpu_cluster(gpus) if gpu and gpus > 1 else None
+    if client is not None:
+        import distributed
+    try:
+        a, b = da.from_zarr(a_path), da.from_zarr(b_path)
         if gpu:
-            c = c.map_blocks(cupy.asnumpy)
-        c.to_zarr(out_path, overwrite=True)
-        seconds = time.perf_counter() - t0
-    shutil.rmtree(out_path, ignore_errors=True)
-    return seconds
+            import cupy
+
+            a, b = a.map_blocks(cupy.asarray), b.map_blocks(cupy.asarray)
+        scheduler = {"scheduler": "threads"} if client is None else {}
+        with dask.config.set(**scheduler):
+            if compute_only:
+                a, b = a.persist(), b.persist()
+                if client is not None:
+                    distributed.wait([a, b])
+                if gpu:
+                    _sync_gpus(client)
+                t0 = time.perf_counter()
+                c = (a @ b).persist()
+                if client is not None:
+                    distributed.wait(c)
+                if gpu:
+                    _sync_gpus(client)
+                seconds = time.perf_counter() - t0
+                del c
+                return seconds
+            t0 = time.perf_counter()
+            c = a @ b
+            if gpu:
+                c = c.map_blocks(cupy.asnumpy)
+            c.to_zarr(out_path, overwrite=True)
+            seconds = time.perf_counter() - t0
+        shutil.rmtree(out_path, ignore_errors=True)
+        return seconds
+    finally:
+        if client is not None:
+            cluster = client.cluster
+            client.close()
+            cluster.close()
 
 
 def numpy_e2e(a_path, b_path, out_path):
@@ -285,11 +331,11 @@ def main(argv=None):
                               f"{step2['phases'].get('gang:rounds')} vs {step['phases'].get('gang:rounds')}; "
                               f"{row[f'{other}_transport']}", flush=True)
                     if not args.no_dask and p in ("fp32", "fp64"):
-                        if (m, p) not in dask_cache:
-                            dask_cache[(m, p)] = (
-                                dask_run(a, b, os.path.join(folder, "Cd.zarr"), True, False),
-                                dask_run(a, b, None, True, True))
-                        row["dask_e2e_s"], row["dask_compute_s"] = dask_cache[(m, p)]
+                        if (m, p, g) not in dask_cache:
+                            dask_cache[(m, p, g)] = (
+                                dask_run(a, b, os.path.join(folder, "Cd.zarr"), True, False, g),
+                                dask_run(a, b, None, True, True, g))
+                        row["dask_e2e_s"], row["dask_compute_s"] = dask_cache[(m, p, g)]
                         row["dask_compute_tflops"] = tflops(m, k, n, row["dask_compute_s"])
                     if args.ooc_memory:
                         ooc, ooc_step, _ = mx_e2e(folder, a, b, p, g, g, memory=args.ooc_memory)

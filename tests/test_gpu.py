@@ -162,6 +162,26 @@ def test_out_of_core_on_the_gpu(tmp_path, rng, ray_session):
     assert "algorithm stream (out of core)" in mx.logs(job_id)
 
 
+def test_blocks_read_for_and_copied_from_the_gpu_are_page_locked(tmp_path, rng):
+    import cupy
+
+    from mx.cluster.comm import GangContext
+    from mx.storage import dense
+
+    registered = lambda x: cupy.cuda.runtime.pointerGetAttributes(x.ctypes.data).type == 1  # noqa: E731
+    a = rng.standard_normal((1531, 977)).astype(np.float32)
+    write_dense(tmp_path / "A.zarr", a, chunks=(256, 300))
+    got = dense.read_block(str(tmp_path / "A.zarr"), (100, 1400), (0, 977), pinned=True)
+    assert registered(got) and np.array_equal(got, a[100:1400])
+    view = got[5:]
+    del got  # a view keeps the lock (and the memory) alive
+    assert registered(view) and np.array_equal(cupy.asnumpy(cupy.asarray(view)), a[105:1400])
+    assert not registered(dense.read_block(str(tmp_path / "A.zarr"), (0, 1531), (0, 977)))
+    ctx = GangContext(None, cupy)
+    host = ctx.to_host(cupy.asarray(a))
+    assert registered(host) and np.array_equal(host, a)
+
+
 # ---------------------------------------------------------------------------------- SpGEMM
 def _powerlaw(rng, m, n, avg, dtype, heavy_rows=0):
     import scipy.sparse as sp

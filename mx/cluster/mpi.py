@@ -137,9 +137,9 @@ class MpiComm(Comm):
             if self.device_buffers:
                 cupy.cuda.get_current_stream().synchronize()  # MPI reads the memory now
                 return cupy.ascontiguousarray(value)
-            from mx.storage.dense import empty_host
+            from mx.storage.dense import pooled_pinned
 
-            host = empty_host(value.shape, value.dtype, pinned=True)
+            host = pooled_pinned(value.shape, value.dtype)
             value.get(out=host)
             return host
         return None
@@ -149,9 +149,11 @@ class MpiComm(Comm):
             import cupy
 
             return cupy.empty(shape, dtype)
-        from mx.storage.dense import empty_host
+        if self.gpu:
+            from mx.storage.dense import pooled_pinned
 
-        return empty_host(shape, dtype, pinned=self.gpu)
+            return pooled_pinned(shape, dtype)
+        return np.empty(shape, dtype)
 
     def _from_buffer(self, buffer):
         if self.gpu and not self.device_buffers:

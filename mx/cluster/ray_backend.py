@@ -54,6 +54,7 @@ class Worker:
         self.xp = devices.array_module(gpu)
         if gpu:
             devices.select_gpu(ray.get_gpu_ids())
+            devices.warm_up()
         self.rendezvous = rendezvous
         self.store: dict[Any, Any] = {}
 
@@ -129,6 +130,7 @@ class RayBackend:
         self.pg = None
         self.actors: list = []
         self.described: list[dict] = []
+        self.startup_s = 0.0
         self.names: list[str] = []
         self.pool_step: str | None = None  # the step whose workers are up
         self.rendezvous = None
@@ -268,9 +270,12 @@ class RayBackend:
         """Run one step's graph on workers started for that step (kept for further graphs of
         the same step, ended when another step starts, on any failure, and by ``stop``)."""
         graph.check(self.workers)
+        self.startup_s = 0.0  # seconds this run spent starting its workers
         if self.pool_step != graph.step:
+            t0 = time.perf_counter()
             self._close_pool()
             self._open_pool(graph, cancelled)
+            self.startup_s = time.perf_counter() - t0
         try:
             return self._run(graph, on_progress, cancelled)
         except BaseException:

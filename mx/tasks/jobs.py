@@ -477,6 +477,8 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
     save_timeline(job_id, sp.step.id, sp.step.op, graph, infos)
     phases = summarize(infos)
     phases["commit"] = round(timing["seconds"], 4)
+    if getattr(backend, "startup_s", 0.0):  # Ray starts each step's own workers
+        phases["start-workers"] = round(backend.startup_s, 4)
     counters = count(infos)
     metrics.publish({"bytes_moved": sum(n for name, n in counters.items() if "bytes" in name),
                      "flops_per_second": flops / run_s if flops else None}, job_id, sp.step.id)
