@@ -180,3 +180,18 @@ def test_diffusion_on_mpi_matches_ray(tmp_path, ray_session, workers):
     assert rel_error(got["sync"], got["none"]) < 1e-5
     assert rel_error(got["none"], want["none"]) < 1e-6
     assert rel_error(got["pcpp"], want["pcpp"]) < 1e-5
+
+
+def test_open_mpi_refusing_root_is_named_with_its_fix():
+    from mx.tasks import jobs, record
+
+    job_id = "job-openmpi-root"
+    os.makedirs(record.job_dir(job_id), exist_ok=True)
+    with open(record.path(job_id, "mpi.out"), "w") as f:
+        f.write("mpiexec has detected an attempt to run as root.\n"
+                "You can override this protection by adding the --allow-run-as-root option\n")
+    reason = jobs._mpiexec_failure(job_id, 1)
+    assert "code 1" in reason and "OMPI_ALLOW_RUN_AS_ROOT=1" in reason
+    with open(record.path(job_id, "mpi.out"), "w") as f:
+        f.write("some other failure\n")
+    assert "ROOT" not in jobs._mpiexec_failure(job_id, 1)

@@ -342,6 +342,21 @@ def mpiexec() -> str:
     return found
 
 
+def _mpiexec_failure(job_id: str, code) -> str:
+    """Why mpiexec failed before any rank could say: its output's known refusals named."""
+    out = record.path(job_id, "mpi.out")
+    try:
+        with open(out, errors="replace") as f:
+            text = f.read()[-20000:]
+    except OSError:
+        text = ""
+    reason = f"mpiexec exited with code {code}; see {out}"
+    if "allow-run-as-root" in text:
+        reason += (" (Open MPI's mpiexec refuses to run as root: run as another user, or, in a "
+                   "container, set OMPI_ALLOW_RUN_AS_ROOT=1 and OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)")
+    return reason
+
+
 def _launch_mpi(job_id: str, echo, progress) -> str:
     """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
     rec = record.update(job_id, record.load(job_id), pid=os.getpid(), launcher=True)
@@ -368,7 +383,7 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     rec = record.load(job_id)
     state = rec.get("state")
     if state not in record.FINAL:  # the driver never recorded an end: a rank died or failed
-        reason = record.failure(job_id) or f"mpiexec exited with code {code}; see {record.path(job_id, 'mpi.out')}"
+        reason = record.failure(job_id) or _mpiexec_failure(job_id, code)
         folder = rec["base"]
         for step in job.steps:  # the ranks may have died before removing their temporaries
             commit.abort(commit.temp_path(spec.resolve_path(step.output, folder), job_id))
