@@ -109,6 +109,11 @@ def _tiles(rows: tuple[int, int], cols: tuple[int, int], chunks: tuple[int, int]
         start = stop
 
 
+# Arrays this small stay pageable: their copies are latency-bound anyway, and a small array
+# may share a page with another that is locked already.
+LOCK_MIN_BYTES = 1 << 20
+
+
 def empty_host(shape, dtype, pinned: bool = False) -> np.ndarray:
     """A host array, page-locked when it is bound for (or comes from) a GPU: locked memory
     moves at full PCIe/NVLink-C2C speed and lets copies run asynchronously."""
@@ -130,11 +135,6 @@ def pooled_pinned(shape, dtype) -> np.ndarray:
 
     mem = cupy.cuda.alloc_pinned_memory(count * dtype.itemsize)
     return np.frombuffer(mem, dtype, count).reshape(shape)
-
-
-# Arrays this small stay pageable: their copies are latency-bound anyway, and a small array
-# may share a page with another that is locked already.
-LOCK_MIN_BYTES = 1 << 20
 
 
 class _Locked:
