@@ -227,6 +227,28 @@ def test_hash_spgemm_matches_the_scipy_twin(rng, dtype, tol, cols):
     assert rel_error(batched.data, want.data) < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_hash_spgemm_with_b_wider_than_a_product_takes(rng, dtype, tol):
+    """B wider than the kernel takes is multiplied a block of columns at a time (here the
+    widest block is made small), on the device and in row batches to the host."""
+    import cupy
+    from mx.kernels import spgemm
+
+    a = _powerlaw(rng, 1201, 903, 20, dtype, heavy_rows=2)
+    b = _powerlaw(rng, 903, 40009, 15, dtype, heavy_rows=2)
+    ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
+    want = spgemm.multiply(np, ca, cb)
+    dev = spgemm.Csr(cupy.asarray(ca.indptr), cupy.asarray(ca.indices), cupy.asarray(ca.data), ca.shape)
+    bdev = spgemm.Csr(cupy.asarray(cb.indptr), cupy.asarray(cb.indices), cupy.asarray(cb.data), cb.shape)
+    on_device = spgemm.multiply(cupy, dev, bdev, max_columns=9001)
+    to_host = spgemm.multiply_to_host(cupy, dev, bdev, max_bytes=256 * 1024, max_columns=9001)
+    for got in ((cupy.asnumpy(on_device.indptr), cupy.asnumpy(on_device.indices),
+                 cupy.asnumpy(on_device.data)), (to_host.indptr, to_host.indices, to_host.data)):
+        np.testing.assert_array_equal(got[0], want.indptr)
+        np.testing.assert_array_equal(got[1], want.indices)
+        assert rel_error(got[2], want.data) < tol
+
+
 def test_hash_spgemm_with_more_long_rows_of_b_than_a_group_lists(rng):
     """Rows of A meeting more long rows of B than a group's list holds: the rest are worked
     through where they are met, and the result is the same."""

@@ -50,6 +50,23 @@ def test_cpu_kernel_matches_scipy(rng, dtype, tol):
     check(c.to_scipy(), a, b, tol)
 
 
+@pytest.mark.parametrize("width", [1, 7, 64, 198])
+def test_b_wider_than_a_product_takes_is_made_a_block_of_columns_at_a_time(rng, width):
+    a = powerlaw(rng, 211, 173, 10, explicit_zeros=0.05)
+    b = powerlaw(rng, 173, 199, 9, explicit_zeros=0.05)
+    ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
+    whole = spgemm.multiply(np, ca, cb)
+    for got in (spgemm.multiply(np, ca, cb, max_columns=width),
+                spgemm.multiply_to_host(np, ca, cb, max_columns=width)):
+        np.testing.assert_array_equal(got.indptr, whole.indptr)
+        np.testing.assert_array_equal(got.indices, whole.indices)
+        np.testing.assert_array_equal(got.data, whole.data)
+        check(got.to_scipy(), a, b, 1e-12)
+    blocks = spgemm.column_blocks(199, width)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 199 and max(c1 - c0 for c0, c1 in blocks) <= width
+    assert all(blocks[i][1] == blocks[i + 1][0] for i in range(len(blocks) - 1))
+
+
 def test_cancellation_keeps_the_structural_entry():
     a = sp.csr_array(np.array([[1.0, 1.0]]))
     b = sp.csr_array(np.array([[1.0], [-1.0]]))

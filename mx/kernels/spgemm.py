@@ -64,13 +64,56 @@ def products_per_row(xp, a: Csr, b: Csr):
     return csum[start[1:]] - csum[start[:-1]]
 
 
-def multiply(xp, a: Csr, b: Csr) -> Csr:
-    """The structural product A·B with sorted rows, on the array module of the inputs."""
+def multiply(xp, a: Csr, b: Csr, max_columns: int | None = None) -> Csr:
+    """The structural product A·B with sorted rows, on the array module of the inputs. B wider
+    than ``max_columns`` (on the GPU by default the widest the kernel takes) is multiplied a
+    block of its columns at a time, and the blocks' rows joined."""
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"A is {a.shape[0]}×{a.shape[1]} but B is {b.shape[0]}×{b.shape[1]}")
+    width = max_columns or (MAX_DENSE_COLUMNS if xp is not np else max(1, b.shape[1]))
+    if b.shape[1] > width:
+        return join_columns(xp, [(c0, multiply(xp, a, column_block(xp, b, c0, c1), width))
+                                 for c0, c1 in column_blocks(b.shape[1], width)], b.shape[1])
     if xp is np:
         return _multiply_scipy(a, b)
     return _multiply_gpu(a, b)
+
+
+def column_blocks(n: int, width: int) -> list[tuple[int, int]]:
+    """Column ranges of at most ``width`` covering 0..n, of near-equal widths."""
+    count = -(-n // width)
+    edges = [n * i // count for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def column_block(xp, b: Csr, c0: int, c1: int) -> Csr:
+    """Columns c0..c1 of B, numbered from 0."""
+    keep = (b.indices >= c0) & (b.indices < c1)
+    kept = xp.concatenate([xp.zeros(1, np.int64), xp.cumsum(keep, dtype=np.int64)])
+    start = b.indptr - b.indptr[0]
+    return Csr(kept[start], (b.indices[keep] - c0).astype(np.int32), b.data[keep], (b.shape[0], c1 - c0))
+
+
+def join_columns(xp, parts: list[tuple[int, Csr]], n: int) -> Csr:
+    """The row-wise join of products with consecutive blocks of B's columns, given as (first
+    column, product): each row of C is its rows of the parts, one after the other."""
+    lengths = [xp.diff(p.indptr) for _, p in parts]
+    indptr = xp.concatenate([xp.zeros(1, np.int64), xp.cumsum(sum(lengths), dtype=np.int64)])
+    total = int(indptr[-1])
+    indices = xp.empty(total, dtype=np.int32 if n < 2**31 else np.int64)
+    data = xp.empty(total, dtype=np.result_type(*[p.data.dtype for _, p in parts]))
+    before = indptr[:-1].copy()  # where each row's entries from the next part go
+    for (c0, part), length in zip(parts, lengths):
+        first, count = int(part.indptr[0]), int(part.indptr[-1] - part.indptr[0])
+        if count:
+            at = xp.arange(count, dtype=np.int64)
+            start = part.indptr - first
+            row = xp.searchsorted(start, at, side="right") - 1
+            where = before[row] + at - start[row]
+            indices[where] = part.indices[:count] + c0
+            data[where] = part.data[:count]
+        before += length
+    return Csr(indptr, indices, data, (parts[0][1].shape[0], n))
 
 
 def _multiply_scipy(a: Csr, b: Csr) -> Csr:
@@ -779,7 +822,7 @@ class _GpuProduct:
         n = b.shape[1]
         if n >= 2**31 - 1:
             raise ValueError("the GPU SpGEMM kernel handles up to 2^31 - 2 columns; split B by columns")
-        if n > MAX_DENSE_COLUMNS:
+        if n > MAX_DENSE_COLUMNS:  # multiply() and multiply_to_host() split B by columns
             raise ValueError(f"the GPU SpGEMM kernel handles up to {MAX_DENSE_COLUMNS} columns "
                              f"of B per product (B has {n}); split B by columns")
         self.val_dtype = np.dtype(val_dtype)
@@ -896,11 +939,18 @@ def _multiply_gpu(a: Csr, b: Csr) -> Csr:
     return _GpuProduct(a, b).numeric()
 
 
-def multiply_to_host(xp, a: Csr, b: Csr, max_bytes: int | None = None) -> Csr:
+def multiply_to_host(xp, a: Csr, b: Csr, max_bytes: int | None = None,
+                     max_columns: int | None = None) -> Csr:
     """A·B as NumPy arrays; on the GPU, made in row batches of at most ``max_bytes`` of
-    output each when C is larger than that (C may be larger than the GPU)."""
+    output each when C is larger than that (C may be larger than the GPU), and a block of B's
+    columns at a time where B is wider than ``max_columns`` (default: what the kernel takes)."""
     if xp is np:
-        return multiply(np, a, b)
+        return multiply(np, a, b, max_columns)
+    width = max_columns or MAX_DENSE_COLUMNS
+    if b.shape[1] > width:
+        return join_columns(np, [(c0, multiply_to_host(xp, a, column_block(xp, b, c0, c1),
+                                                       max_bytes, width))
+                                 for c0, c1 in column_blocks(b.shape[1], width)], b.shape[1])
     product = _GpuProduct(a, b)
     entry = 4 + product.vsize
     limit = max(1, (max_bytes or 1 << 62) // entry)
