@@ -108,7 +108,11 @@ def test_ray_square_grids_match_numpy(tmp_path, rng, ray_session, workers):
     assert f"algorithm cannon on a {q}×{q} grid" in log
     assert all(f":worker({r // q},{r % q}): actor" in log for r in range(workers))
     assert "compute" in log and "read" in log and "write" in log
-    assert mx.status(job_id)["state"] == "succeeded"
+    status = mx.status(job_id)
+    assert status["state"] == "succeeded"
+    # every step starts its own workers, and says how long that took apart from its work
+    for step in status["steps"]:
+        assert 0 < step["phases"]["start-workers"] < step["seconds"]
 
 
 def test_ray_non_square_worker_count_uses_summa(tmp_path, rng, ray_session):
