@@ -172,8 +172,7 @@ def run_one(name, path, args):
     products = int(spgemm.products_per_row(np, host, host).sum())
     flops = 2 * products
     row = {"matrix": name, "rows": a.shape[0], "nnz": int(a.nnz), "products": products}
-    a_dev = spgemm.Csr(cupy.asarray(host.indptr), cupy.asarray(host.indices, dtype=np.int32),
-                       cupy.asarray(host.data), host.shape)
+    a_dev = host.on(cupy)
     limit = batch_limit(args, a.dtype.itemsize)
     product = spgemm._GpuProduct(a_dev, a_dev)  # the symbolic pass, once, untimed
     entries = int(product.cptr[-1])
@@ -278,10 +277,7 @@ def run_scaling(name, path, args) -> list[dict]:
         resident = []
         for g, part in enumerate(deal_rows(a, host, gpus)):
             with cupy.cuda.Device(g):
-                as_dev = lambda m: spgemm.Csr(cupy.asarray(m.indptr.astype(np.int64)),  # noqa: E731
-                                              cupy.asarray(m.indices, dtype=np.int32),
-                                              cupy.asarray(m.data), m.shape)
-                resident.append((as_dev(sp.csr_array(part)), as_dev(a)))
+                resident.append((spgemm.Csr.from_scipy(part).on(cupy), host.on(cupy)))
                 limit = batch_limit(args, a.dtype.itemsize)
         entries = [0] * gpus
         errors = []

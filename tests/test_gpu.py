@@ -238,8 +238,7 @@ def test_hash_spgemm_with_b_wider_than_a_product_takes(rng, dtype, tol):
     b = _powerlaw(rng, 903, 40009, 15, dtype, heavy_rows=2)
     ca, cb = spgemm.Csr.from_scipy(a), spgemm.Csr.from_scipy(b)
     want = spgemm.multiply(np, ca, cb)
-    dev = spgemm.Csr(cupy.asarray(ca.indptr), cupy.asarray(ca.indices), cupy.asarray(ca.data), ca.shape)
-    bdev = spgemm.Csr(cupy.asarray(cb.indptr), cupy.asarray(cb.indices), cupy.asarray(cb.data), cb.shape)
+    dev, bdev = ca.on(cupy), cb.on(cupy)
     on_device = spgemm.multiply(cupy, dev, bdev, max_columns=9001)
     to_host = spgemm.multiply_to_host(cupy, dev, bdev, max_bytes=256 * 1024, max_columns=9001)
     for got in ((cupy.asnumpy(on_device.indptr), cupy.asnumpy(on_device.indices),

@@ -57,7 +57,7 @@ def widest(cols: int, itemsize: int, arrays) -> int:
 def add_bias(xp, x, b):
     """x + b over rows, written into x (a fresh product) and returned."""
     if on_gpu(xp, x):
-        return _launch(x, b, x, gelu=False)
+        return _launch(x, b, gelu=False, in_place=True)
     x += b
     return x
 
@@ -65,7 +65,7 @@ def add_bias(xp, x, b):
 def bias_gelu(xp, x, b):
     """GELU (tanh form) of x + b."""
     if on_gpu(xp, x):
-        return _launch(x, b, None, gelu=True)
+        return _launch(x, b, gelu=True)
     x = x + b
     return 0.5 * x * (1 + xp.tanh(GELU_C * (x + 0.044715 * x * x * x)))
 
@@ -110,7 +110,7 @@ def compiled(source: str, name: str, **defines):
     return _KERNELS[key]
 
 
-def _launch(x, b, out, gelu: bool):
+def _launch(x, b, gelu: bool, in_place: bool = False):
     import cupy
 
     rows, cols = x.shape
@@ -118,7 +118,7 @@ def _launch(x, b, out, gelu: bool):
         raise ValueError(f"bias has {b.size} values for rows of {cols}")
     x = cupy.ascontiguousarray(x)
     b = cupy.ascontiguousarray(b.reshape(-1), dtype=x.dtype)
-    out = cupy.empty_like(x) if out is None else out
+    out = x if in_place else cupy.empty_like(x)  # x: contiguous by now
     vec = widest(cols, x.itemsize, (x, b, out))
     grid = (-(-cols // (vec * THREADS)), min(rows, 65535))
     if rows:

@@ -43,8 +43,8 @@ def run(units: list, *, all_units: list, owners: list, a_path: str, b_path: str,
                 b = sparse.read_rows(b_path, needed)
                 a = spgemm_remap(a, needed)
         with ctx.timed_host("compute"):  # includes bringing C back to the host, in batches
-            c = spgemm.multiply_to_host(xp, _device(xp, spgemm.Csr.from_scipy(a), dtype),
-                                        _device(xp, spgemm.Csr.from_scipy(b), dtype), batch_bytes)
+            c = spgemm.multiply_to_host(xp, spgemm.Csr.from_scipy(a).on(xp, dtype),
+                                        spgemm.Csr.from_scipy(b).on(xp, dtype), batch_bytes)
         results[(r0, r1)] = spgemm.Csr(c.indptr, c.indices, np.asarray(c.data, dtype), c.shape)
         ctx.advance(1)
     ctx.finish()
@@ -99,11 +99,6 @@ def spgemm_remap(a, needed):
 
     return sp.csr_array((a.data, np.searchsorted(needed, a.indices).astype(np.int32), a.indptr),
                         shape=(a.shape[0], len(needed)))
-
-
-def _device(xp, c: spgemm.Csr, dtype) -> spgemm.Csr:
-    return spgemm.Csr(xp.asarray(c.indptr), xp.asarray(c.indices, dtype=np.int32),
-                      xp.asarray(c.data, dtype=dtype), c.shape)
 
 
 def _chunk_first_owner(offsets, owners, chunk, total) -> dict:

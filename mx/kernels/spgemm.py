@@ -53,6 +53,12 @@ class Csr:
     def to_scipy(self):
         return sp.csr_array((self.data, self.indices, self.indptr), shape=self.shape)
 
+    def on(self, xp, dtype=None) -> "Csr":
+        """The matrix as arrays of ``xp`` (NumPy or CuPy): int64 offsets, int32 column
+        indices, values as ``dtype`` (default: as they are)."""
+        return Csr(xp.asarray(self.indptr, dtype=np.int64), xp.asarray(self.indices, dtype=np.int32),
+                   xp.asarray(self.data, dtype=dtype), self.shape)
+
 
 def products_per_row(xp, a: Csr, b: Csr):
     """Partial products each row of A·B makes (int64): the work of each row."""
@@ -72,8 +78,7 @@ def multiply(xp, a: Csr, b: Csr, max_columns: int | None = None) -> Csr:
         raise ValueError(f"A is {a.shape[0]}×{a.shape[1]} but B is {b.shape[0]}×{b.shape[1]}")
     width = max_columns or (MAX_DENSE_COLUMNS if xp is not np else max(1, b.shape[1]))
     if b.shape[1] > width:
-        return join_columns(xp, [(c0, multiply(xp, a, column_block(xp, b, c0, c1), width))
-                                 for c0, c1 in column_blocks(b.shape[1], width)], b.shape[1])
+        return _by_column_blocks(xp, b, width, lambda block: multiply(xp, a, block, width), xp)
     if xp is np:
         return _multiply_scipy(a, b)
     return _multiply_gpu(a, b)
@@ -92,6 +97,13 @@ def column_block(xp, b: Csr, c0: int, c1: int) -> Csr:
     kept = xp.concatenate([xp.zeros(1, np.int64), xp.cumsum(keep, dtype=np.int64)])
     start = b.indptr - b.indptr[0]
     return Csr(kept[start], (b.indices[keep] - c0).astype(np.int32), b.data[keep], (b.shape[0], c1 - c0))
+
+
+def _by_column_blocks(xp, b: Csr, width: int, product, out_xp) -> Csr:
+    """product(block) for each block of at most ``width`` of B's columns (arrays of ``xp``),
+    the results' rows joined on ``out_xp``."""
+    return join_columns(out_xp, [(c0, product(column_block(xp, b, c0, c1)))
+                                 for c0, c1 in column_blocks(b.shape[1], width)], b.shape[1])
 
 
 def join_columns(xp, parts: list[tuple[int, Csr]], n: int) -> Csr:
@@ -948,9 +960,8 @@ def multiply_to_host(xp, a: Csr, b: Csr, max_bytes: int | None = None,
         return multiply(np, a, b, max_columns)
     width = max_columns or MAX_DENSE_COLUMNS
     if b.shape[1] > width:
-        return join_columns(np, [(c0, multiply_to_host(xp, a, column_block(xp, b, c0, c1),
-                                                       max_bytes, width))
-                                 for c0, c1 in column_blocks(b.shape[1], width)], b.shape[1])
+        return _by_column_blocks(
+            xp, b, width, lambda block: multiply_to_host(xp, a, block, max_bytes, width), np)
     product = _GpuProduct(a, b)
     entry = 4 + product.vsize
     limit = max(1, (max_bytes or 1 << 62) // entry)
