@@ -87,7 +87,8 @@ def main(argv=None):
     ap.add_argument("--max-iters", type=int, default=30)
     ap.add_argument("--cg-iters", type=int, default=4)
     ap.add_argument("--target", type=float, default=1e-4)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated; METHOD:N runs it with N CG steps per half-sweep")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="complete-bench.json")
     args = ap.parse_args(argv)
@@ -105,8 +106,11 @@ def main(argv=None):
     rows = []
     for name, m, n, k, entries, cond in cases:
         R, C, held = planted(cp, m, n, k, entries, cond, seed=1)
-        for method in args.methods.split(","):
-            result = run_method(cp, R, C, held, (m, n), k, method, args.max_iters, args.cg_iters, args.target)
+        for spec in args.methods.split(","):
+            method, _, iters = spec.partition(":")  # "als-cg:2": that method with 2 CG steps
+            result = run_method(cp, R, C, held, (m, n), k, method, args.max_iters,
+                                int(iters or args.cg_iters), args.target)
+            result["method"] = spec
             result.update(case=name, m=m, n=n, k=k, entries=int(R[1].size + held[0].size), condition=cond)
             rows.append(result)
             print(json.dumps(result), flush=True)

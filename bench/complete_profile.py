@@ -77,35 +77,37 @@ def half(cp, x, y, omega, k, seed):
     out["cg 4 steps"] = timed(cp, lambda: lsq.solve_cg(cp, x, y, indptr, cols, vals, 0.0, iters=4), 2)
     heavy = cp.nonzero(cp.diff(indptr) >= 4 * k)[0]
     out["heavy rows"] = int(heavy.size)
-    out["sketch preconditioner"] = timed(
-        cp, lambda: lsq.sketch_preconditioner(cp, y, indptr, cols, 0.0, heavy, seed), 2)
+    out["sketch + 2 PCG steps (heavy rows)"] = timed(
+        cp, lambda: lsq.solve_sketch(cp, x, y, indptr, cols, vals, 0.0, heavy, 2, seed), 2)
     return out
 
 
-def crossover(cp, k, entries=1 << 24, seed=0):
-    """Per row degree: the fused exact solve against sketch-preconditioned CG (4 steps) on
-    rows all of that degree: where sketching starts to pay."""
+def crossover(cp, k, ratios, steps_list, entries=1 << 24, seed=0):
+    """Per row degree, on rows all of that degree: the fused exact solve against the fused
+    sketch-preconditioned CG (each bucket ratio and step count) and plain CG (4 steps, as
+    als-cg): where sketching starts to pay."""
     rng = cp.random.default_rng(seed)
     n = 200_000
     y = rng.standard_normal((n, k))
     rows = []
-    for degree in (512, 2048, 8192, 32768, 131072):
+    for degree in (256, 512, 2048, 8192, 32768):
         m = max(1, entries // degree)
         cols = cp.sort(rng.integers(0, n, size=(m, degree)), axis=1).reshape(-1)
         indptr = cp.arange(m + 1, dtype=cp.int64) * degree
         vals = rng.standard_normal(m * degree)
         x0 = cp.zeros((m, k))
         every = cp.arange(m)
-        exact = timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 2)
-
-        def sketched():
-            pre = lsq.sketch_preconditioner(cp, y, indptr, cols, 0.0, every, seed)
-            lsq.solve_cg(cp, x0, y, indptr, cols, vals, 0.0, iters=4, precond=pre)
-
-        rows.append({"k": k, "degree": degree, "rows": m, "exact_s": exact,
-                     "sketch_pcg_s": timed(cp, sketched, 2)})
-        print(f"k {k} degree {degree:>6} rows {m:>6}: exact {exact:.4f} s, "
-              f"sketch+PCG {rows[-1]['sketch_pcg_s']:.4f} s", flush=True)
+        row = {"k": k, "degree": degree, "rows": m,
+               "exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 2),
+               "cg4_s": timed(cp, lambda: lsq.solve_cg(cp, x0, y, indptr, cols, vals, 0.0, iters=4), 2)}
+        for ratio in ratios:
+            buckets = lsq.sketch_buckets(k, ratio)
+            for steps in steps_list:
+                row[f"sketch r{ratio:g} s{steps}_s"] = timed(cp, lambda: lsq.solve_sketch(
+                    cp, x0, y, indptr, cols, vals, 0.0, every, steps, seed, buckets), 2)
+        rows.append(row)
+        print(" ".join(f"{key} {val:.4g}" if isinstance(val, float) else f"{key} {val}"
+                       for key, val in row.items()), flush=True)
     return rows
 
 
@@ -118,12 +120,17 @@ def main(argv=None):
     ap.add_argument("--out", default="complete-profile.json")
     ap.add_argument("--data", default=None)
     ap.add_argument("--crossover", action="store_true",
-                    help="only: exact vs sketch+PCG per row degree, at k = 16, 64")
+                    help="only: exact vs sketch+PCG per row degree")
+    ap.add_argument("--ranks", default="16,64,128", help="with --crossover")
+    ap.add_argument("--ratios", default="2,4,8", help="with --crossover: buckets per unit of k")
+    ap.add_argument("--steps", default="1,2,3", help="with --crossover: CG steps")
     args = ap.parse_args(argv)
     import cupy as cp
 
     if args.crossover:
-        result = [r for k in (16, 64) for r in crossover(cp, k)]
+        result = [r for k in map(int, args.ranks.split(","))
+                  for r in crossover(cp, k, [float(x) for x in args.ratios.split(",")],
+                                     [int(x) for x in args.steps.split(",")])]
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         return

@@ -443,6 +443,46 @@ def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
         assert err < 1e-6, (i, err)
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-7), (np.float32, 2e-3)])
+@pytest.mark.parametrize("k", [1, 7, 33, 64, 65, 128])
+def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
+    """The one-kernel sketch-preconditioned CG (sketch, its Gram's inverse, CG passes)
+    against the NumPy reference, step for step, on heavy rows of awkward degrees, with and
+    without regularisation; rows whose sketch is singular get the exact solve."""
+    import cupy
+
+    from mx.kernels import lsq
+
+    m, n = 203, 2311
+    degree = rng.integers(4 * k, 4 * k + 300, size=m)
+    degree[rng.choice(m, 4, replace=False)] = rng.integers(1500, n, size=4)
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size)
+    y = rng.standard_normal((n, k)) * np.geomspace(1, 30, k)  # unequal scales: preconditioning matters
+    x0 = rng.standard_normal((m, k))
+    rows = np.sort(rng.choice(m, m - 17, replace=False)).astype(np.int64)
+    g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
+    for reg, steps, seed in [(0.0, 1, 3), (0.0, 3, 11), (0.7, 2, 5)]:
+        want = lsq.solve_sketch(np, x0, y, indptr, cols, vals, reg, rows, steps, seed)
+        got = lsq.solve_sketch(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg, g(rows),
+                               steps, seed).get()
+        moved = np.linalg.norm(want[rows] - x0[rows])
+        assert np.linalg.norm(got[rows] - want[rows]) / moved < tol, (reg, steps)
+        others = np.setdiff1d(np.arange(m), rows)
+        assert np.array_equal(got[others], x0[others].astype(dtype))  # rows not asked for stay
+    if dtype == np.float64 and k > 1:
+        # Y of rank k - 1: every sketch is singular, every row gets the minimum-norm solve
+        low = y.copy()
+        low[:, -1] = low[:, 0]
+        got = lsq.solve_sketch(cupy, g(x0), g(low), g(indptr), g(cols), g(vals), 0.0, g(rows),
+                               2, 1).get()
+        for i in rows[:10]:
+            ys = low[cols[indptr[i]:indptr[i + 1]]]
+            best = np.linalg.lstsq(ys, vals[indptr[i]:indptr[i + 1]], rcond=None)[0]
+            assert np.linalg.norm(got[i] - best) / np.linalg.norm(best) < 1e-6, i
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("k", [1, 7, 33, 64, 100])
 def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):

@@ -27,14 +27,15 @@ import numpy as np
 import zarr
 
 from mx.cluster.comm import GangContext
-from mx.kernels import lsq, rowsolve
+from mx.kernels import lsq
 from mx.storage import sparse
 
-# Rows with at least HEAVY_DEGREE·k observations get the sketched preconditioner, where no
-# fused exact solve is at hand (CPU, or k > rowsolve.MAX_RANK). On a GPU the fused exact
-# kernel beats sketch + PCG at every degree measured (512 to 131072, k = 16 and 64: 4-8×,
-# bench/complete_profile.py --crossover), so there every row is solved exactly.
-HEAVY_DEGREE = 4
+# Rows with at least HEAVY_DEGREE·k observations get sketch-preconditioned CG; lighter rows
+# are solved exactly. On an H100 the fused sketch solve (4k buckets, 2 steps) costs what the
+# fused exact one does at about 8k observations for k = 64 and 16k for k = 128, and less
+# above (bench/complete_profile.py --crossover); the margin covers the extra sweeps that
+# inexact solves can take.
+HEAVY_DEGREE = 16
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -70,9 +71,8 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         by_cols = _csr(mine[1] - c0, mine[0], mine[2], c1 - c0)  # (column, row) pairs
     _check_nonempty(by_rows, r0, "row")
     _check_nonempty(by_cols, c0, "column")
-    sketching = not rowsolve.supported(xp, np.empty((0, k)))
-    heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum()) if sketching else 0
-    heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum()) if sketching else 0
+    heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum())
+    heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
     if method == "altmin-sketch":
         ctx.count("rows-sketch-preconditioned", heavy_u + heavy_v)
         ctx.count("rows-solved-exactly", (r1 - r0) + (c1 - c0) - heavy_u - heavy_v)
@@ -162,19 +162,13 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
         return lsq.solve_exact(xp, y, indptr, cols, vals, reg)
     if method == "als-cg":
         return lsq.solve_cg(xp, x, y, indptr, cols, vals, reg, iters=cg_iters)[0]
-    if rowsolve.supported(xp, y):
-        return lsq.solve_exact(xp, y, indptr, cols, vals, reg)  # see HEAVY_DEGREE
-    degree = xp.diff(indptr)
-    heavy = degree >= HEAVY_DEGREE * k
+    heavy = xp.diff(indptr) >= HEAVY_DEGREE * k
     heavy_rows = xp.nonzero(heavy)[0]
     light_rows = xp.nonzero(~heavy)[0]
     out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows)
     if heavy_rows.size:
-        pre = lsq.sketch_preconditioner(xp, y, indptr, cols, reg, heavy_rows, seed)
         start = xp.where(heavy[:, None], x, out)
-        solved, _ = lsq.solve_cg(xp, start, y, indptr, cols, vals, reg, iters=cg_iters,
-                                 precond=pre, rows_mask=heavy.astype(y.dtype))
-        out = xp.where(heavy[:, None], solved, out)
+        out = lsq.solve_sketch(xp, start, y, indptr, cols, vals, reg, heavy_rows, cg_iters, seed)
     return out
 
 

@@ -14,10 +14,14 @@ rows, by one of three methods:
   current X. Each step applies every row's operator with one gather (the predictions) and one
   sparse product (O(|Ω| k)), as GPU ALS libraries do.
 - ``sketch``: CG preconditioned by a sketch, for heavy rows (degree ≫ k). A CountSketch of
-  each row's Y_Ωi into s = 2k + 8 buckets costs O(|Ω_i| k). The inverse of its Gram matrix
-  approximates (Y_Ωiᵀ Y_Ωi)⁻¹ up to a constant factor, whatever Y's conditioning, so a few
-  preconditioned steps solve the row nearly exactly. Light rows use the exact solve, which
-  is cheap at small degree.
+  each row's Y_Ωi into s buckets (``sketch_buckets``: about 4k) costs O(|Ω_i| k): the entry
+  at position p of the row goes to bucket p mod s with a random sign (``sketch_signs``, a
+  hash of row, column and seed). The inverse of the sketch's Gram matrix approximates
+  (Y_Ωiᵀ Y_Ωi)⁻¹ up to a constant factor, whatever Y's conditioning, so a few preconditioned
+  steps warm-started at the current X solve the row to the accuracy a sweep needs, in
+  O(|Ω_i| k + s k² + k³) instead of O(|Ω_i| k²). Light rows use the exact solve, which is
+  cheap at small degree. On a GPU one fused kernel does it all (``rowsolve.sketch_solve``);
+  ``solve_sketch`` here is its reference, step for step.
 """
 
 from __future__ import annotations
@@ -186,34 +190,81 @@ def _apply(xp, precond, r):
     return xp.matmul(precond, r[..., None])[..., 0]
 
 
-def sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed=0):
-    """For each row in ``rows_subset``: the inverse Gram matrix of a CountSketch of Y_Ωi
-    (s = 2k + 8 buckets, random signs); identity rows elsewhere. O(|Ω_i| k + s k² + k³)."""
+SKETCH_RATIO = 4  # a row's sketch has about SKETCH_RATIO·k buckets
+
+
+def sketch_buckets(k: int, ratio: float | None = None) -> int:
+    """Buckets of a row's CountSketch: ratio·k (default SKETCH_RATIO·k) rounded up to a
+    multiple of the 32 bucket sums the GPU kernel stages at a time."""
+    ratio = SKETCH_RATIO if ratio is None else ratio
+    return rowsolve.CHUNK * max(1, -(-int(ratio * k) // rowsolve.CHUNK))
+
+
+def sketch_signs(xp, rows, cols, seed):
+    """±1 for each entry (row, column): the top bit of a 64-bit mix of the two and the seed,
+    the same bits as the GPU kernel's."""
+    h = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ \
+        (cols.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)) ^ \
+        (np.uint64(seed) * np.uint64(0x165667B1) + np.uint64(1))
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(29)
+    return 1.0 - 2.0 * (h >> np.uint64(63)).astype(np.float64)
+
+
+def sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed=0, buckets=None):
+    """For each row in ``rows_subset``: the inverse Gram matrix (+ reg I) of the row's
+    CountSketch of Y_Ωi into ``buckets`` (default ``sketch_buckets(k)``); identity rows
+    elsewhere. O(|Ω_i| k + s k² + k³)."""
     m = indptr.size - 1
     k = y.shape[1]
-    s = 2 * k + 8
+    s = buckets or sketch_buckets(k)
     pre = xp.broadcast_to(xp.eye(k, dtype=y.dtype), (m, k, k)).copy()
     if rows_subset.size == 0:
         return pre
-    rng = xp.random.default_rng(seed) if hasattr(xp.random, "default_rng") else xp.random
     rows = row_ids(xp, indptr)
     heavy = xp.zeros(m, dtype=bool)
     heavy[rows_subset] = True
     keep = heavy[rows]
     entry_rows = rows[keep]
     entry_cols = cols[keep]
-    bucket = rng.integers(0, s, size=int(entry_rows.size))
-    sign = (rng.integers(0, 2, size=int(entry_rows.size)) * 2 - 1).astype(y.dtype)
-    # rank of each heavy row among heavy rows
-    order = xp.cumsum(heavy) - 1
+    bucket = (xp.arange(rows.size) - indptr[rows])[keep] % s
+    sign = sketch_signs(xp, entry_rows, entry_cols, seed).astype(y.dtype)
+    order = xp.cumsum(heavy) - 1  # rank of each heavy row among heavy rows
     sketch_rows = order[entry_rows] * s + bucket
     n_heavy = int(rows_subset.size)
-    sk = sparse_module(xp).csr_matrix((sign, (sketch_rows, entry_cols)), shape=(n_heavy * s, y.shape[0])) @ y
+    sk = sparse_module(xp).csr_matrix((sign, (sketch_rows, entry_cols)),
+                                      shape=(n_heavy * s, y.shape[0])) @ y
     sk = sk.reshape(n_heavy, s, k)
     gram = xp.matmul(sk.transpose(0, 2, 1), sk) + reg * xp.eye(k, dtype=y.dtype)
     gram += 1e-12 * xp.trace(gram, axis1=1, axis2=2)[:, None, None] * xp.eye(k, dtype=y.dtype)
     pre[rows_subset] = xp.linalg.inv(gram)
     return pre
+
+
+def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=0,
+                 buckets=None, reference=False):
+    """Sketch-preconditioned CG for the rows ``rows_subset``: ``steps`` steps from x0 (other
+    rows keep x0), with ``buckets`` per sketch (default ``sketch_buckets(k)``). On a GPU one
+    fused kernel per row; rows whose sketch is singular there (Y_Ωi of rank below k) get the
+    exact solve. ``reference`` forces the NumPy/CuPy path."""
+    if rows_subset.size == 0:
+        return x0.copy()
+    buckets = buckets or sketch_buckets(y.shape[1])
+    if not reference and rowsolve.sketch_supported(xp, y):
+        out = x0.copy()
+        failed = rowsolve.sketch_solve(xp, y, x0, indptr, cols, values, reg, rows_subset,
+                                       steps, buckets, seed, out)
+        if failed.size:
+            out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]
+        return out
+    m = indptr.size - 1
+    mask = xp.zeros(m, dtype=y.dtype)
+    mask[rows_subset] = 1
+    pre = sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed, buckets)
+    solved, _ = solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, precond=pre,
+                         rows_mask=mask)
+    return xp.where(mask[:, None] > 0, solved, x0)
 
 
 def _host(xp, a):

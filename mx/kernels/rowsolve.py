@@ -174,6 +174,220 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
     for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) out[i * k + c] = acc[t]; }
 }
 """
+# Sketch-preconditioned CG, one thread block (8 warps) per row; the reference is
+# ``lsq.solve_sketch``. Phase 1 reads Y_Ωi once: warp w sums buckets into Z = S·Y_Ωi (32
+# buckets staged at a time, whose outer products accumulate into P = ZᵀZ in registers as
+# the exact kernel does with Y's rows) and, from the same loads, the warm start's residual
+# r = Yᵀ(m − Y x0). P + reg I is inverted in shared memory by the sweep operator (no
+# triangular solves later: applying P⁻¹ is one matrix-vector product). Each CG step is then
+# one more pass over Ω_i, the warps splitting the entries, each entry's k-vector read
+# coalesced by a warp.
+_SKETCH_SOURCE = r"""
+#define WARPS 8
+#define UNROLL 4
+__device__ inline T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ inline T sketch_sign(long long row, long long col, unsigned long long seed) {
+    unsigned long long h = ((unsigned long long)row * 0x9E3779B97F4A7C15ULL)
+                         ^ ((unsigned long long)col * 0xC2B2AE3D27D4EB4FULL)
+                         ^ (seed * 0x165667B1ULL + 1ULL);
+    h ^= h >> 31;
+    h *= 0x94D049BB133111EBULL;
+    h ^= h >> 29;
+    return (h >> 63) ? (T)-1 : (T)1;
+}
+
+// out[c] = -(G v)[c] = (P⁻¹ v)[c]; G is symmetric, so G[j][c] keeps the banks apart
+__device__ inline void precondition(const T* G, const T* v, T* out, int k) {
+    for (int c = threadIdx.x; c < KMAX; c += blockDim.x) {
+        T sum = 0;
+        if (c < k) for (int j = 0; j < k; j++) sum += G[j * KMAX + c] * v[j];
+        out[c] = -sum;
+    }
+}
+
+// a·b over KMAX values, by warp 0, into *res
+__device__ inline void dot(const T* a, const T* b, T* res) {
+    if (threadIdx.x < 32) {
+        T v = 0;
+        for (int c = threadIdx.x; c < KMAX; c += 32) v += a[c] * b[c];
+        v = warp_sum(v);
+        if (threadIdx.x == 0) *res = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ cols,
+            const T* __restrict__ vals, const T* __restrict__ y, const T* __restrict__ x0,
+            const long long* __restrict__ rows, const int nrows, const int k, const int s,
+            const int steps, const T reg, const unsigned long long seed, T* __restrict__ out,
+            int* __restrict__ failed)
+{
+    extern __shared__ unsigned char smem_raw[];
+    T* G = reinterpret_cast<T*>(smem_raw);   // KMAX × KMAX: P, then -P⁻¹
+    T* zbuf = G + KMAX * KMAX;                // CHUNK × KMAX: bucket sums, then warps' partial sums
+    T* xv = zbuf + CHUNK * KMAX;              // the CG vectors, KMAX each
+    T* rv = xv + KMAX;
+    T* zv = rv + KMAX;
+    T* pv = zv + KMAX;
+    T* qv = pv + KMAX;
+    T* cv = qv + KMAX;
+    __shared__ T scal[3];                    // r·z, p·q, pivot floor
+    __shared__ int bad;
+    const int r = blockIdx.x;
+    if (r >= nrows) return;
+    const long long row = rows[r];
+    const long long start = indptr[row], d = indptr[row + 1] - start;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int ti = tid / 16, tj = tid % 16;
+    for (int c = tid; c < KMAX; c += blockDim.x) xv[c] = c < k ? x0[row * k + c] : (T)0;
+    if (tid == 0) bad = 0;
+    __syncthreads();
+    T xl[KPL], racc[KPL];
+    for (int t = 0; t < KPL; t++) { xl[t] = xv[lane + 32 * t]; racc[t] = 0; }
+    T acc[TILE][TILE];
+    for (int a = 0; a < TILE; a++) for (int c = 0; c < TILE; c++) acc[a][c] = 0;
+
+    // phase 1: the sketch's Gram matrix and the warm start's residual, in one read of Y_Ωi
+    for (int cb = 0; cb < s; cb += CHUNK) {
+        for (int slot = 0; slot < CHUNK / WARPS; slot++) {
+            const int q = warp * (CHUNK / WARPS) + slot;
+            T zacc[KPL];
+            for (int t = 0; t < KPL; t++) zacc[t] = 0;
+            // UNROLL entries at a time, their loads all in flight before any is used
+            for (long long p0 = cb + q; p0 < d; p0 += (long long)UNROLL * s) {
+                long long j[UNROLL];
+                T yj[UNROLL][KPL], dt[UNROLL], m[UNROLL];
+                for (int u = 0; u < UNROLL; u++) {
+                    const long long p = p0 + (long long)u * s;
+                    j[u] = p < d ? cols[start + p] : -1;
+                    m[u] = p < d ? vals[start + p] : (T)0;
+                }
+                for (int u = 0; u < UNROLL; u++) {
+                    dt[u] = 0;
+                    for (int t = 0; t < KPL; t++) {
+                        const int c = lane + 32 * t;
+                        yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
+                        dt[u] += xl[t] * yj[u][t];
+                    }
+                }
+                for (int u = 0; u < UNROLL; u++) {
+                    const T w = m[u] - warp_sum(dt[u]);
+                    const T sg = j[u] >= 0 ? sketch_sign(row, j[u], seed) : (T)0;
+                    for (int t = 0; t < KPL; t++) { zacc[t] += sg * yj[u][t]; racc[t] += w * yj[u][t]; }
+                }
+            }
+            for (int t = 0; t < KPL; t++) zbuf[q * KMAX + lane + 32 * t] = zacc[t];
+        }
+        __syncthreads();
+        const int cnt = min(CHUNK, s - cb);
+        for (int q = 0; q < cnt; q++) {
+            const T* zq = zbuf + q * KMAX;
+            T zi[TILE], zj[TILE];
+            for (int a = 0; a < TILE; a++) { zi[a] = zq[ti + 16 * a]; zj[a] = zq[tj + 16 * a]; }
+            for (int a = 0; a < TILE; a++)
+                for (int c = 0; c < TILE; c++) acc[a][c] += zi[a] * zj[c];
+        }
+        __syncthreads();
+    }
+    for (int a = 0; a < TILE; a++)
+        for (int c = 0; c < TILE; c++)
+            G[(ti + 16 * a) * KMAX + tj + 16 * c] = acc[a][c] + ((ti + 16 * a == tj + 16 * c) ? reg : (T)0);
+    for (int t = 0; t < KPL; t++) zbuf[warp * KMAX + lane + 32 * t] = racc[t];
+    __syncthreads();
+    for (int c = tid; c < KMAX; c += blockDim.x) {
+        T sum = 0;
+        for (int w = 0; w < WARPS; w++) sum += zbuf[w * KMAX + c];
+        rv[c] = c < k ? sum - reg * xv[c] : (T)0;
+    }
+    if (tid == 0) {
+        T top = 0;
+        for (int c = 0; c < k; c++) top = G[c * KMAX + c] > top ? G[c * KMAX + c] : top;
+        scal[2] = (T)PIVOT * top;
+    }
+    __syncthreads();
+
+    // phase 2: G ← -P⁻¹ by sweeping every pivot; a pivot rounding alone could have made
+    // means Y_Ωi's sketch is singular: the row is flagged and solved elsewhere
+    for (int c = 0; c < k; c++) {
+        for (int i = tid; i < k; i += blockDim.x) cv[i] = G[i * KMAX + c];
+        __syncthreads();
+        const T piv = cv[c];
+        if (tid == 0 && !(piv > scal[2])) bad = 1;
+        const T dinv = piv > (T)0 ? (T)1 / piv : (T)0;
+        for (int t = tid; t < k * k; t += blockDim.x) {
+            const int i = t / k, j = t % k;
+            T g;
+            if (i == c && j == c) g = -dinv;
+            else if (i == c) g = cv[j] * dinv;
+            else if (j == c) g = cv[i] * dinv;
+            else g = G[i * KMAX + j] - cv[i] * cv[j] * dinv;
+            G[i * KMAX + j] = g;
+        }
+        __syncthreads();
+    }
+
+    // phase 3: CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m, preconditioned by P⁻¹, from x0
+    precondition(G, rv, zv, k);
+    __syncthreads();
+    dot(rv, zv, scal);
+    for (int c = tid; c < KMAX; c += blockDim.x) pv[c] = zv[c];
+    __syncthreads();
+    for (int step = 0; step < steps; step++) {
+        T pl[KPL], qacc[KPL];
+        for (int t = 0; t < KPL; t++) { pl[t] = pv[lane + 32 * t]; qacc[t] = 0; }
+        for (long long e0 = start + warp; e0 < start + d; e0 += UNROLL * WARPS) {
+            long long j[UNROLL];
+            T yj[UNROLL][KPL], dt[UNROLL];
+            for (int u = 0; u < UNROLL; u++) {
+                const long long e = e0 + u * WARPS;
+                j[u] = e < start + d ? cols[e] : -1;
+            }
+            for (int u = 0; u < UNROLL; u++) {
+                dt[u] = 0;
+                for (int t = 0; t < KPL; t++) {
+                    const int c = lane + 32 * t;
+                    yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
+                    dt[u] += pl[t] * yj[u][t];
+                }
+            }
+            for (int u = 0; u < UNROLL; u++) {
+                dt[u] = warp_sum(dt[u]);
+                for (int t = 0; t < KPL; t++) qacc[t] += dt[u] * yj[u][t];
+            }
+        }
+        for (int t = 0; t < KPL; t++) zbuf[warp * KMAX + lane + 32 * t] = qacc[t];
+        __syncthreads();
+        for (int c = tid; c < KMAX; c += blockDim.x) {
+            T sum = 0;
+            for (int w = 0; w < WARPS; w++) sum += zbuf[w * KMAX + c];
+            qv[c] = c < k ? sum + reg * pv[c] : (T)0;
+        }
+        __syncthreads();
+        dot(pv, qv, scal + 1);
+        __syncthreads();
+        const T alpha = scal[1] > (T)0 ? scal[0] / scal[1] : (T)0;
+        for (int c = tid; c < KMAX; c += blockDim.x) { xv[c] += alpha * pv[c]; rv[c] -= alpha * qv[c]; }
+        __syncthreads();
+        if (step + 1 == steps) break;
+        precondition(G, rv, zv, k);
+        __syncthreads();
+        const T rz = scal[0];
+        __syncthreads();
+        dot(rv, zv, scal);
+        __syncthreads();
+        const T beta = rz > (T)0 ? scal[0] / rz : (T)0;
+        for (int c = tid; c < KMAX; c += blockDim.x) pv[c] = zv[c] + beta * pv[c];
+        __syncthreads();
+    }
+    if (tid < k) out[row * k + tid] = xv[tid];
+    if (tid == 0) failed[r] = bad;
+}
+"""
+
 WARP_MAX_RANK = 128
 WARPS_PER_BLOCK = 8
 
@@ -272,5 +486,48 @@ def solve(xp, y, indptr, cols, values, reg, rows, out):
     fn((n,), (THREADS,), (indptr.astype(np.int64), cols.astype(np.int64),
                           xp.ascontiguousarray(values, dtype=dtype), y, rows.astype(np.int64),
                           np.int32(n), np.int32(k), dtype.type(reg), out, failed),
+       shared_mem=smem)
+    return rows[failed != 0]
+
+
+def sketch_supported(xp, y) -> bool:
+    """The fused sketch kernel runs where the fused exact one does."""
+    return supported(xp, y)
+
+
+def _sketch_kernel(dtype, kmax: int):
+    import cupy
+
+    name = "double" if dtype == np.float64 else "float"
+    module = _MODULES.get(("sketch", name, kmax))
+    if module is None:
+        code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {singular_floor(dtype)}\n"
+                f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n#define KPL {kmax // 32}\n"
+                + _SKETCH_SOURCE)
+        module = cupy.RawModule(code=code, options=("-std=c++14",))
+        _MODULES[("sketch", name, kmax)] = module
+    return module.get_function("sketch_rows")
+
+
+def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, seed, out):
+    """``steps`` sketch-preconditioned CG steps from x0 for the rows ``rows`` (int64 ids),
+    with ``buckets`` (a multiple of CHUNK) per row's sketch, into ``out``; returns the ids of
+    the rows whose sketch was singular (their output is not a solution)."""
+    k = y.shape[1]
+    n = int(rows.size)
+    if n == 0:
+        return rows[:0]
+    dtype = y.dtype
+    kmax = _kmax(k)
+    fn = _sketch_kernel(dtype, kmax)
+    smem = (kmax * kmax + CHUNK * kmax + 6 * kmax) * dtype.itemsize
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    failed = xp.zeros(n, dtype=np.int32)
+    fn((n,), (THREADS,), (indptr.astype(np.int64), cols.astype(np.int64),
+                          xp.ascontiguousarray(values, dtype=dtype), xp.ascontiguousarray(y),
+                          xp.ascontiguousarray(x0, dtype=dtype), rows.astype(np.int64),
+                          np.int32(n), np.int32(k), np.int32(buckets),
+                          np.int32(steps), dtype.type(reg), np.uint64(seed), out, failed),
        shared_mem=smem)
     return rows[failed != 0]
