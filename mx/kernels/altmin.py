@@ -116,8 +116,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     t_rows = lsq.row_ids(xp, R[0])
     if state is None:
         with ctx.timed("init"):
-            u = _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed)
-        v = xp.zeros((int(C[0].size) - 1, k))
+            u, v = _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed)
         start, history = 0, []
     else:
         u, v = xp.asarray(state["u"]), xp.asarray(state["v"])
@@ -174,8 +173,9 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
 
 # ---------------------------------------------------------------------- initialisation
 def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
-    """Top-k left subspace of the rescaled observed matrix by a randomized SVD (sparse
-    products only), rows clipped for incoherence; returns this worker's rows of U·Σ^½."""
+    """Top-k subspaces of the rescaled observed matrix by a randomized SVD (sparse products
+    only); returns this worker's rows of U·Σ^½, clipped for incoherence, and of V·Σ^½ (the
+    warm start of the first V solve, for the methods that take one)."""
     xp = ctx.xp
     m, n = shape
     width = min(k + 8, m, n)
@@ -196,13 +196,15 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     top = np.argsort(evals)[::-1][:k]
     sigma = np.sqrt(np.maximum(evals[top], 0))
     u = q @ xp.asarray(evecs[:, top] * np.sqrt(sigma)[None, :])  # U·Σ^½ of the estimate
+    # M ≈ Q·B with B = E Σ Wᵀ (Bᵀ = bt): V·Σ^½ = W Σ^½ = Bᵀ E Σ^-½
+    v = bt @ xp.asarray(evecs[:, top] / np.sqrt(np.maximum(sigma, 1e-300))[None, :])
     # clip rows heavier than twice the root-mean-square row norm (incoherence)
     norms = xp.sqrt((u * u).sum(axis=1))
     total = sum(_gather(ctx, np.array([float((norms * norms).sum())]), "init-norm"))
     limit = 2.0 * np.sqrt(total[0] / m)
     factor = xp.minimum(1.0, limit / xp.maximum(norms, 1e-300))
     ctx.count("init-rows-clipped", int((factor < 1).sum()))
-    return u * factor[:, None]
+    return u * factor[:, None], v
 
 
 def _cholesky_qr(ctx, y, tag):

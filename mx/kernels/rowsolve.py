@@ -178,13 +178,13 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
 # ``lsq.solve_sketch``. Phase 1 reads Y_Ωi once: warp w sums buckets into Z = S·Y_Ωi (32
 # buckets staged at a time, whose outer products accumulate into P = ZᵀZ in registers as
 # the exact kernel does with Y's rows) and, from the same loads, the warm start's residual
-# r = Yᵀ(m − Y x0). P + reg I is inverted in shared memory by the sweep operator (no
-# triangular solves later: applying P⁻¹ is one matrix-vector product). Each CG step is then
+# r = Yᵀ(m − Y x0). P + reg I is inverted by the sweep operator in the registers that summed
+# it (no triangular solves later: applying P⁻¹ is one matrix-vector product). Each CG step is then
 # one more pass over Ω_i, the warps splitting the entries, each entry's k-vector read
 # coalesced by a warp.
 _SKETCH_SOURCE = r"""
 #define WARPS 8
-#define UNROLL 4
+#define UNROLL (8 / KPL)  // entries in flight per warp: 4 at KMAX 64, 2 at 128 (registers)
 __device__ inline T warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -293,9 +293,9 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
         }
         __syncthreads();
     }
+    if (ti == tj) for (int a = 0; a < TILE; a++) acc[a][a] += reg;
     for (int a = 0; a < TILE; a++)
-        for (int c = 0; c < TILE; c++)
-            G[(ti + 16 * a) * KMAX + tj + 16 * c] = acc[a][c] + ((ti + 16 * a == tj + 16 * c) ? reg : (T)0);
+        for (int c = 0; c < TILE; c++) G[(ti + 16 * a) * KMAX + tj + 16 * c] = acc[a][c];
     for (int t = 0; t < KPL; t++) zbuf[warp * KMAX + lane + 32 * t] = racc[t];
     __syncthreads();
     for (int c = tid; c < KMAX; c += blockDim.x) {
@@ -310,25 +310,33 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
     }
     __syncthreads();
 
-    // phase 2: G ← -P⁻¹ by sweeping every pivot; a pivot rounding alone could have made
-    // means Y_Ωi's sketch is singular: the row is flagged and solved elsewhere
+    // phase 2: G ← -P⁻¹ by sweeping every pivot, in the registers that summed G (a thread
+    // updates its own values; only column c goes through shared memory). A pivot rounding
+    // alone could have made means Y_Ωi's sketch is singular: flagged, solved elsewhere.
     for (int c = 0; c < k; c++) {
-        for (int i = tid; i < k; i += blockDim.x) cv[i] = G[i * KMAX + c];
+        if (tj == c % 16)
+            for (int a = 0; a < TILE; a++) {
+                T v = 0;
+                for (int b = 0; b < TILE; b++) if (b == c / 16) v = acc[a][b];
+                cv[ti + 16 * a] = v;
+            }
         __syncthreads();
         const T piv = cv[c];
         if (tid == 0 && !(piv > scal[2])) bad = 1;
         const T dinv = piv > (T)0 ? (T)1 / piv : (T)0;
-        for (int t = tid; t < k * k; t += blockDim.x) {
-            const int i = t / k, j = t % k;
-            T g;
-            if (i == c && j == c) g = -dinv;
-            else if (i == c) g = cv[j] * dinv;
-            else if (j == c) g = cv[i] * dinv;
-            else g = G[i * KMAX + j] - cv[i] * cv[j] * dinv;
-            G[i * KMAX + j] = g;
-        }
+        T ci[TILE], cj[TILE];
+        for (int a = 0; a < TILE; a++) { ci[a] = cv[ti + 16 * a]; cj[a] = cv[tj + 16 * a]; }
+        for (int a = 0; a < TILE; a++)
+            for (int b = 0; b < TILE; b++) {
+                const int i = ti + 16 * a, j = tj + 16 * b;
+                const T g = acc[a][b] - ci[a] * cj[b] * dinv;
+                acc[a][b] = i == c ? (j == c ? -dinv : cj[b] * dinv) : (j == c ? ci[a] * dinv : g);
+            }
         __syncthreads();
     }
+    for (int a = 0; a < TILE; a++)
+        for (int b = 0; b < TILE; b++) G[(ti + 16 * a) * KMAX + tj + 16 * b] = acc[a][b];
+    __syncthreads();
 
     // phase 3: CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m, preconditioned by P⁻¹, from x0
     precondition(G, rv, zv, k);
