@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 from dask.task_spec import Task, TaskRef
 from pydantic import ConfigDict, Field
 
 from mx.errors import UserError
-from mx.kernels import altmin
+from mx.kernels import altmin, lsq
 from mx.storage import dense, sparse
 from mx.tasks import blocks
 from mx.tasks.graph import StepGraph, comm_key
@@ -36,8 +36,14 @@ class CompleteParams(Strict):
     reg: float = Field(default=0.0, ge=0)
     holdout: float = Field(default=0.02, ge=0, lt=1)
     seed: int = 0
-    cg_iters: int = Field(default=4, ge=1, le=100)  # CG steps per half-sweep (als-cg, sketch)
+    # CG steps per row per half-sweep (als-cg, and altmin-sketch's heavy rows); default
+    # altmin.CG_STEPS[method]
+    cg_iters: Optional[int] = Field(default=None, ge=1, le=100)
     checkpoint: bool = True
+
+
+def cg_steps(p: CompleteParams) -> int:
+    return p.cg_iters or altmin.CG_STEPS.get(p.method, 1)
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,21 @@ class CompletePlan:
                 f"{max(map(blocks.length, self.row_blocks))} and "
                 f"{max(map(blocks.length, self.col_blocks))} rows each at most); only k-wide "
                 f"factor blocks move between them",
+                *_row_treatment(p),
                 f"stops when the held-out relative error < {p.tol:g}, after {p.max_iters} sweeps, "
                 f"or when it stops improving; a checkpoint after every sweep" if p.checkpoint else
                 f"stops when the held-out relative error < {p.tol:g} or after {p.max_iters} sweeps"]
+
+
+def _row_treatment(p: CompleteParams) -> list[str]:
+    k, steps = p.rank, cg_steps(p)
+    if p.method == "als":
+        return ["every row solved exactly (normal equations, Cholesky)"]
+    if p.method == "als-cg":
+        return [f"every row: {steps} CG steps from the last sweep's value"]
+    return [f"rows with >= {altmin.HEAVY_DEGREE * k} observations: a CountSketch of "
+            f"{lsq.sketch_buckets(k)} buckets preconditions {steps} CG steps from the last "
+            f"sweep's value; lighter rows solved exactly (counts below)"]
 
 
 class _FactorsInfo:
@@ -121,7 +139,8 @@ def build(p: CompletePlan, paths: dict[str, str], output: str, step: str,
         dsk[key] = Task(key, altmin.run, p.row_blocks[w], p.col_blocks[w], row_blocks=p.row_blocks,
                         col_blocks=p.col_blocks, path=paths["observed"], shape=p.shape,
                         rank=prm.rank, method=prm.method, tol=prm.tol, max_iters=prm.max_iters,
-                        reg=prm.reg, holdout=prm.holdout, seed=prm.seed, cg_iters=prm.cg_iters,
+                        reg=prm.reg, holdout=prm.holdout, seed=prm.seed,
+                        cg_iters=cg_steps(prm),
                         out_path=output, checkpoint=ckpt, signature=signature, chunks=p.chunks,
                         ctx=TaskRef(comm_key(gang)))
         placement[key], labels[key] = w, "compute"
