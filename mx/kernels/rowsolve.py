@@ -200,6 +200,23 @@ __device__ inline T sketch_sign(long long row, long long col, unsigned long long
     return (h >> 63) ? (T)-1 : (T)1;
 }
 
+// Rows j[u] of Y (zeros where j[u] < 0), a warp's lane holding components lane + 32t, and
+// their dot products with v (the lane's components of it), summed over the warp. All
+// UNROLL rows' loads are issued before any is used.
+__device__ inline void gather(const T* __restrict__ y, int k, const long long* j, const T* v,
+                              T yj[UNROLL][KPL], T dt[UNROLL]) {
+    const int lane = threadIdx.x % 32;
+    for (int u = 0; u < UNROLL; u++) {
+        dt[u] = 0;
+        for (int t = 0; t < KPL; t++) {
+            const int c = lane + 32 * t;
+            yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
+            dt[u] += v[t] * yj[u][t];
+        }
+    }
+    for (int u = 0; u < UNROLL; u++) dt[u] = warp_sum(dt[u]);
+}
+
 // out[c] = -(G v)[c] = (P⁻¹ v)[c]; G is symmetric, so G[j][c] keeps the banks apart
 __device__ inline void precondition(const T* G, const T* v, T* out, int k) {
     for (int c = threadIdx.x; c < KMAX; c += blockDim.x) {
@@ -257,7 +274,7 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
             const int q = warp * (CHUNK / WARPS) + slot;
             T zacc[KPL];
             for (int t = 0; t < KPL; t++) zacc[t] = 0;
-            // UNROLL entries at a time, their loads all in flight before any is used
+            // UNROLL entries at a time
             for (long long p0 = cb + q; p0 < d; p0 += (long long)UNROLL * s) {
                 long long j[UNROLL];
                 T yj[UNROLL][KPL], dt[UNROLL], m[UNROLL];
@@ -266,16 +283,9 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
                     j[u] = p < d ? cols[start + p] : -1;
                     m[u] = p < d ? vals[start + p] : (T)0;
                 }
+                gather(y, k, j, xl, yj, dt);
                 for (int u = 0; u < UNROLL; u++) {
-                    dt[u] = 0;
-                    for (int t = 0; t < KPL; t++) {
-                        const int c = lane + 32 * t;
-                        yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
-                        dt[u] += xl[t] * yj[u][t];
-                    }
-                }
-                for (int u = 0; u < UNROLL; u++) {
-                    const T w = m[u] - warp_sum(dt[u]);
+                    const T w = m[u] - dt[u];
                     const T sg = j[u] >= 0 ? sketch_sign(row, j[u], seed) : (T)0;
                     for (int t = 0; t < KPL; t++) { zacc[t] += sg * yj[u][t]; racc[t] += w * yj[u][t]; }
                 }
@@ -354,18 +364,9 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
                 const long long e = e0 + u * WARPS;
                 j[u] = e < start + d ? cols[e] : -1;
             }
-            for (int u = 0; u < UNROLL; u++) {
-                dt[u] = 0;
-                for (int t = 0; t < KPL; t++) {
-                    const int c = lane + 32 * t;
-                    yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
-                    dt[u] += pl[t] * yj[u][t];
-                }
-            }
-            for (int u = 0; u < UNROLL; u++) {
-                dt[u] = warp_sum(dt[u]);
+            gather(y, k, j, pl, yj, dt);
+            for (int u = 0; u < UNROLL; u++)
                 for (int t = 0; t < KPL; t++) qacc[t] += dt[u] * yj[u][t];
-            }
         }
         for (int t = 0; t < KPL; t++) zbuf[warp * KMAX + lane + 32 * t] = qacc[t];
         __syncthreads();
