@@ -31,10 +31,10 @@ from mx.kernels import lsq
 from mx.storage import sparse
 
 # Rows with at least HEAVY_DEGREE·k observations get sketch-preconditioned CG; lighter rows
-# are solved exactly. On an H100 the fused sketch solve (4k buckets, 2 steps) costs what the
-# fused exact one does at about 8k observations for k = 64 and 16k for k = 128, and less
-# above (bench/complete_profile.py --crossover); the margin covers the extra sweeps that
-# inexact solves can take.
+# are solved exactly. On an H100 the fused sketch solve (4k buckets, 3 steps) costs what the
+# fused exact one does at 4k observations for k = 64 and less above, down to half at high
+# degree (bench/complete_profile.py --crossover); the margin to 16k covers the extra sweeps
+# that inexact solves take.
 HEAVY_DEGREE = 16
 # CG steps per row and half-sweep unless the job says: 3 sketch-preconditioned steps reached
 # a held-out error of 1e-4 in the fewest seconds on planted matrices (k = 64 and 128; 2 steps
