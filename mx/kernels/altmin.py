@@ -75,9 +75,9 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         by_cols = _csr(mine[1] - c0, mine[0], mine[2], c1 - c0)  # (column, row) pairs
     _check_nonempty(by_rows, r0, "row")
     _check_nonempty(by_cols, c0, "column")
-    heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum())
-    heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
     if method == "altmin-sketch":
+        heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum())
+        heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
         ctx.count("rows-sketch-preconditioned", heavy_u + heavy_v)
         ctx.count("rows-solved-exactly", (r1 - r0) + (c1 - c0) - heavy_u - heavy_v)
     dev = lambda a, t=None: xp.asarray(a, dtype=t)  # noqa: E731

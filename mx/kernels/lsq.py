@@ -243,15 +243,15 @@ def sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed=0, buckets
 
 
 def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=0,
-                 buckets=None, reference=False):
+                 buckets=None):
     """Sketch-preconditioned CG for the rows ``rows_subset``: ``steps`` steps from x0 (other
     rows keep x0), with ``buckets`` per sketch (default ``sketch_buckets(k)``). On a GPU one
-    fused kernel per row; rows whose sketch is singular there (Y_Ωi of rank below k) get the
-    exact solve. ``reference`` forces the NumPy/CuPy path."""
+    fused kernel per row (where the fused exact kernel runs too); rows whose sketch is
+    singular there (Y_Ωi of rank below k) get the exact solve."""
     if rows_subset.size == 0:
         return x0.copy()
     buckets = buckets or sketch_buckets(y.shape[1])
-    if not reference and rowsolve.sketch_supported(xp, y):
+    if rowsolve.supported(xp, y):
         out = x0.copy()
         failed = rowsolve.sketch_solve(xp, y, x0, indptr, cols, values, reg, rows_subset,
                                        steps, buckets, seed, out)

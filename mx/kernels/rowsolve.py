@@ -27,6 +27,26 @@ MAX_RANK = 128
 THREADS = 256  # 16×16 threads, each (KMAX/16)² values of the KMAX×KMAX Gram matrix
 CHUNK = 32  # entries of Ω_i staged in shared memory at a time
 
+# Device helpers shared by the kernels below (each source is compiled with the ones it uses).
+_WARP_SUM = r"""
+__device__ inline T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+"""
+
+# Thread (ti, tj) of a 16×16 block owns G[ti + 16a][tj + 16c]: a warp reads 16 consecutive
+# values of a staged vector, free of shared-memory bank conflicts, and each value it loads
+# serves TILE products.
+_ADD_OUTER = r"""
+__device__ inline void add_outer(const T* v, int ti, int tj, T acc[TILE][TILE]) {
+    T vi[TILE], vj[TILE];
+    for (int a = 0; a < TILE; a++) { vi[a] = v[ti + 16 * a]; vj[a] = v[tj + 16 * a]; }
+    for (int a = 0; a < TILE; a++)
+        for (int c = 0; c < TILE; c++) acc[a][c] += vi[a] * vj[c];
+}
+"""
+
 _SOURCE = r"""
 extern "C" __global__ void __launch_bounds__(256)
 als_rows(const long long* __restrict__ indptr, const long long* __restrict__ cols,
@@ -45,9 +65,7 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
     const long long row = rows[r];
     const long long s = indptr[row], e = indptr[row + 1];
     const int tid = threadIdx.x;
-    // thread (ti, tj) owns G[ti + 16a][tj + 16c]: a warp reads 16 consecutive values of a
-    // staged vector, free of shared-memory bank conflicts
-    const int ti = tid / 16, tj = tid % 16;
+    const int ti = tid / 16, tj = tid % 16;  // its tile of G, as add_outer lays it out
     T acc[TILE][TILE];
     for (int a = 0; a < TILE; a++) for (int c = 0; c < TILE; c++) acc[a][c] = 0;
     T bacc = 0;
@@ -62,10 +80,7 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
         __syncthreads();
         for (int q = 0; q < cnt; q++) {
             const T* yq = ybuf + q * KMAX;
-            T yi[TILE], yj[TILE];
-            for (int a = 0; a < TILE; a++) { yi[a] = yq[ti + 16 * a]; yj[a] = yq[tj + 16 * a]; }
-            for (int a = 0; a < TILE; a++)
-                for (int c = 0; c < TILE; c++) acc[a][c] += yi[a] * yj[c];
+            add_outer(yq, ti, tj, acc);
             if (tid < KMAX) bacc += mbuf[q] * yq[tid];
         }
         __syncthreads();
@@ -123,11 +138,6 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 # One warp per row of Ω (CSR), lane l holding components l, l+32, ... of the row's vector:
 # the row's x_i is read once, each y_j once, coalesced; dot products reduce by shuffles.
 _WARP_SOURCE = r"""
-__device__ inline T warp_sum(T v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-
 extern "C" __global__ void row_dots(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ x, const T* __restrict__ y,
         const long long m, const int k, T* __restrict__ out)
@@ -185,11 +195,6 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
 _SKETCH_SOURCE = r"""
 #define WARPS 8
 #define UNROLL (8 / KPL)  // entries in flight per warp: 4 at KMAX 64, 2 at 128 (registers)
-__device__ inline T warp_sum(T v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    return v;
-}
-
 __device__ inline T sketch_sign(long long row, long long col, unsigned long long seed) {
     unsigned long long h = ((unsigned long long)row * 0x9E3779B97F4A7C15ULL)
                          ^ ((unsigned long long)col * 0xC2B2AE3D27D4EB4FULL)
@@ -294,18 +299,11 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
         }
         __syncthreads();
         const int cnt = min(CHUNK, s - cb);
-        for (int q = 0; q < cnt; q++) {
-            const T* zq = zbuf + q * KMAX;
-            T zi[TILE], zj[TILE];
-            for (int a = 0; a < TILE; a++) { zi[a] = zq[ti + 16 * a]; zj[a] = zq[tj + 16 * a]; }
-            for (int a = 0; a < TILE; a++)
-                for (int c = 0; c < TILE; c++) acc[a][c] += zi[a] * zj[c];
-        }
+        for (int q = 0; q < cnt; q++) add_outer(zbuf + q * KMAX, ti, tj, acc);
         __syncthreads();
     }
-    if (ti == tj) for (int a = 0; a < TILE; a++) acc[a][a] += reg;
-    for (int a = 0; a < TILE; a++)
-        for (int c = 0; c < TILE; c++) G[(ti + 16 * a) * KMAX + tj + 16 * c] = acc[a][c];
+    if (ti == tj)  // this thread holds diagonal values: P + reg I's, and for the floor below
+        for (int a = 0; a < TILE; a++) { acc[a][a] += reg; cv[ti + 16 * a] = acc[a][a]; }
     for (int t = 0; t < KPL; t++) zbuf[warp * KMAX + lane + 32 * t] = racc[t];
     __syncthreads();
     for (int c = tid; c < KMAX; c += blockDim.x) {
@@ -315,7 +313,7 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
     }
     if (tid == 0) {
         T top = 0;
-        for (int c = 0; c < k; c++) top = G[c * KMAX + c] > top ? G[c * KMAX + c] : top;
+        for (int c = 0; c < k; c++) top = cv[c] > top ? cv[c] : top;
         scal[2] = (T)PIVOT * top;
     }
     __syncthreads();
@@ -420,7 +418,7 @@ def _warp_kernel(name: str, dtype, k: int):
     kpl = (k + 31) // 32
     module = _MODULES.get(("warp", t, kpl))
     if module is None:
-        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n" + _WARP_SOURCE,
+        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n" + _WARP_SUM + _WARP_SOURCE,
                                 options=("-std=c++14",))
         _MODULES[("warp", t, kpl)] = module
     return module.get_function(name)
@@ -471,7 +469,7 @@ def _kernel(dtype, kmax: int):
     if module is None:
         pivot = singular_floor(dtype)
         code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {pivot}\n"
-                f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n" + _SOURCE)
+                f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n" + _ADD_OUTER + _SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[(name, kmax)] = module
     return module.get_function("als_rows")
@@ -499,11 +497,6 @@ def solve(xp, y, indptr, cols, values, reg, rows, out):
     return rows[failed != 0]
 
 
-def sketch_supported(xp, y) -> bool:
-    """The fused sketch kernel runs where the fused exact one does."""
-    return supported(xp, y)
-
-
 def _sketch_kernel(dtype, kmax: int):
     import cupy
 
@@ -512,7 +505,7 @@ def _sketch_kernel(dtype, kmax: int):
     if module is None:
         code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {singular_floor(dtype)}\n"
                 f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n#define KPL {kmax // 32}\n"
-                + _SKETCH_SOURCE)
+                + _WARP_SUM + _ADD_OUTER + _SKETCH_SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[("sketch", name, kmax)] = module
     return module.get_function("sketch_rows")
