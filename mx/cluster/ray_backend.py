@@ -34,6 +34,7 @@ from mx.cluster import devices, execute, metrics
 from mx.cluster.comm import GangContext
 from mx.cluster.objectstore import ObjectStoreComm, Rendezvous
 from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost, first_line
+from mx.tasks import ops
 from mx.tasks.graph import StepGraph, schedule, unit_keys
 
 NAMESPACE = "mx"
@@ -55,6 +56,9 @@ class Worker:
         if gpu:
             devices.select_gpu(ray.get_gpu_ids())
             devices.warm_up()
+        # the ops' modules (Zarr, the kernels), imported as the worker starts rather than in its
+        # first task, where they cost a fresh GPU worker ~0.5 s
+        ops.registry()
         self.rendezvous = rendezvous
         self.store: dict[Any, Any] = {}
 
@@ -92,10 +96,12 @@ class Worker:
             name, rank, size, members = gang
             control = ObjectStoreComm(self.rendezvous, name, rank, size)
             comm = control
-            if self.gpu:
+            if self.gpu and size > 1:
                 from mx.cluster.nccl import NcclComm
 
-                # made on first use: gangs that never exchange need no communicator
+                # made on first use: gangs that never exchange need no communicator. A gang
+                # of one has no peers to exchange with, and making its NCCL communicator
+                # would cost a fresh worker ~0.5 s
                 comm = lambda: NcclComm.for_gang(control, members)  # noqa: E731
             ctx = GangContext(comm_or_factory=comm, xp=self.xp, control_comm=control,
                               advance=lambda n: self.rendezvous.advance.remote(n),

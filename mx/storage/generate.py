@@ -24,6 +24,7 @@ import zarr
 
 from mx.errors import UserError
 from mx.storage import commit as _commit
+from mx.storage import dense
 from mx.storage import sparse as _sparse
 
 DISTRIBUTIONS = ("uniform", "normal")
@@ -49,7 +50,7 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
     tmp = _commit.begin(path, job)
     try:
         arr = zarr.create_array(store=tmp, shape=(m, n), chunks=chunks, dtype=dtype,
-                                fill_value=0, zarr_format=3)
+                                fill_value=0, zarr_format=3, compressors=dense.COMPRESSORS)
         grid = [(i, j) for i in range(-(-m // chunks[0])) for j in range(-(-n // chunks[1]))]
         root = np.random.SeedSequence(seed)
 
