@@ -1,8 +1,11 @@
 """ABFT's cost on one GPU, part by part: the plain block product against the checked one.
 
-Times with CUDA events, interleaved, median of --repeat: cuBLAS alone (beta = 1), the two
-passes over the inputs, the check of a product written straight into C (the first product of
-a block) and the fused check-and-add through a scratch block (every later product).
+Times with CUDA events, interleaved, median of --repeat: cuBLAS alone (beta = 1, what mx runs
+without ABFT), the two passes over the inputs that add a product's share to C's running
+checksums, a whole checked product (both passes and cuBLAS), and the check of C, which runs
+once per C block after its last product. The overhead of a block made of P products (Cannon
+rounds, SUMMA panels, streamed slabs) is (P · checked + check) / (P · cuBLAS) − 1; the table
+gives it for P = 1 and P = 4.
 
     python bench/abft_profile.py --sizes 16384,32768 --precisions fp32,bf16 --rect
 """
@@ -39,19 +42,18 @@ def profile(m, k, n, precision, repeat):
     a = prec.to_device(cupy, rng.standard_normal((m, k), dtype=np.float32), precision)
     b = prec.to_device(cupy, rng.standard_normal((k, n), dtype=np.float32), precision)
     c = cupy.zeros((m, n), dtype=prec.output_dtype(precision))
+    checked_c = cupy.zeros_like(c)
+    checks = abft.start(cupy, checked_c, precision)
+    bv, b_abs = abft.row_checks(cupy, b, None, precision)
+    expect = cupy.zeros((m, 3), dtype=c.dtype)
     counters = {}
     parts = {
         "gemm": lambda: gemm.accumulate(cupy, c, a, b, precision),
-        "gemm-beta0": lambda: gemm.accumulate(cupy, c, a, b, precision, beta=0.0),
         "checks-b": lambda: abft.row_checks(cupy, b, None, precision),
-        "checked-fresh": lambda: abft.checked_accumulate(cupy, c, a, b, precision, counters, "p",
-                                                         fresh=True),
-        "checked-add": lambda: abft.checked_accumulate(cupy, c, a, b, precision, counters, "p"),
+        "checks-a": lambda: abft.add_checks(cupy, a, bv, b_abs, expect, precision),
+        "checked": lambda: abft.accumulate(cupy, checked_c, a, b, precision, checks, counters),
+        "check": lambda: abft.verify(cupy, checked_c, checks, precision, counters, "profile"),
     }
-    bv, _ = abft.row_checks(cupy, b, None, precision)
-    parts["checks-a"] = lambda: abft.row_checks(cupy, a, bv, precision)
-    expect = cupy.zeros((m, 2), dtype=c.dtype)
-    parts["check-only"] = lambda: abft._check_add_cupy(c, None, expect, 1.0)
     for fn in parts.values():  # compile and warm up
         fn()
     times = {name: [] for name in parts}
@@ -61,10 +63,14 @@ def profile(m, k, n, precision, repeat):
     row = {name: statistics.median(t) for name, t in times.items()}
     flops = 2.0 * m * k * n
     row.update(shape=f"{m}x{k}x{n}", precision=precision, tflops=flops / row["gemm"] / 1e12,
-               fresh_overhead=row["checked-fresh"] / row["gemm"] - 1,
-               add_overhead=row["checked-add"] / row["gemm"] - 1,
-               check_gbs=c.nbytes / row["check-only"] / 1e9)
+               product_overhead=row["checked"] / row["gemm"] - 1,
+               block1_overhead=block_overhead(row, 1), block4_overhead=block_overhead(row, 4),
+               check_gbs=c.nbytes / row["check"] / 1e9)
     return row
+
+
+def block_overhead(row, products):
+    return (products * row["checked"] + row["check"]) / (products * row["gemm"]) - 1
 
 
 def main(argv=None):
@@ -90,13 +96,13 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
-    print("ABFT cost per block product (seconds; overhead against cuBLAS alone, beta = 1)")
-    print(f"{'shape':>18} {'prec':>5} {'TFLOP/s':>8} {'gemm':>8} {'beta0':>8} {'checks-b':>8} {'checks-a':>8} "
-          f"{'check':>8} {'GB/s':>6} {'fresh':>7} {'add':>7}")
+    print("ABFT cost (seconds; overheads against cuBLAS alone, beta = 1)")
+    print(f"{'shape':>18} {'prec':>5} {'TFLOP/s':>8} {'gemm':>8} {'checks-b':>8} {'checks-a':>8} "
+          f"{'check':>8} {'GB/s':>6} {'product':>8} {'block P=1':>9} {'block P=4':>9}")
     for r in rows:
         print(f"{r['shape']:>18} {r['precision']:>5} {r['tflops']:8.1f} {r['gemm']:8.4f} "
-              f"{r['gemm-beta0']:8.4f} {r['checks-b']:8.4f} {r['checks-a']:8.4f} {r['check-only']:8.4f} "
-              f"{r['check_gbs']:6.0f} {r['fresh_overhead']:+7.1%} {r['add_overhead']:+7.1%}")
+              f"{r['checks-b']:8.4f} {r['checks-a']:8.4f} {r['check']:8.4f} {r['check_gbs']:6.0f} "
+              f"{r['product_overhead']:+8.1%} {r['block1_overhead']:+9.1%} {r['block4_overhead']:+9.1%}")
 
 
 if __name__ == "__main__":

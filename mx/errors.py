@@ -24,6 +24,11 @@ class WorkerLost(JobFailed):
     """A worker's process died mid-step: the step may be retried from what is stored."""
 
 
+class DeviceFault(WorkerLost):
+    """A device computed a wrong result that could not be repaired where it was found (ABFT
+    checksums disagree): like a lost worker, the step may be retried from what is stored."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's first line of text (its type's name when it has none), for one-line errors."""
     text = str(exc).strip().splitlines()

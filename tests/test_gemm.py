@@ -155,6 +155,28 @@ def test_out_of_core_streaming_matches_numpy(tmp_path, rng, request, backend, wo
     assert len(plan.rows) * len(plan.cols) > workers and len(plan.inner) > 1  # really tiled
 
 
+def test_out_of_core_abft_checks_each_tile_and_retries_a_corrupted_one(tmp_path, rng, monkeypatch):
+    from mx.kernels import abft
+
+    a, b = make_pair(rng, tmp_path, 530, 1100, 470)
+    step = gemm_step("c", "A.zarr", "B.zarr", "C.zarr")
+    step["params"].update(memory="1536KiB", verify="abft")
+    monkeypatch.setenv(abft.FAULT_ENV, "abft:1:3")  # worker 1's fourth product (a later slab)
+    monkeypatch.setenv(abft.FAULT_ONCE_ENV, str(tmp_path / "fired"))
+    job_id = mx.submit(gemm_job("local", 2, [step]), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), expected(a, b)) < TOL[np.float64]
+    assert (tmp_path / "fired").exists()
+    log = mx.logs(job_id)
+    assert "algorithm stream (out of core)" in log and "failed their ABFT checksums" in log
+    counters = mx.status(job_id)["steps"][0]["counters"]
+    from mx.tasks import gemm
+    plan = gemm.plan({"a": dense_info(tmp_path / "A.zarr"), "b": dense_info(tmp_path / "B.zarr")},
+                     gemm.GemmParams(memory="1536KiB", verify="abft"), 2, "t")
+    tiles = len(plan.rows) * len(plan.cols)
+    assert len(plan.inner) > 3 and counters["abft-checked"] == tiles
+    assert counters["abft-products"] == tiles * len(plan.inner)
+
+
 def test_forced_stream_and_too_little_memory(tmp_path, rng):
     a, b = make_pair(rng, tmp_path, 300, 200, 100)
     step = gemm_step("c", "A.zarr", "B.zarr", "C.zarr", "stream")

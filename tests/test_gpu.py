@@ -95,6 +95,23 @@ def test_cannon_and_summa_on_four_gpus_bf16(tmp_path, rng, ray_session):
         assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 2e-2
 
 
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_abft_over_nccl_retries_a_step_whose_block_was_corrupted(tmp_path, rng, ray_session,
+                                                                 monkeypatch):
+    m, k, n = 1025, 6001, 777  # SUMMA panels: each C block is a sum of several products
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(tmp_path / "A.zarr", a.astype(np.float32))
+    write_dense(tmp_path / "B.zarr", b.astype(np.float32))
+    monkeypatch.setenv(abft.FAULT_ENV, "abft:1:1")
+    monkeypatch.setenv(abft.FAULT_ONCE_ENV, str(tmp_path / "fired"))
+    job_id = mx.submit(gemm_job(2, "bf16", "abft", algorithm="summa"), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 2e-2
+    assert (tmp_path / "fired").exists()
+    log = mx.logs(job_id)
+    assert "failed their ABFT checksums" in log and "retry 1 of" in log
+    assert mx.status(job_id)["steps"][0]["counters"]["abft-checked"] == 2
+
+
 def test_abft_on_the_gpu(tmp_path, rng, monkeypatch):
     a, b = rng.standard_normal((700, 900)), rng.standard_normal((900, 650))
     write_dense(tmp_path / "A.zarr", a.astype(np.float32))
@@ -119,22 +136,36 @@ def test_abft_kernels_match_the_numpy_twin(rng, precision, cols):
     bv, b_abs = abft.row_checks(cupy, db, None, precision)
     hbv, hb_abs = abft.row_checks(np, hb, None, precision)
     tol = 1e-12 if precision == "fp64" else 1e-5
-    assert rel_error(cupy.asnumpy(bv), hbv) < tol and abs(b_abs / hb_abs - 1) < tol
+    assert rel_error(cupy.asnumpy(bv), hbv) < tol and abs(float(b_abs[0]) / hb_abs[0] - 1) < tol
     av, a_abs = abft.row_checks(cupy, da, bv, precision)
     hav, ha_abs = abft.row_checks(np, ha, hbv, precision)
-    assert rel_error(cupy.asnumpy(av), hav) < tol and abs(a_abs / ha_abs - 1) < tol
-    # a corrupted product into a C that already holds a sum: only the bad row is recomputed
+    assert rel_error(cupy.asnumpy(av), hav) < tol and abs(float(a_abs[0]) / ha_abs[0] - 1) < tol
+    expect, hexpect = cupy.zeros((m, 3), av.dtype), np.zeros((m, 3), hav.dtype)
+    for _ in range(2):  # a product's share of the running checksums, added twice
+        abft.add_checks(cupy, da, bv, b_abs, expect, precision)
+        abft.add_checks(np, ha, hbv, hb_abs, hexpect, precision)
+    assert rel_error(cupy.asnumpy(expect), hexpect) < tol
+    # running checksums over three products: clean, a corrupted later product (not repairable
+    # here), and a corrupted single product (its failing row recomputed)
     dtype = prec.output_dtype(precision)
-    c0 = rng.standard_normal((m, cols)).astype(dtype)
-    for fresh in (False, True):
-        start = np.zeros_like(c0) if fresh else c0
-        c, counters = cupy.asarray(start), {}
-        redone = abft.checked_accumulate(cupy, c, da, db, precision, counters, "t", corrupt=True,
-                                         fresh=fresh)
-        assert redone == 1 and counters == {"abft-checked": 1, "abft-recomputed": 1}
-        want = start + ha.astype(np.float64) @ hb.astype(np.float64)
-        assert rel_error(cupy.asnumpy(c), want) < (1e-12 if precision == "fp64" else 1e-5
-                                                   if precision != "tf32" else 5e-3)
+    want = 3 * (ha.astype(np.float64) @ hb.astype(np.float64))
+    loose = 1e-12 if precision == "fp64" else 5e-3 if precision == "tf32" else 1e-5
+    for bad in (None, 2):
+        c, counters = cupy.zeros((m, cols), dtype), {}
+        checks = abft.start(cupy, c, precision)
+        for t in range(3):
+            abft.accumulate(cupy, c, da, db, precision, checks, counters, corrupt=t == bad)
+        if bad is None:
+            assert abft.verify(cupy, c, checks, precision, counters, "t") == 0
+            assert rel_error(cupy.asnumpy(c), want) < loose
+        else:
+            with pytest.raises(abft.ChecksumError, match="1 of 301 rows"):
+                abft.verify(cupy, c, checks, precision, counters, "t")
+    c, counters = cupy.zeros((m, cols), dtype), {}
+    checks = abft.start(cupy, c, precision)
+    abft.accumulate(cupy, c, da, db, precision, checks, counters, corrupt=True)
+    assert abft.verify(cupy, c, checks, precision, counters, "t") == 1
+    assert rel_error(cupy.asnumpy(c), want / 3) < loose
 
 
 def test_gemm_model_measures_this_gpu(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import traceback
 from typing import Any
 
 from mx.cluster.comm import GangContext
+from mx.errors import WorkerLost
 from mx.tasks.graph import Key, comm_key
 
 
@@ -24,15 +25,17 @@ class TaskError(RuntimeError):
         self.key, self.worker = key, worker
         self.cause = f"{type(cause).__name__}: {cause}"
         self.trace = "".join(traceback.format_exception(cause)[-6:])
+        # a fault the step may be retried for (a device's wrong result), not a bug or bad data
+        self.retryable = isinstance(cause, WorkerLost)
         super().__init__(f"task {key!r} on worker {worker} failed: {self.cause}")
 
     def __reduce__(self):
-        return _rebuild_task_error, (self.key, self.worker, self.cause, self.trace)
+        return _rebuild_task_error, (self.key, self.worker, self.cause, self.trace, self.retryable)
 
 
-def _rebuild_task_error(key, worker, cause, trace):
+def _rebuild_task_error(key, worker, cause, trace, retryable=False):
     err = TaskError.__new__(TaskError)
-    err.key, err.worker, err.cause, err.trace = key, worker, cause, trace
+    err.key, err.worker, err.cause, err.trace, err.retryable = key, worker, cause, trace, retryable
     RuntimeError.__init__(err, f"task {key!r} on worker {worker} failed: {cause}")
     return err
 

@@ -17,7 +17,7 @@ from dask._task_spec import convert_legacy_graph
 
 from mx.cluster import devices, execute
 from mx.cluster.comm import GangAborted, GangContext, LocalComm, Mailroom
-from mx.errors import JobCancelled
+from mx.errors import JobCancelled, WorkerLost
 from mx.tasks.graph import StepGraph, schedule, unit_keys
 
 
@@ -101,7 +101,10 @@ class LocalBackend:
         if errors:
             # the first failure is the cause; the others are peers told to stop
             causes = [e for e in errors if not isinstance(e.__cause__, GangAborted)]
-            raise (causes or errors)[0]
+            cause = (causes or errors)[0]
+            if getattr(cause, "retryable", False):
+                raise WorkerLost(str(cause)) from cause
+            raise cause
         return results
 
     def stop(self) -> None:

@@ -349,6 +349,8 @@ class RayBackend:
                     info = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if isinstance(exc.cause, execute.TaskError) else exc
+                    if getattr(cause, "retryable", False):
+                        raise WorkerLost(self._failure(key, cause)) from None
                     raise JobFailed(self._failure(key, cause)) from None
                 except ray.exceptions.RayActorError as exc:
                     rank = graph.placement[key]

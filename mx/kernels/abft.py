@@ -1,36 +1,44 @@
-"""Algorithm-based fault tolerance for block products (``params: {verify: abft}``).
+"""Algorithm-based fault tolerance for GEMM (``params: {verify: abft}``).
 
-Each block product P = A·B is checked row by row before it reaches C: P·[e, w] must equal
-A·(B·[e, w]) to within the rounding bound, where e is all ones and w a second weight vector
-(1..7, cycling) that catches errors cancelling inside a row's plain sum. The right-hand side
-costs one pass over B and one over A; the check is one pass over P. A row that fails is not
-added to C: its row of the product is recomputed (a transient fault: a flipped bit, a bad
-kernel launch) and checked again, and a row that fails twice fails the task with a message
-naming the worker and round.
+A worker's C block carries running checksums: after products A_1·B_1 + ... + A_t·B_t, C·[e, w]
+must equal the sum of A_s·(B_s·[e, w]) to within the rounding bound, row by row, where e is all
+ones and w a second weight vector (1..7, cycling) that catches errors cancelling inside a row's
+plain sum. Each product adds its share to the expected checksums, at the cost of one pass over
+its B and one over its A, and is then accumulated into C in place by cuBLAS. C itself is checked
+once, after its last product: one pass over C per block, however many rounds or panels made it.
+(Checking C after every product cost a pass over C per product, 9–24% of a bf16 product.)
 
-Where C is known to be zero (the first product into it) the product is written straight into
-C and checked there, so it costs no scratch block and no extra pass. Otherwise it goes to a
-scratch block, and one fused pass checks each row and adds the rows that pass. On CuPy both
-passes over the inputs and the check are RawKernels that read the stored precision (bf16 bit
-patterns included) and accumulate in float32 (float64 for fp64): a few percent of a product
-worth distributing, where widening copies and generic reductions cost more than the product.
+A row that fails has a corrupted element somewhere in its sum. Where C came from a single product
+whose inputs are still at hand (one round, one panel), the failing rows are recomputed and
+checked again. Otherwise a row of C cannot be rebuilt from the blocks at hand, which have moved
+on to other workers: the check raises ``ChecksumError``, a ``DeviceFault``, and the job retries
+the step from its stored inputs on fresh workers (``max_retries``). A row that fails again after
+its recompute fails the task with a message naming the worker.
+
+On CuPy the passes over the inputs and the check are RawKernels that read the stored precision
+(bf16 bit patterns included) and accumulate in float32 (float64 for fp64).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
+from mx.errors import DeviceFault
 from mx.kernels import gemm
 from mx.kernels.precision import UNIT_ROUNDOFF, as_float, output_dtype
 
-# For tests and drills: MX_FAULT="abft:<gang rank>:<round>" corrupts that product once.
+# For tests and drills: MX_FAULT="abft:<gang rank>:<round>" corrupts that product. With
+# MX_FAULT_ONCE=<path> only the first process to create that file corrupts it (a retried step's
+# fresh workers then compute correctly).
 FAULT_ENV = "MX_FAULT"
+FAULT_ONCE_ENV = "MX_FAULT_ONCE"
 W_MAX = 7.0  # the largest weight in w
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(DeviceFault):
     pass
 
 
@@ -44,76 +52,127 @@ def planned_fault(rank: int) -> set[int]:
     return rounds
 
 
+def _claim_fault() -> bool:
+    """Whether this planned fault may fire (always, unless a once-file is named and exists)."""
+    marker = os.environ.get(FAULT_ONCE_ENV)
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def weights(n: int, dtype=np.float64) -> np.ndarray:
     """The n×2 checksum weights [e, w], w_j = 1 + j mod 7 (exact in every precision)."""
     j = np.arange(n)
     return np.stack([np.ones(n), 1.0 + j % 7], axis=1).astype(dtype)
 
 
+@dataclass
+class Checks:
+    """The running checksums of one C block that starts at zero (plain data)."""
+
+    # rows×3 on the block's device: C·[e, w] as the inputs say it must be, and each row's
+    # magnitude, the sum over products of |A|'s row abs-sum times B's largest row abs-sum (which
+    # bounds the row of |A|·|B|): the rounding bound is per row, so a small row is checked as
+    # tightly as its own size allows
+    expect: object
+    depth: int = 0  # sum of the products' inner lengths
+    products: int = 0
+    only: tuple | None = None  # (a, b) while C is a single product: its rows can be recomputed
+
+
+def start(xp, c, precision: str) -> Checks:
+    return Checks(expect=xp.zeros((c.shape[0], 3), dtype=output_dtype(precision)))
+
+
 def row_checks(xp, x, v, precision: str):
-    """(x·v, max row abs-sum of x) for a block as stored (bf16 bits widened), v = None for the
-    weights [e, w]; accumulated in the precision's float type."""
+    """(x·v, max row abs-sum of x as a 1-element array) for a block as stored (bf16 bits
+    widened), v = None for the weights [e, w]; accumulated in the precision's float type."""
     if xp is not np:
         return _row_checks_cupy(x, v, precision)
     xf = np.asarray(as_float(np, x, precision))
-    if v is None:
-        v = weights(xf.shape[1], xf.dtype)
-    return xf @ v, float(np.abs(xf).sum(axis=1).max()) if xf.size else 0.0
+    y = xf @ (weights(xf.shape[1], xf.dtype) if v is None else v)
+    return y, np.array([np.abs(xf).sum(axis=1).max() if xf.size else 0.0], y.dtype)
 
 
-def checked_accumulate(xp, c, a, b, precision: str, counters: dict, label: str,
-                       corrupt: bool = False, fresh: bool = False) -> int:
-    """``c += a @ b``, verified row by row; ``fresh`` says c is all zeros. Returns the number
-    of rows recomputed."""
-    k, n = a.shape[1], b.shape[1]
-    bv, b_abs = row_checks(xp, b, None, precision)
-    expect, a_abs = row_checks(xp, a, bv, precision)
-    # rounding bound of a weighted row sum of a k-term product, plus the sums themselves
-    tol = (4.0 * UNIT_ROUNDOFF[precision] * (k + n + 2) * W_MAX * a_abs * b_abs
-           + np.finfo(np.float64).tiny)
-    target = c if fresh else xp.empty_like(c)
-    gemm.accumulate(xp, target, a, b, precision, beta=0.0)
-    if corrupt:
-        target[(0,) * target.ndim] += 1e3 * (a_abs * b_abs + 1.0)
-    bad = _check_add(xp, target, None if fresh else c, expect, tol)
+def add_checks(xp, a, bv, b_abs, expect, precision: str) -> None:
+    """A product's share of C's running checksums: ``expect[:, :2] += a·bv`` and
+    ``expect[:, 2] += (row abs-sums of a)·b_abs``, in one pass over a."""
+    if xp is not np:
+        _row_checks_cupy(a, bv, precision, expect, b_abs)
+        return
+    af = np.asarray(as_float(np, a, precision))
+    expect[:, :2] += af @ bv
+    expect[:, 2] += np.abs(af).sum(axis=1) * b_abs[0]
+
+
+def accumulate(xp, c, a, b, precision: str, checks: Checks | None, counters: dict | None = None,
+               corrupt: bool = False) -> None:
+    """``c += a @ b`` in place; with ``checks`` (ABFT on), the product's share of C's checksums
+    is added to them first. ``corrupt`` (drills) spoils one element of the product."""
+    if checks is not None:
+        bv, b_abs = row_checks(xp, b, None, precision)
+        add_checks(xp, a, bv, b_abs, checks.expect, precision)
+        checks.depth += a.shape[1]
+        checks.products += 1
+        checks.only = (a, b) if checks.products == 1 else None
+        if counters is not None:
+            counters["abft-products"] = counters.get("abft-products", 0) + 1
+    gemm.accumulate(xp, c, a, b, precision)
+    if corrupt and c.size and _claim_fault():
+        # well past any rounding bound: 1e3 × the largest row of |A|·|B|
+        a_abs, b_abs = (float(xp.abs(as_float(xp, x, precision)).sum(axis=1).max()) for x in (a, b))
+        c[(0,) * c.ndim] += 1e3 * (a_abs * b_abs + 1.0)
+
+
+def tolerance(checks: Checks, n: int, precision: str) -> tuple[float, float]:
+    """(factor, floor): a row's weighted sums may miss by factor × its magnitude + floor. The
+    factor covers each product's k-term sums, the additions into C and the checksums' own sums;
+    the floor, the same count of roundings among subnormal numbers."""
+    terms = 4.0 * (checks.depth + n + checks.products + 2) * W_MAX
+    floor = terms * float(np.finfo(output_dtype(precision)).smallest_subnormal)
+    return terms * UNIT_ROUNDOFF[precision], floor
+
+
+def verify(xp, c, checks: Checks, precision: str, counters: dict, label: str) -> int:
+    """Check C against its running checksums once its products are all in; returns the number of
+    rows recomputed. Raises ``ChecksumError`` where failing rows cannot be rebuilt here."""
     counters["abft-checked"] = counters.get("abft-checked", 0) + 1
+    tol, floor = tolerance(checks, c.shape[1], precision)
+    bad = failing_rows(xp, c, checks.expect, tol, floor)
     if bad.size == 0:
         return 0
-    # recompute only the rows that failed, into a scratch of their own, and check them again
-    redo = xp.empty((bad.size, n), dtype=c.dtype)
+    if checks.only is None:
+        raise ChecksumError(
+            f"{label}: {int(bad.size)} of {c.shape[0]} rows of its C block failed their ABFT "
+            f"checksums after {checks.products} products: a product was corrupted (the inputs may "
+            f"hold NaN/Inf, or the device is faulty)")
+    # a single product into a zero block: recompute only the failing rows and check them again
+    a, b = checks.only
+    redo = xp.empty((bad.size, c.shape[1]), dtype=c.dtype)
     gemm.accumulate(xp, redo, xp.ascontiguousarray(a[bad]), b, precision, beta=0.0)
-    still = _check_add(xp, redo, None, expect[bad], tol)
+    still = failing_rows(xp, redo, checks.expect[bad], tol, floor)
     if still.size:
         raise ChecksumError(f"{label}: block product failed its checksums twice "
                             f"({int(still.size)} of {c.shape[0]} rows off); "
                             f"the inputs may hold NaN/Inf or the device is faulty")
-    if fresh:
-        c[bad] = redo
-    else:
-        c[bad] += redo
+    c[bad] = redo
     counters["abft-recomputed"] = counters.get("abft-recomputed", 0) + 1
     return int(bad.size)
 
 
-def _check_add(xp, p, c, expect, tol: float):
-    """Rows of p whose weighted sums miss ``expect`` by more than tol (as an index array);
-    when c is given, the rows that pass are added to it."""
+def failing_rows(xp, p, expect, tol: float, floor: float = 0.0):
+    """Rows of p whose weighted sums miss ``expect[:, :2]`` by more than tol × ``expect[:, 2]``
+    (the row's magnitude) + floor, as an index array."""
     if xp is not np:
-        return _check_add_cupy(p, c, expect, tol)
+        return _failing_rows_cupy(p, expect, tol, floor)
     got = p @ weights(p.shape[1], p.dtype)
-    ok = (np.abs(got - expect) <= tol).all(axis=1)
-    if c is not None:
-        np.add(c, p, out=c, where=ok[:, None])
+    bound = tol * expect[:, 2:].astype(np.float64) + floor
+    ok = (np.abs(got.astype(np.float64) - expect[:, :2]) <= bound).all(axis=1)  # NaN fails
     return np.flatnonzero(~ok)
-
-
-def accumulate(xp, c, a, b, precision: str, verify: str | None, counters: dict, label: str,
-               corrupt: bool = False, fresh: bool = False) -> None:
-    """``c += a @ b``, checked by checksums when ``verify`` is "abft" (``fresh``: c is zero)."""
-    if verify == "abft":
-        checked_accumulate(xp, c, a, b, precision, counters, label, corrupt, fresh)
-    else:
-        gemm.accumulate(xp, c, a, b, precision)
 
 
 # ---------------------------------------------------------------------------------- CuPy
@@ -161,10 +220,11 @@ __device__ __forceinline__ void each(const X* row, int cols, bool vector, F f) {
     }
 }
 
-// y[r] = x[r,:]·v (v = [e, w] when null), absmax = max over rows of sum |x[r,:]|. A block
+// y[r] = x[r,:]·v (v = [e, w] when null) and absmax = max over rows of sum |x[r,:]|; or, with
+// scale, the running checksums y[r] (3 wide) += (x[r,:]·v, scale · sum |x[r,:]|). A block
 // takes ROWS rows, so each chunk of v is loaded once for all of them.
 extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int cols, int vector,
-                                              const A* v, A* y, A* absmax) {
+                                              const A* v, A* y, A* absmax, const A* scale) {
     __shared__ A shared[THREADS / 32][3 * ROWS];
     long long r0 = (long long)blockIdx.x * ROWS;
     int nr = (int)min((long long)ROWS, rows - r0);
@@ -208,7 +268,8 @@ extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int co
         A total = 0;
         for (int w = 0; w < THREADS / 32; ++w) total += shared[w][threadIdx.x];
         int i = threadIdx.x / 3, which = threadIdx.x % 3;
-        if (which < 2) y[2 * (r0 + i) + which] = total;
+        if (scale) y[3 * (r0 + i) + which] += which < 2 ? total : total * scale[0];
+        else if (which < 2) y[2 * (r0 + i) + which] = total;
         // non-negative floats order as their bit patterns: an integer atomicMax
         else if (sizeof(A) == 8) atomicMax((unsigned long long*)absmax, (unsigned long long)__double_as_longlong((double)total));
         else atomicMax((unsigned int*)absmax, __float_as_uint((float)total));
@@ -217,10 +278,9 @@ extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int co
 
 // rows of p (X = A here) checked against expect (rows×2); passing rows added to c (when c is
 // not null), failing rows flagged in bad
-extern "C" __global__ void mx_abft_check_add(const X* p, A* c, long long rows, int cols, int vector,
-                                             const A* expect, double tol, int* bad) {
+extern "C" __global__ void mx_abft_check(const X* p, long long rows, int cols, int vector,
+                                         const A* expect, double tol, double floor, int* bad) {
     __shared__ A shared[2 * THREADS / 32];
-    __shared__ int ok;
     long long r = blockIdx.x;
     if (r >= rows) return;
     const X* row = p + (size_t)r * cols;
@@ -229,14 +289,10 @@ extern "C" __global__ void mx_abft_check_add(const X* p, A* c, long long rows, i
     block_sum2(s0, s1, shared);
     if (threadIdx.x == 0) {
         // written so that NaN fails
-        ok = (fabs((double)s0 - (double)expect[2 * r]) <= tol)
-             && (fabs((double)s1 - (double)expect[2 * r + 1]) <= tol);
-        bad[r] = !ok;
+        double bound = tol * (double)expect[3 * r + 2] + floor;
+        bad[r] = !((fabs((double)s0 - (double)expect[3 * r]) <= bound)
+                   && (fabs((double)s1 - (double)expect[3 * r + 1]) <= bound));
     }
-    __syncthreads();
-    if (!ok || !c) return;
-    A* out = c + (size_t)r * cols;
-    each(row, cols, vector, [&](int j, A value) { out[j] += value; });
 }
 """
 
@@ -264,29 +320,30 @@ def _vector(x) -> np.int32:
     return np.int32(x.data.ptr % 16 == 0 and (x.shape[1] * x.itemsize) % 16 == 0)
 
 
-def _row_checks_cupy(x, v, precision: str):
+def _row_checks_cupy(x, v, precision: str, expect=None, scale=None):
     import cupy
 
     acc = output_dtype(precision)
     rows, cols = x.shape
-    y = cupy.zeros((rows, 2), dtype=acc)
+    y = cupy.zeros((rows, 2), dtype=acc) if expect is None else expect
     absmax = cupy.zeros(1, dtype=acc)
     if rows and cols:
         x = cupy.ascontiguousarray(x)
         fn = _module(x.dtype, acc).get_function("mx_abft_row_checks")
         fn((-(-rows // ROWS),), (THREADS,), (x, np.int64(rows), np.int32(cols), _vector(x),
-                             0 if v is None else cupy.ascontiguousarray(v, dtype=acc), y, absmax))
-    return y, float(absmax.get()[0])
+                             0 if v is None else cupy.ascontiguousarray(v, dtype=acc), y, absmax,
+                             0 if scale is None else scale))
+    return y, absmax
 
 
-def _check_add_cupy(p, c, expect, tol: float):
+def _failing_rows_cupy(p, expect, tol: float, floor: float):
     import cupy
 
     rows, cols = p.shape
     bad = cupy.zeros(rows, dtype=np.int32)
     if rows:
-        fn = _module(p.dtype, p.dtype).get_function("mx_abft_check_add")
-        fn((rows,), (THREADS,), (p, 0 if c is None else c, np.int64(rows), np.int32(cols),
-                             _vector(p), cupy.ascontiguousarray(expect, dtype=p.dtype),
-                             np.float64(tol), bad))
+        fn = _module(p.dtype, p.dtype).get_function("mx_abft_check")
+        fn((rows,), (THREADS,), (p, np.int64(rows), np.int32(cols), _vector(p),
+                             cupy.ascontiguousarray(expect, dtype=p.dtype), np.float64(tol),
+                             np.float64(floor), bad))
     return cupy.flatnonzero(bad)

@@ -34,13 +34,16 @@ def run(a, b, *, q: int, inner: list[int], precision: str, verify: str | None,
         b = prec.to_device(xp, b, precision)
         c = gemm.zeros(xp, (a.shape[0], b.shape[1]), prec.output_dtype(precision))
     faults = abft.planned_fault(comm.rank) if verify == "abft" else set()
-    with ctx.timed("rounds"):  # all rounds, blocks resident: the compute-only time
-        _rounds(ctx, a, b, c, q, i, j, (left, right, up, down), inner, precision, verify, faults)
+    checks = abft.start(xp, c, precision) if verify == "abft" else None
+    with ctx.timed("rounds"):  # all rounds and the check, blocks resident: the compute-only time
+        _rounds(ctx, a, b, c, q, i, j, (left, right, up, down), inner, precision, checks, faults)
+        if checks is not None:
+            abft.verify(xp, c, checks, precision, ctx.counters, f"worker ({i},{j})")
     ctx.finish()
     return ctx.to_host(c)
 
 
-def _rounds(ctx, a, b, c, q, i, j, neighbours, inner, precision, verify, faults):
+def _rounds(ctx, a, b, c, q, i, j, neighbours, inner, precision, checks, faults):
     comm, xp = ctx.comm, ctx.xp
     left, right, up, down = neighbours
     for step in range(q):
@@ -53,8 +56,7 @@ def _rounds(ctx, a, b, c, q, i, j, neighbours, inner, precision, verify, faults)
                  (down, ("b", step), (inner[s], b.shape[1]), b.dtype)])
             ctx.count("bytes-shifted", int(a.nbytes + b.nbytes))
         with ctx.timed("compute"):
-            abft.accumulate(xp, c, a, b, precision, verify, ctx.counters,
-                            f"worker ({i},{j}) round {step}", step in faults, fresh=step == 0)
+            abft.accumulate(xp, c, a, b, precision, checks, ctx.counters, step in faults)
         ctx.advance(1)
         if not last:
             a, b = ctx.wait(exchange, "shift-wait")

@@ -24,6 +24,8 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
     """Compute and write this worker's C tiles; returns what was written."""
     xp, pinned = ctx.xp, ctx.gpu
     written = 0
+    faults = abft.planned_fault(ctx.control.rank) if verify == "abft" else set()
+    product = 0  # this worker's products so far (the drill's rounds)
     with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="mx-stream-read") as reader, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mx-stream-write") as writer:
         pending_write = None
@@ -35,6 +37,7 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
             ahead = [reader.submit(fetch, s) for s in slabs[:PREFETCH]]
             with ctx.timed("to-device"):
                 c = gemm.zeros(xp, (rows[1] - rows[0], cols[1] - cols[0]), prec.output_dtype(precision))
+            checks = abft.start(xp, c, precision) if verify == "abft" else None
             for s in range(len(slabs)):
                 a_host, b_host = _waited(ctx, ahead.pop(0))
                 if s + PREFETCH < len(slabs):
@@ -43,9 +46,12 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
                     a = prec.to_device(xp, a_host, precision)
                     b = prec.to_device(xp, b_host, precision)
                 with ctx.timed("compute"):
-                    abft.accumulate(xp, c, a, b, precision, verify, ctx.counters, f"tile {t} slab {s}",
-                                    fresh=s == 0)
+                    abft.accumulate(xp, c, a, b, precision, checks, ctx.counters, product in faults)
+                product += 1
                 ctx.advance(1)
+            if checks is not None:
+                with ctx.timed("compute"):
+                    abft.verify(xp, c, checks, precision, ctx.counters, f"tile {t}")
             ctx.finish()
             host = ctx.to_host(c)
             del c

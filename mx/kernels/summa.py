@@ -54,13 +54,16 @@ def run(a_index: list, a_held: list, b_index: list, b_held: list, *, grid: tuple
         return a, b
 
     faults = abft.planned_fault(comm.rank) if verify == "abft" else set()
-    with ctx.timed("rounds"):  # all panels, blocks resident: the compute-only time
-        _steps(ctx, c, start, inner, precision, verify, faults, (i, j))
+    checks = abft.start(xp, c, precision) if verify == "abft" else None
+    with ctx.timed("rounds"):  # all panels and the check, blocks resident: the compute-only time
+        _steps(ctx, c, start, inner, precision, checks, faults)
+        if checks is not None:
+            abft.verify(xp, c, checks, precision, ctx.counters, f"worker ({i},{j})")
     ctx.finish()
     return ctx.to_host(c)
 
 
-def _steps(ctx, c, start, inner, precision, verify, faults, where):
+def _steps(ctx, c, start, inner, precision, checks, faults):
     xp = ctx.xp
     pending = start(0) if inner else None
     for k in range(len(inner)):
@@ -70,6 +73,5 @@ def _steps(ctx, c, start, inner, precision, verify, faults, where):
         if k + 1 < len(inner):
             pending = start(k + 1)
         with ctx.timed("compute"):
-            abft.accumulate(xp, c, a, b, precision, verify, ctx.counters,
-                            f"worker {where} panel {k}", k in faults, fresh=k == 0)
+            abft.accumulate(xp, c, a, b, precision, checks, ctx.counters, k in faults)
         ctx.advance(1)

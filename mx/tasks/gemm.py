@@ -159,7 +159,7 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
             panels = math.lcm(pr, pc)
             panels *= max(1, -(-k // (panels * width)))
             inner = blocks.balanced(k, panels)
-        need = in_core_bytes(algorithm, rows, cols, inner, grid, precision, params.verify)
+        need = in_core_bytes(algorithm, rows, cols, inner, grid, precision)
         if budget is not None:
             memory_reason = (f"memory per worker: {_human(need)} needed in core, {_human(budget)} "
                              f"available ({budget_source})")
@@ -179,7 +179,7 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
         budget = 8 * 2**30  # streaming asked for with no limit given: tiles of a few GiB
         budget_source = "default tile budget"
     width, panel_reason = stream_width(precision, gpus)
-    tile, width = stream_tile(budget, width, k, precision, params.verify, what)
+    tile, width = stream_tile(budget, width, k, precision, what)
     row_chunk, rows = blocks.aligned(m, max(1, -(-m // tile)), side)
     col_chunk, cols = blocks.aligned(n, max(1, -(-n // tile)), side)
     inner = blocks.balanced(k, max(1, -(-k // width)))
@@ -207,11 +207,11 @@ def element_bytes(precision: str) -> tuple[int, int]:
     return {"fp64": (8, 8), "fp32": (4, 4), "tf32": (4, 4), "bf16": (6, 4)}[precision]
 
 
-def in_core_bytes(algorithm, rows, cols, inner, grid, precision, verify) -> int:
+def in_core_bytes(algorithm, rows, cols, inner, grid, precision) -> int:
     """Device memory one worker needs to keep its blocks resident (largest worker)."""
     ib, ob = element_bytes(precision)
     bm, bn = max(map(blocks.length, rows)), max(map(blocks.length, cols))
-    c = bm * bn * ob * (2 if verify == "abft" else 1)
+    c = bm * bn * ob  # ABFT's running checksums are 3 numbers a row: no second C
     if algorithm == "cannon":
         bk = max(map(blocks.length, inner))
         return c + 2 * (bm * bk + bk * bn) * ib  # current blocks and the ones arriving
@@ -222,20 +222,18 @@ def in_core_bytes(algorithm, rows, cols, inner, grid, precision, verify) -> int:
     return c + (held + 2 * (bm * w + w * bn)) * ib
 
 
-def stream_tile(budget: int, width: int, k: int, precision: str, verify: str,
-                what: str) -> tuple[int, int]:
+def stream_tile(budget: int, width: int, k: int, precision: str, what: str) -> tuple[int, int]:
     """(side of a square C tile, k-slab width) that fit ``budget`` with two slabs in flight:
     the tile takes about half, the slabs the rest, the slab no wider than ``width``."""
     ib, ob = element_bytes(precision)
-    copies = 2 if verify == "abft" else 1
     usable = 0.8 * budget
-    tile = int(math.sqrt(usable / 2 / (copies * ob)))
+    tile = int(math.sqrt(usable / 2 / ob))
     tile -= tile % blocks.ALIGN
     if tile < blocks.ALIGN:
         raise UserError(f"{what}: {_human(budget)} per worker is too little to stream GEMM "
                         f"tiles of {blocks.ALIGN}×{blocks.ALIGN}; raise params.memory")
     # 2 slabs in flight, each a (tile × w) panel of A and a (w × tile) panel of B
-    fit = int((usable - copies * ob * tile * tile) / (4 * tile * ib))
+    fit = int((usable - ob * tile * tile) / (4 * tile * ib))
     width = max(1, min(width, k, fit))
     if width >= blocks.ALIGN:
         width -= width % blocks.ALIGN
