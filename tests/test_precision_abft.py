@@ -55,13 +55,17 @@ def test_precisions_on_cpu_workers(tmp_path, rng, precision):
         assert loss > 1e-6  # the inputs really were rounded
 
 
-def test_abft_catches_a_corrupted_product_and_the_step_is_recomputed(tmp_path, rng, monkeypatch):
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_abft_catches_a_corrupted_product_and_the_step_is_recomputed(tmp_path, rng, monkeypatch,
+                                                                     request, backend):
+    if backend == "ray":  # a Ray started before the drill was planned: workers still get it
+        request.getfixturevalue("ray_session")
     a, b = rng.standard_normal((64, 90)), rng.standard_normal((90, 71))
     write_dense(tmp_path / "A.zarr", a)
     write_dense(tmp_path / "B.zarr", b)
     monkeypatch.setenv(abft.FAULT_ENV, "abft:3:1")  # worker 3, second round
     monkeypatch.setenv(abft.FAULT_ONCE_ENV, str(tmp_path / "fault-fired"))
-    job_id = mx.submit(job("fp64", "abft"), base=str(tmp_path))
+    job_id = mx.submit(job("fp64", "abft", backend=backend), base=str(tmp_path))
     assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-12
     assert (tmp_path / "fault-fired").exists()  # the fault really happened
     counters = mx.status(job_id)["steps"][0]["counters"]

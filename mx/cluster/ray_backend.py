@@ -42,13 +42,20 @@ NAMESPACE = "mx"
 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 PLACEMENT_TIMEOUT_S = 60.0
 POLL_S = 0.25
+DRILL_PREFIX = "MX_FAULT"  # environment variables that plan faults for drills and tests
 
 
 @ray.remote
 class Worker:
     """One worker: runs the tasks placed on it and keeps their results."""
 
-    def __init__(self, rank: int, gpu: bool, rendezvous, job: str = "", step: str = ""):
+    def __init__(self, rank: int, gpu: bool, rendezvous, job: str = "", step: str = "",
+                 drills: dict | None = None):
+        # fault drills (MX_FAULT*) as the driver has them now: the process may have inherited
+        # another set from whoever started Ray
+        for name in [n for n in os.environ if n.startswith(DRILL_PREFIX)]:
+            del os.environ[name]
+        os.environ.update(drills or {})
         self.rank = rank
         self.tags = {"job": job, "step": step}
         self.gpu = gpu
@@ -219,6 +226,7 @@ class RayBackend:
         self.rendezvous = Rendezvous.options(name=f"{prefix}:rendezvous",
                                              namespace=NAMESPACE).remote()
         self.names = [f"{prefix}:{graph.worker_name(rank)}" for rank in range(self.workers)]
+        drills = {name: value for name, value in os.environ.items() if name.startswith(DRILL_PREFIX)}
         # Ray sets OMP_NUM_THREADS to each actor's CPU count, which sizes its BLAS pool; a
         # runtime_env would cost a fresh worker process per actor.
         self.actors = [
@@ -226,7 +234,7 @@ class RayBackend:
                 name=self.names[rank], namespace=NAMESPACE,
                 num_cpus=self.cpus_each, num_gpus=1 if gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank),
-            ).remote(rank, gpu, self.rendezvous, self.job_id, graph.step)
+            ).remote(rank, gpu, self.rendezvous, self.job_id, graph.step, drills)
             for rank in range(self.workers)
         ]
         try:
