@@ -20,7 +20,7 @@ import numpy as np
 
 from mx.cluster.comm import GangContext
 from mx.kernels import spgemm
-from mx.storage import dense as dense_io
+from mx.storage import chunkio
 from mx.storage import sparse
 
 
@@ -83,7 +83,7 @@ def run(units: list, *, all_units: list, owners: list, a_path: str, b_path: str,
                     owner = first_owner[lo // value_chunk]
                     (mine_partial if owner == me else outgoing[owner]).append((lo, idx, val))
         # whole chunks are independent: encode and write them on the I/O threads
-        list(dense_io.pool().map(lambda piece: sparse.write_entries(out_path, *piece), whole_chunks))
+        list(chunkio.pool().map(lambda piece: sparse.write_entries(out_path, *piece), whole_chunks))
     with ctx.timed_host("exchange"):
         received = _alltoall(control, outgoing, "pieces")
     with ctx.timed_host("write"):

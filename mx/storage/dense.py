@@ -8,18 +8,15 @@ whole chunks (zarr-python loses data when two writers share a chunk).
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.core.buffer.cpu import NDBuffer
 
 from mx.errors import UserError
+from mx.storage import chunkio
 
 # Output chunks are kept near this size: a chunk is the unit of I/O and of compression, and
 # tens of MiB keeps both efficient without huge single reads.
@@ -92,48 +89,6 @@ def _is_group(path: str) -> bool:
         return False
 
 
-def pool() -> ThreadPoolExecutor:
-    """Threads for chunk I/O: Zarr's codecs (zstd, blosc) release the GIL, so decoding and
-    encoding the chunks of one block in parallel uses the worker's cores."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="mx-io")
-    return _POOL
-
-
-_POOL: ThreadPoolExecutor | None = None
-IO_THREADS = min(32, os.cpu_count() or 1)
-_THREAD = threading.local()
-
-
-def _run(coroutine):
-    """Run one of Zarr's coroutines to the end on this thread's own event loop. Zarr's
-    synchronous API sends every call to one shared loop thread, which then copies each decoded
-    chunk into the result by itself: a single thread faulting in and filling the whole block.
-    On a loop per I/O thread those copies run on all the threads at once (a 1 GiB block reads
-    2.2× faster on 16 cores)."""
-    loop = getattr(_THREAD, "loop", None)
-    if loop is None:
-        loop = _THREAD.loop = asyncio.new_event_loop()
-    return loop.run_until_complete(coroutine)
-
-
-def _tiles(rows: tuple[int, int], cols: tuple[int, int], chunks: tuple[int, int]):
-    """The region split at the store's chunk boundaries: one tile per chunk it touches, so
-    every tile is one chunk's decode (or encode) and one thread's work."""
-    for r0, r1 in _spans(rows, chunks[0]):
-        for c0, c1 in _spans(cols, chunks[1]):
-            yield (r0, r1), (c0, c1)
-
-
-def _spans(bounds: tuple[int, int], chunk: int):
-    start, end = bounds
-    while start < end:
-        stop = min(end, (start // chunk + 1) * chunk)
-        yield start, stop
-        start = stop
-
-
 # Arrays this small stay pageable: their copies are latency-bound anyway, and a small array
 # may share a page with another that is locked already.
 LOCK_MIN_BYTES = 1 << 20
@@ -201,29 +156,17 @@ def _touch(array: np.ndarray) -> None:
     """Fault in a fresh array's pages on the I/O threads (the kernel zeroes each page as it is
     first touched, ~0.3 s/GiB on one thread)."""
     flat = array.reshape(-1)
-    step = max(1, -(-flat.size // IO_THREADS))
-    list(pool().map(lambda lo: flat[lo:lo + step].fill(0), range(0, flat.size, step)))
+    step = max(1, -(-flat.size // chunkio.IO_THREADS))
+    list(chunkio.pool().map(lambda lo: flat[lo:lo + step].fill(0), range(0, flat.size, step)))
 
 
 def read_block(path: str, rows: tuple[int, int], cols: tuple[int, int],
                dtype: str | None = None, pinned: bool = False) -> np.ndarray:
     """Read ``A[r0:r1, c0:c1]`` into a C-contiguous array (optionally cast, optionally
     page-locked), each chunk decoded on an I/O thread straight into its place in the result."""
-    arr = zarr.open_array(store=path, mode="r").async_array
+    arr = zarr.open_array(store=path, mode="r")
     out = empty_host((rows[1] - rows[0], cols[1] - cols[0]), dtype or arr.dtype, pinned)
-    cast = out.dtype != arr.dtype
-
-    def fill(tile):
-        (t0, t1), (c0, c1) = tile
-        where = out[t0 - rows[0]:t1 - rows[0], c0 - cols[0]:c1 - cols[0]]
-        selection = (slice(t0, t1), slice(c0, c1))
-        if cast:
-            where[...] = _run(arr.get_orthogonal_selection(selection))
-        else:
-            _run(arr.get_orthogonal_selection(selection, out=NDBuffer.from_numpy_array(where)))
-
-    list(pool().map(fill, _tiles(rows, cols, arr.chunks)))
-    return out
+    return chunkio.read(arr, (rows, cols), out)
 
 
 def create(path: str, shape: tuple[int, int], chunks: tuple[int, int], dtype,
@@ -242,14 +185,7 @@ def write_block(path: str, rows: tuple[int, int], cols: tuple[int, int], block) 
     if block.shape != expect:
         raise ValueError(f"block of shape {block.shape} written to a {expect} region")
     if block.size:
-        arr = zarr.open_array(store=path, mode="r+").async_array
-
-        def put(tile):
-            (t0, t1), (c0, c1) = tile
-            _run(arr.setitem((slice(t0, t1), slice(c0, c1)),
-                             block[t0 - rows[0]:t1 - rows[0], c0 - cols[0]:c1 - cols[0]]))
-
-        list(pool().map(put, _tiles(rows, cols, arr.chunks)))
+        chunkio.write(zarr.open_array(store=path, mode="r+"), (rows, cols), block)
     return {"rows": list(rows), "cols": list(cols), "bytes": int(block.nbytes)}
 
 

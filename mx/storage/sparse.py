@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import zarr
 
 from mx.errors import UserError
+from mx.storage import chunkio
 
 # 1-D chunks of this many elements keep row-range reads cheap without tiny files.
 CHUNK_ELEMENTS = 1 << 20
@@ -89,11 +90,16 @@ def read_csr(path: str, rows: tuple[int, int] | None = None) -> sp.csr_array:
     group = zarr.open_group(store=path, mode="r")
     m, n = (int(x) for x in group.attrs["binsparse"]["shape"])
     r0, r1 = rows if rows is not None else (0, m)
-    ptr = np.asarray(group["pointers_to_1"][r0:r1 + 1]).astype(np.int64)
+    ptr = _read_range(group["pointers_to_1"], r0, r1 + 1, np.int64)
     lo, hi = int(ptr[0]), int(ptr[-1])
-    indices = np.asarray(group["indices_1"][lo:hi])
-    values = np.asarray(group["values"][lo:hi])
+    indices = _read_range(group["indices_1"], lo, hi)
+    values = _read_range(group["values"], lo, hi)
     return sp.csr_array((values, indices, ptr - lo), shape=(r1 - r0, n))
+
+
+def _read_range(array, lo: int, hi: int, dtype=None) -> np.ndarray:
+    """``array[lo:hi]`` of a 1-D Zarr array, its chunks decoded in parallel."""
+    return chunkio.read(array, ((lo, hi),), np.empty(hi - lo, dtype or array.dtype))
 
 
 # ------------------------------------------------------------- writing by several workers
@@ -156,7 +162,8 @@ def pieces(start: int, stop: int, chunk: int, total: int) -> list[tuple[int, int
 
 
 def read_pointers(path: str) -> np.ndarray:
-    return np.asarray(zarr.open_group(store=path, mode="r")["pointers_to_1"][...]).astype(np.int64)
+    pointers = zarr.open_group(store=path, mode="r")["pointers_to_1"]
+    return _read_range(pointers, 0, pointers.shape[0], np.int64)
 
 
 def read_rows(path: str, rows: np.ndarray, max_gap: int = 64) -> sp.csr_array:
@@ -176,8 +183,8 @@ def read_rows(path: str, rows: np.ndarray, max_gap: int = 64) -> sp.csr_array:
     indices, values = group["indices_1"], group["values"]
     for s, e in zip(starts, stops):
         lo, hi = int(ptr[rows[s]]), int(ptr[rows[e - 1] + 1])
-        block_idx = np.asarray(indices[lo:hi])
-        block_val = np.asarray(values[lo:hi])
+        block_idx = _read_range(indices, lo, hi)
+        block_val = _read_range(values, lo, hi)
         local = ptr[rows[s:e]] - lo
         length = ptr[rows[s:e] + 1] - ptr[rows[s:e]]
         take = np.repeat(local - np.concatenate([[0], np.cumsum(length)[:-1]]), length) + \
