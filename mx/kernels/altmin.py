@@ -28,7 +28,7 @@ import zarr
 
 from mx.cluster.comm import GangContext
 from mx.kernels import lsq
-from mx.storage import sparse
+from mx.storage import dense, sparse
 
 # Rows with at least HEAVY_DEGREE·k observations get sketch-preconditioned CG; lighter rows
 # are solved exactly. On an H100 the fused sketch solve (4k buckets, 3 steps) costs what the
@@ -80,7 +80,7 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
         ctx.count("rows-sketch-preconditioned", heavy_u + heavy_v)
         ctx.count("rows-solved-exactly", (r1 - r0) + (c1 - c0) - heavy_u - heavy_v)
-    dev = lambda a, t=None: xp.asarray(a, dtype=t)  # noqa: E731
+    dev = lambda a: dense.upload(xp, a)  # noqa: E731
     R = tuple(dev(a) for a in by_rows)
     C = tuple(dev(a) for a in by_cols)
     h_rows, h_cols, h_vals = dev(rows[held] - r0), dev(cols[held]), dev(vals[held])

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from mx.storage import dense
+
 
 @dataclass
 class Csr:
@@ -56,8 +58,8 @@ class Csr:
     def on(self, xp, dtype=None) -> "Csr":
         """The matrix as arrays of ``xp`` (NumPy or CuPy): int64 offsets, int32 column
         indices, values as ``dtype`` (default: as they are)."""
-        return Csr(xp.asarray(self.indptr, dtype=np.int64), xp.asarray(self.indices, dtype=np.int32),
-                   xp.asarray(self.data, dtype=dtype), self.shape)
+        return Csr(dense.upload(xp, self.indptr, np.int64), dense.upload(xp, self.indices, np.int32),
+                   dense.upload(xp, self.data, dtype), self.shape)
 
 
 def products_per_row(xp, a: Csr, b: Csr):

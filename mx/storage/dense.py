@@ -152,6 +152,22 @@ def page_lock(array: np.ndarray) -> np.ndarray:
         return array
 
 
+def upload(xp, array, dtype=None):
+    """A host array as an ``xp`` array (cast to ``dtype``), copied to a GPU from page-locked
+    memory. CuPy stages a pageable array through its pinned pool, which a fresh worker fills at
+    0.75 s/GiB (0.13 s/GiB once warm); locking the array in place and copying takes 0.06 s/GiB
+    (H100)."""
+    if xp is np or not isinstance(array, np.ndarray):
+        return xp.asarray(array, dtype=dtype)
+    host = page_lock(np.ascontiguousarray(array, dtype=dtype))
+    device = xp.asarray(host)
+    if host is not array:
+        # the copy from locked memory may still run; the lock (and maybe the host copy) goes
+        # with ``host``
+        xp.cuda.get_current_stream().synchronize()
+    return device
+
+
 def _touch(array: np.ndarray) -> None:
     """Fault in a fresh array's pages on the I/O threads (the kernel zeroes each page as it is
     first touched, ~0.3 s/GiB on one thread)."""
