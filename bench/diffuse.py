@@ -40,12 +40,17 @@ MODES = ("none", "naive", "sync", "distrifusion", "pcpp")
 def xl_setup(size: int):
     """DiT-XL/2 shapes at one image size: (config, weights drawn from seed 0, token grid, a
     float16 latent), the same for mx and torch."""
+    cfg, grid, x = xl_latent(size)
+    return cfg, dit.random_weights(cfg, 0), grid, x
+
+
+def xl_latent(size: int):
+    """DiT-XL/2's (config, token grid, float16 latent from seed 0) at one image size."""
     cfg = dit.XL
-    weights = dit.random_weights(cfg, 0)
     lat = size // cfg.vae_factor
     grid = (lat // cfg.patch, lat // cfg.patch)
     x = np.random.default_rng(0).standard_normal((cfg.in_channels, lat, lat)).astype(np.float16)
-    return cfg, weights, grid, x
+    return cfg, grid, x
 
 
 def torch_forward(cfg, weights, x):

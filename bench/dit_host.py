@@ -29,11 +29,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import cupy
 
-    from diffuse import xl_setup  # bench/diffuse.py
+    from diffuse import xl_latent  # bench/diffuse.py
 
     net = dit.load("builtin:dit-xl", cupy, np.float16, seed=0)
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        cfg, _, grid, x = xl_setup(size)
+        cfg, grid, x = xl_latent(size)
         x = cupy.asarray(x)
         for rows in (grid[0], grid[0] // 2):
             band = x[:, :rows * cfg.patch]
