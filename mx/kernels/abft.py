@@ -276,8 +276,8 @@ extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int co
     }
 }
 
-// rows of p (X = A here) checked against expect (rows×2); passing rows added to c (when c is
-// not null), failing rows flagged in bad
+// rows of p (X = A here) checked against the running checksums expect (rows×3: the two weighted
+// sums and the row's magnitude, which scales tol); failing rows flagged in bad
 extern "C" __global__ void mx_abft_check(const X* p, long long rows, int cols, int vector,
                                          const A* expect, double tol, double floor, int* bad) {
     __shared__ A shared[2 * THREADS / 32];
