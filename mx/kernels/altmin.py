@@ -66,7 +66,7 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
     with ctx.timed_host("read"):
         local = sparse.read_csr(path, rows=(r0, r1))
         rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(local.indptr))
-        cols = local.indices.astype(np.int64)
+        cols = local.indices.astype(np.int64, copy=False)
         vals = local.data.astype(np.float64)
         held = holdout_mask(rows, cols, holdout, seed)
     with ctx.timed_host("exchange-omega"):

@@ -406,6 +406,11 @@ def singular_floor(dtype) -> float:
     return 1e-9 if dtype == np.float64 else 1e-4
 
 
+def _i64(x):
+    """x as int64, copied only if it is not already (CuPy's astype copies by default)."""
+    return x.astype(np.int64, copy=False)
+
+
 def warp_supported(xp, y) -> bool:
     """The warp-per-row kernels run on CuPy arrays of rank ≤ 128 in float32 or float64."""
     return xp is not np and y.shape[1] <= WARP_MAX_RANK and y.dtype in (np.float32, np.float64)
@@ -436,7 +441,7 @@ def row_dots(xp, x, y, indptr, cols):
     m, k = x.shape[0], x.shape[1]
     out = xp.empty(int(cols.size), dtype=x.dtype)
     _warp_launch(_warp_kernel("row_dots", x.dtype, k), m,
-                 (indptr.astype(np.int64), cols.astype(np.int64), xp.ascontiguousarray(x),
+                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(x),
                   xp.ascontiguousarray(y, dtype=x.dtype), np.int64(m), np.int32(k), out))
     return out
 
@@ -446,7 +451,7 @@ def normal_apply(xp, p, y, indptr, cols, reg):
     m, k = p.shape[0], p.shape[1]
     out = xp.empty((m, k), dtype=p.dtype)
     _warp_launch(_warp_kernel("normal_apply", p.dtype, k), m,
-                 (indptr.astype(np.int64), cols.astype(np.int64), xp.ascontiguousarray(p),
+                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(p),
                   xp.ascontiguousarray(y, dtype=p.dtype), np.int64(m), np.int32(k),
                   p.dtype.type(reg), out))
     return out
@@ -490,8 +495,8 @@ def solve(xp, y, indptr, cols, values, reg, rows, out):
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     y = xp.ascontiguousarray(y)
-    fn((n,), (THREADS,), (indptr.astype(np.int64), cols.astype(np.int64),
-                          xp.ascontiguousarray(values, dtype=dtype), y, rows.astype(np.int64),
+    fn((n,), (THREADS,), (_i64(indptr), _i64(cols),
+                          xp.ascontiguousarray(values, dtype=dtype), y, _i64(rows),
                           np.int32(n), np.int32(k), dtype.type(reg), out, failed),
        shared_mem=smem)
     return rows[failed != 0]
@@ -526,9 +531,9 @@ def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, see
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     failed = xp.zeros(n, dtype=np.int32)
-    fn((n,), (THREADS,), (indptr.astype(np.int64), cols.astype(np.int64),
+    fn((n,), (THREADS,), (_i64(indptr), _i64(cols),
                           xp.ascontiguousarray(values, dtype=dtype), xp.ascontiguousarray(y),
-                          xp.ascontiguousarray(x0, dtype=dtype), rows.astype(np.int64),
+                          xp.ascontiguousarray(x0, dtype=dtype), _i64(rows),
                           np.int32(n), np.int32(k), np.int32(buckets),
                           np.int32(steps), dtype.type(reg), np.uint64(seed), out, failed),
        shared_mem=smem)
