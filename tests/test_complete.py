@@ -157,10 +157,60 @@ def test_ill_posed_problems_give_clear_errors(tmp_path, rng):
         mx.submit(bad, base=str(tmp_path))
     m = sp.random(40, 30, density=0.4, format="lil", random_state=2)
     m[:, 11] = 0
-    m[:, 11] = 0
     sparse.write_csr(str(tmp_path / "E2.zarr"), sp.csr_array(m.tocsr()))
     bad["steps"][0]["inputs"]["observed"] = "E2.zarr"
     bad["steps"][0]["params"]["holdout"] = 0.0
-    with pytest.raises(JobFailed, match="column 11 of the observed matrix has no observed entries"):
+    # found when the job is planned, before anything is recorded or written
+    with pytest.raises(UserError, match="column 11 of .* has no observed entries"):
         mx.submit(bad, base=str(tmp_path))
+    for name, value in (("seed", -1), ("seed", 2**62), ("reg", float("inf")), ("tol", float("nan"))):
+        wrong = job("local", 2, "als")
+        wrong["steps"][0]["params"][name] = value
+        with pytest.raises(UserError, match=f"params.{name}"):
+            mx.submit(wrong, base=str(tmp_path))
     assert not (tmp_path / "F-als.zarr").exists()
+
+
+def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path, monkeypatch):
+    """A run killed after its last checkpoint, before the checkpoint's removal, has met its
+    stopping rule already: resumed, it must not sweep on."""
+    import shutil
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (230, 190), 5, 0.2, condition=30.0, seed=7)
+    params = dict(rank=5, method="als", tol=1e-3, max_iters=40)
+    keep = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None
+                        if str(path).endswith(".mx-checkpoint") else keep(path, *a, **k))
+    mx.submit(job("local", 2, **params), base=str(tmp_path))
+    want_u, want_v, want = factors(tmp_path / "F-als.zarr")
+    assert want["stopped"].startswith("held-out relative error")
+    assert len(want["history"]) < params["max_iters"]
+    monkeypatch.setattr(shutil, "rmtree", keep)
+    shutil.rmtree(tmp_path / "F-als.zarr")  # as if killed before the output was written
+
+    job_id = mx.submit(job("local", 2, **params), base=str(tmp_path))
+    assert f"resumed-at-sweep {len(want['history'])}" in mx.logs(job_id)
+    got_u, got_v, got = factors(tmp_path / "F-als.zarr")
+    assert got["history"] == want["history"] and got["stopped"] == want["stopped"]
+    assert np.array_equal(got_u, want_u) and np.array_equal(got_v, want_v)
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, monkeypatch):
+    """The same path and shape rewritten with other entries: the job starts afresh."""
+    import shutil
+
+    params = dict(rank=4, method="als", tol=1e-9, max_iters=30)
+    generate.lowrank(str(tmp_path / "O.zarr"), (150, 120), 4, 0.3, seed=8)
+    keep = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None
+                        if str(path).endswith(".mx-checkpoint") else keep(path, *a, **k))
+    mx.submit(job("local", 2, **params), base=str(tmp_path))
+    monkeypatch.setattr(shutil, "rmtree", keep)
+    assert (tmp_path / ".F-als.zarr.mx-checkpoint").exists()
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (150, 120), 4, 0.3, seed=9, overwrite=True)
+    job_id = mx.submit(job("local", 2, **params), base=str(tmp_path))
+    assert "resumed-at-sweep" not in mx.logs(job_id)
+    u, v, attrs = factors(tmp_path / "F-als.zarr")
+    want = truth(tmp_path / "O.zarr")
+    assert np.linalg.norm(u @ v.T - want) / np.linalg.norm(want) < 1e-6

@@ -123,3 +123,33 @@ def test_rerun_replaces_an_mx_output_only_when_complete(tmp_path, rng):
     mx.submit(job, base=str(tmp_path))
     assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b2) < 1e-12
     assert not leftovers(tmp_path / "out")
+
+
+def test_an_output_being_written_by_a_live_job_is_refused(tmp_path, rng):
+    """A second job writing the same output is refused while the first one's process lives;
+    once it is gone, its lock is stale: the next job takes it and removes the leftovers."""
+    import socket
+    import subprocess
+    import sys
+
+    from mx.errors import UserError
+
+    a, b = rng.random((31, 17)), rng.random((17, 23))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    (tmp_path / "out").mkdir()
+    lock = tmp_path / "out" / ".C.zarr.mx-lock"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"job": "other-job", "host": socket.gethostname(),
+                                    "pid": other.pid}))
+        job = JOB.format(name="lk", backend="local", workers=1)
+        with pytest.raises(UserError, match="out/C.zarr is being written by job other-job"):
+            mx.submit(job, base=str(tmp_path))
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / "out" / ".C.zarr.mx-tmp-other-job").mkdir()  # what the dead job left
+    mx.submit(job, base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
+    assert not leftovers(tmp_path / "out") and not lock.exists()

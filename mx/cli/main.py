@@ -14,6 +14,9 @@ import click
 
 from mx.errors import JobCancelled, JobFailed, UserError
 
+# seeds as jobs take them (mx.tasks.spec.SEED_MAX, not imported: the CLI starts without pydantic)
+SEED = click.IntRange(0, 2**32 - 1)
+
 
 class Bar:
     """A one-line progress bar on a terminal; silent elsewhere (logs carry the progress)."""
@@ -349,7 +352,7 @@ def data() -> None:
 @click.argument("output", type=click.Path())
 @click.option("--shape", required=True, help="M,N")
 @click.option("--chunks", default=None, help="R,C (default: up to 1024,1024)")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
 @click.option("--distribution", default="uniform", show_default=True, type=click.Choice(["uniform", "normal"]))
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -377,7 +380,7 @@ def _sparse_summary(info, what: str) -> str:
 @click.argument("output", type=click.Path())
 @click.option("--scale", required=True, type=int, help="2**SCALE vertices (1..31)")
 @click.option("--edge-factor", default=16, show_default=True, type=int, help="Edges per vertex.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def data_rmat(output, scale, edge_factor, seed, dtype, overwrite) -> None:
@@ -403,7 +406,7 @@ def data_rmat(output, scale, edge_factor, seed, dtype, overwrite) -> None:
               help="banded: fraction of the band kept.")
 @click.option("--avg-degree", default=8.0, show_default=True, type=float,
               help="web: mean out-links per page.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 def data_sparse(output, kind, n, bandwidth, density, avg_degree, seed, dtype, overwrite) -> None:
@@ -438,7 +441,7 @@ def data_sparse(output, kind, n, bandwidth, density, avg_degree, seed, dtype, ov
 @click.option("--noise", default=0.0, show_default=True, type=float)
 @click.option("--condition", default=1.0, show_default=True, type=float,
               help="ratio of the largest to the smallest singular value")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--dtype", default="float64", show_default=True, type=click.Choice(["float32", "float64"]))
 @click.option("--overwrite", is_flag=True)
 def data_lowrank(output, shape, rank, fraction, noise, condition, seed, dtype, overwrite) -> None:

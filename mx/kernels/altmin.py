@@ -125,7 +125,13 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     else:
         u, v = xp.asarray(state["u"]), xp.asarray(state["v"])
         start, history = state["iteration"], state["history"]
-        ctx.count("resumed-at-sweep", start)
+        if ctx.control.rank == 0:  # counters are summed over the workers
+            ctx.count("resumed-at-sweep", start)
+        # a run killed after its last checkpoint but before its output was written has already
+        # met its stopping rule: it stops where the uninterrupted run stopped
+        reason = _stop_reason(history, tol)
+        if reason is not None:
+            return u, v, history, reason
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
@@ -149,13 +155,23 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             save(sweep + 1, history, u, v)
         ctx.advance(1)
         ctx.report({"iteration": sweep + 1, "holdout_error": rel, "train_rmse": train_rmse})
-        if rel < tol:
-            reason = f"held-out relative error {rel:.3g} < tol {tol:g}"
-            break
-        if len(history) >= 4 and history[-4]["holdout_rel_error"] - rel < STAGNATION * rel:
-            reason = f"no progress over 3 sweeps (held-out relative error {rel:.3g})"
+        stop = _stop_reason(history, tol)
+        if stop is not None:
+            reason = stop
             break
     return u, v, history, reason
+
+
+def _stop_reason(history: list, tol: float) -> str | None:
+    """Why the sweeps stop after the last one in ``history``, or None to go on."""
+    if not history:
+        return None
+    rel = history[-1]["holdout_rel_error"]
+    if rel < tol:
+        return f"held-out relative error {rel:.3g} < tol {tol:g}"
+    if len(history) >= 4 and history[-4]["holdout_rel_error"] - rel < STAGNATION * rel:
+        return f"no progress over 3 sweeps (held-out relative error {rel:.3g})"
+    return None
 
 
 # ------------------------------------------------------------------------------ solving

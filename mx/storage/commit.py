@@ -5,6 +5,11 @@ written does ``commit`` rename it to ``<dir>/<name>``. A failed or cancelled job
 temporary; one killed outright leaves a dot-named temporary that never looks like the output
 (``sweep_stale`` removes such leftovers). An existing output is replaced only after the new
 one is complete, and only if mx wrote it: mx never overwrites a file it did not create.
+
+While a job runs it holds ``<dir>/.<name>.mx-lock`` (its id, host and pid) for each output, so
+a second job writing the same output is refused rather than racing it for the temporaries,
+the checkpoint and the commit. A lock whose process is gone is stale: the next job takes it
+and removes the leftovers of the jobs before.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import datetime as _dt
 import json
 import os
 import shutil
+import socket
+from typing import Callable
 
 from mx.errors import UserError
 
 TMP_TAG = ".mx-tmp-"
 OLD_TAG = ".mx-old-"
+LOCK_TAG = ".mx-lock"
 
 
 def temp_path(output: str, job_id: str) -> str:
@@ -103,3 +111,55 @@ def sweep_stale(output: str, live_jobs: set[str]) -> list[str]:
                 shutil.rmtree(os.path.join(head, entry), ignore_errors=True)
                 removed.append(entry)
     return removed
+
+
+def lock_path(output: str) -> str:
+    head, name = os.path.split(os.path.abspath(output))
+    return os.path.join(head, f".{name}{LOCK_TAG}")
+
+
+def holder(output: str, runs: Callable[[str, int], bool]) -> dict | None:
+    """The lock of the job writing ``output`` ({"job", "host", "pid"}), or None when there is
+    none or its process is gone (``runs(host, pid)`` says)."""
+    try:
+        with open(lock_path(output)) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if runs(info.get("host"), info.get("pid")) else None
+
+
+def check_unlocked(output: str, what: str, runs: Callable[[str, int], bool],
+                   job_id: str | None = None) -> None:
+    """Refuse an output another running job is writing (``job_id``'s own lock is fine)."""
+    info = holder(output, runs)
+    if info is not None and info.get("job") != job_id:
+        raise UserError(f"{what}: {output} is being written by job {info.get('job')} (pid "
+                        f"{info.get('pid')} on {info.get('host')}); wait for it or cancel it "
+                        f"(`mx cancel {info.get('job')}`), or write to another path. If no such "
+                        f"job runs, remove {lock_path(output)}")
+
+
+def lock(output: str, job_id: str, pid: int, runs: Callable[[str, int], bool]) -> None:
+    """Take ``output`` for ``job_id`` (refused while another live job holds it), then remove
+    the temporaries earlier jobs left beside it."""
+    check_unlocked(output, "output", runs, job_id)
+    path = lock_path(output)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{job_id}"
+    with open(tmp, "w") as f:
+        json.dump({"job": job_id, "host": socket.gethostname(), "pid": pid}, f)
+    os.replace(tmp, path)
+    sweep_stale(output, {job_id})
+
+
+def unlock(output: str, job_id: str) -> None:
+    """Give ``output`` back, if ``job_id`` still holds it."""
+    path = lock_path(output)
+    try:
+        with open(path) as f:
+            mine = json.load(f).get("job") == job_id
+    except (OSError, ValueError):
+        return
+    if mine:
+        os.remove(path)

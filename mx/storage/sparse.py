@@ -166,6 +166,33 @@ def read_pointers(path: str) -> np.ndarray:
     return _read_range(pointers, 0, pointers.shape[0], np.int64)
 
 
+def column_counts(path: str, batch: int = 1 << 24) -> np.ndarray:
+    """Stored entries per column, from the column indices read ``batch`` at a time."""
+    group = zarr.open_group(store=path, mode="r")
+    n = int(group.attrs["binsparse"]["shape"][1])
+    indices = group["indices_1"]
+    counts = np.zeros(n, dtype=np.int64)
+    for lo in range(0, indices.shape[0], batch):
+        hi = min(lo + batch, indices.shape[0])
+        counts += np.bincount(_read_range(indices, lo, hi, np.int64), minlength=n)[:n]
+    return counts
+
+
+def fingerprint(path: str) -> str:
+    """Names, sizes and modification times of every file of a store, hashed: it changes when
+    the matrix is rewritten in place (a checkpoint of older data must not be resumed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            st = os.stat(full)
+            digest.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
 def read_rows(path: str, rows: np.ndarray, max_gap: int = 64) -> sp.csr_array:
     """The given rows (sorted, unique) as a compact CSR: row t of the result is rows[t].
     Nearby rows are read as one range (gaps up to ``max_gap`` rows)."""

@@ -22,7 +22,7 @@ from mx.storage import dense, sparse
 from mx.tasks import blocks
 from mx.tasks.graph import StepGraph, comm_key
 from mx.tasks.ops import Op
-from mx.tasks.spec import Strict
+from mx.tasks.spec import SEED_MAX, Strict
 
 
 class CompleteParams(Strict):
@@ -31,11 +31,11 @@ class CompleteParams(Strict):
 
     rank: int = Field(ge=1)
     method: Literal["altmin-sketch", "als", "als-cg"] = "altmin-sketch"
-    tol: float = Field(default=1e-6, gt=0)
+    tol: float = Field(default=1e-6, gt=0, allow_inf_nan=False)
     max_iters: int = Field(default=50, ge=1)
-    reg: float = Field(default=0.0, ge=0)
+    reg: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     holdout: float = Field(default=0.02, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     # CG steps per row per half-sweep (als-cg, and altmin-sketch's heavy rows); default
     # altmin.CG_STEPS[method]
     cg_iters: Optional[int] = Field(default=None, ge=1, le=100)
@@ -56,6 +56,7 @@ class CompletePlan:
     chunks: tuple[int, int]
     workers: int
     output: object  # not a matrix another step can use as a dense or sparse input
+    thin: dict  # rows and columns with fewer observed entries than the rank
 
     def describe(self) -> list[str]:
         m, n = self.shape
@@ -66,7 +67,7 @@ class CompletePlan:
                 f"{max(map(blocks.length, self.row_blocks))} and "
                 f"{max(map(blocks.length, self.col_blocks))} rows each at most); only k-wide "
                 f"factor blocks move between them",
-                *_row_treatment(p),
+                *_row_treatment(p), *_thin_warning(self),
                 f"stops when the held-out relative error < {p.tol:g}, after {p.max_iters} sweeps, "
                 f"or when it stops improving; a checkpoint after every sweep" if p.checkpoint else
                 f"stops when the held-out relative error < {p.tol:g} or after {p.max_iters} sweeps"]
@@ -83,6 +84,15 @@ def _row_treatment(p: CompleteParams) -> list[str]:
             f"sweep's value; lighter rows solved exactly (counts below)"]
 
 
+def _thin_warning(plan: CompletePlan) -> list[str]:
+    rows, cols = plan.thin["row"], plan.thin["column"]
+    if plan.params.reg > 0 or not (rows or cols):
+        return []
+    return [f"warning: {rows} rows and {cols} columns have fewer observed entries than the rank "
+            f"({plan.params.rank}); with reg 0 their factors are not determined by the data "
+            f"(minimum-norm solutions): set params.reg > 0 or lower the rank"]
+
+
 class _FactorsInfo:
     kind = "factors"
 
@@ -93,18 +103,22 @@ def plan(inputs: dict, params: CompleteParams, workers: int, what: str, gpus: in
     if params.rank > min(m, n):
         raise UserError(f"{what}.params.rank: {params.rank} is more than min(m, n) = {min(m, n)} "
                         f"for a {m}×{n} matrix; ask for a rank of at most {min(m, n)}")
-    pointers = sparse.read_pointers(obs.path)
-    empty = np.nonzero(np.diff(pointers) == 0)[0]
-    if empty.size:
-        raise UserError(f"{what}.inputs.observed: row {int(empty[0])} of {obs.path} has no "
-                        f"observed entries ({empty.size} empty rows); its factor is undetermined: "
-                        f"drop those rows or observe more entries")
+    degrees = {"row": np.diff(sparse.read_pointers(obs.path)),
+               "column": sparse.column_counts(obs.path)}
+    for kind, degree in degrees.items():
+        empty = np.nonzero(degree == 0)[0]
+        if empty.size:
+            raise UserError(f"{what}.inputs.observed: {kind} {int(empty[0])} of {obs.path} has no "
+                            f"observed entries ({empty.size} empty {kind}s); its factor is "
+                            f"undetermined: drop those {kind}s or observe more entries")
+    # with no regularisation, a row seen fewer times than the rank has no unique solution
+    thin = {kind: int((degree < params.rank).sum()) for kind, degree in degrees.items()}
     side = dense.chunk_side(8 * params.rank)  # chunks of whole factor rows
     row_chunk, row_blocks = blocks.aligned(m, workers, max(1, side * side // params.rank), align=1)
     col_chunk, col_blocks = blocks.aligned(n, workers, max(1, side * side // params.rank), align=1)
     return CompletePlan(shape=(m, n), nnz=obs.nnz, params=params, row_blocks=row_blocks,
                         col_blocks=col_blocks, chunks=(row_chunk, col_chunk), workers=workers,
-                        output=_FactorsInfo())
+                        output=_FactorsInfo(), thin=thin)
 
 
 def create_output(p: CompletePlan, path: str, attributes: dict) -> None:
@@ -128,7 +142,8 @@ def build(p: CompletePlan, paths: dict[str, str], output: str, step: str,
           final_output: str | None = None) -> StepGraph:
     gang = f"{step}:complete"
     prm = p.params
-    signature = {"observed": paths["observed"], "shape": list(p.shape), "rank": prm.rank,
+    signature = {"observed": paths["observed"], "contents": sparse.fingerprint(paths["observed"]),
+                 "shape": list(p.shape), "rank": prm.rank,
                  "method": prm.method, "reg": prm.reg, "holdout": prm.holdout, "seed": prm.seed,
                  "row_blocks": [list(b) for b in p.row_blocks],
                  "col_blocks": [list(b) for b in p.col_blocks]}

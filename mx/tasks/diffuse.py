@@ -22,7 +22,7 @@ from mx.storage import image
 from mx.tasks import blocks
 from mx.tasks.graph import StepGraph, comm_key
 from mx.tasks.ops import Op
-from mx.tasks.spec import Strict
+from mx.tasks.spec import SEED_MAX, Strict
 
 
 class Parallel(Strict):
@@ -39,7 +39,7 @@ class DiffuseParams(Strict):
     height: int = Field(ge=1)
     width: int = Field(ge=1)
     steps: int = Field(default=50, ge=1, le=1000)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     label: int | None = Field(default=None, ge=0)  # class of a class-conditional model
     precision: Literal["auto", "fp32", "fp16"] = "auto"  # auto: fp16 on GPUs, fp32 on CPUs
     parallel: Parallel = Field(default_factory=Parallel)

@@ -227,10 +227,14 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     cancelled = lambda: record.cancel_requested(job_id)  # noqa: E731
     backend = None
     tmp = None
+    locked = []
     state, error = "failed", None
     try:
         job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
-        job_plan = planning.plan_job(job, folder)
+        job_plan = planning.plan_job(job, folder, job_id)
+        for sp in job_plan.steps:
+            commit.lock(sp.output, job_id, pid, record.runs)
+            locked.append(sp.output)
         # a driver that a cluster's Jobs API started connects to that cluster (RAY_ADDRESS)
         backend = make_backend(job_plan, job_id, dashboard,
                                address="auto" if rec.get("cluster") else None)
@@ -275,6 +279,8 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
         _restore_terminate(previous)
         if tmp is not None:
             commit.abort(tmp)
+        for output in locked:
+            commit.unlock(output, job_id)
         for step in rec["steps"]:
             if step["state"] == "running":
                 step["state"] = state
@@ -312,7 +318,7 @@ def _follow(job_id: str) -> str:
     backend, tmp = None, None
     try:
         job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
-        job_plan = planning.plan_job(job, rec["base"])
+        job_plan = planning.plan_job(job, rec["base"], job_id)
         backend = MpiBackend(job_plan.workers, job_plan.job.resources.gpus, job_id)
         backend.start(lambda line: None)
         for sp in job_plan.steps:

@@ -14,7 +14,7 @@ from typing import Any
 from mx.errors import UserError
 from mx.kernels import dit
 from mx.storage import commit, dense, sparse
-from mx.tasks import ops, spec
+from mx.tasks import ops, record, spec
 
 
 @dataclass
@@ -42,7 +42,9 @@ class JobPlan:
 INSPECT = {"dense": dense.inspect, "sparse": sparse.inspect}
 
 
-def plan_job(job: spec.Job, base: str) -> JobPlan:
+def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
+    """Check a job and plan its steps; ``job_id`` names the job itself once it runs (its own
+    locks on its outputs are no conflict)."""
     if job.backend == "mpi" and job.resources.address is not None:
         raise UserError("resources.address: an MPI job runs as ranks started by mpiexec or srun, "
                         "not on a Ray cluster; drop address or use backend: ray")
@@ -106,6 +108,7 @@ def plan_job(job: spec.Job, base: str) -> JobPlan:
             raise UserError(f"{what}.output: {step.output} is read by {first_use[_key(output)]}; "
                             f"write the result to another path")
         commit.check_writable(output, f"{what}.output")
+        commit.check_unlocked(output, f"{what}.output", record.runs, job_id)
         op_plan = op.plan(infos, params, workers, what, gpus=job.resources.gpus)
         planned[step.id] = (output, op_plan.output)
         first_use.setdefault(_key(output), f"{what}.output")

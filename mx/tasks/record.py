@@ -113,6 +113,13 @@ def effective_state(record: dict) -> str:
     return state
 
 
+def runs(host: str | None, pid: int | None) -> bool:
+    """Whether process ``pid`` of ``host`` still runs (one on another host is assumed to)."""
+    if host != socket.gethostname():
+        return True
+    return bool(pid) and alive(pid)
+
+
 def alive(pid: int) -> bool:
     """True while process ``pid`` runs on this machine (a zombie no longer does)."""
     try:

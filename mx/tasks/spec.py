@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mx.errors import UserError
 
 STEP_REF = "step:"
+SEED_MAX = 2**32 - 1  # seeds are mixed into 64-bit hashes with sweep and step counts
 BACKENDS = ("ray", "local", "mpi")
 
 
