@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import mx
 from mx.errors import UserError
@@ -186,4 +187,32 @@ def test_bad_models_and_shapes_give_clear_errors(tmp_path, rng):
                   base=str(tmp_path))
     with pytest.raises(UserError, match="parallel.mode"):
         mx.submit(job("local", 1, diffuse_step("a", 32, 32, "ring")), base=str(tmp_path))
+    for key, value in (("vae_factor", "0"), ("num_heads", "abc")):
+        safetensors.write(str(tmp_path / "meta.safetensors"), *safetensors.read(
+            str(tmp_path / "m.safetensors"))[:1], {**meta, key: value})
+        with pytest.raises(UserError, match=f"inputs.model .*metadata {key} = '{value}' is not"):
+            mx.submit(job("local", 1, diffuse_step("a", 32, 32, model="meta.safetensors")),
+                      base=str(tmp_path))
+    for seed in (-1, 2**62):
+        step = diffuse_step("a", 32, 32)
+        step["params"]["seed"] = seed
+        with pytest.raises(UserError, match="params.seed"):
+            mx.submit(job("local", 1, step), base=str(tmp_path))
     assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+def test_the_preview_never_replaces_what_mx_did_not_write(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/a.png").write_text("a user's file")
+    (tmp_path / "out/b.png").mkdir()
+    for name in ("a", "b"):
+        with pytest.raises(UserError, match=f"preview .*out/{name}.png would replace"):
+            mx.submit(job("local", 1, diffuse_step(name, 16, 16, steps=2)), base=str(tmp_path))
+        assert not os.path.exists(tmp_path / f"out/{name}.zarr")
+    assert (tmp_path / "out/a.png").read_text() == "a user's file"
+    (tmp_path / "out/a.png").unlink()
+    for _ in range(2):  # the second run replaces mx's own preview
+        mx.submit(job("local", 1, diffuse_step("a", 16, 16, steps=2)), base=str(tmp_path))
+        with Image.open(tmp_path / "out/a.png") as png:
+            assert png.size == (16, 16)
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a.zarr", "b.png"]

@@ -81,13 +81,29 @@ def inspect(source: str, where: str) -> Config:
     if not os.path.isfile(path):
         raise UserError(f"{where}: no model file at {path}; give builtin:dit-tiny, "
                         f"builtin:dit-xl or a path to a .safetensors DiT checkpoint")
-    header, metadata, _ = safetensors.read_header(path)
+    try:
+        header, metadata, _ = safetensors.read_header(path)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     shapes = {}
     for name, entry in header.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
             raise UserError(f"{where}: {path}: tensor '{name}' has a malformed header entry")
         shapes[name] = tuple(entry["shape"])
     return replace(config_from(shapes, metadata, f"{where} ({path})"), name=source)
+
+
+def _count(metadata: dict[str, str], key: str, default: int, where: str, least: int = 1) -> int:
+    """An integer metadata entry (safetensors metadata values are strings), at least ``least``."""
+    raw = metadata.get(key, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < least:
+        raise UserError(f"{where}: metadata {key} = {raw!r} is not an integer >= {least}; fix or "
+                        f"drop it (default {default})")
+    return value
 
 
 def config_from(shapes: dict[str, tuple], metadata: dict[str, str], where: str) -> Config:
@@ -106,15 +122,15 @@ def config_from(shapes: dict[str, tuple], metadata: dict[str, str], where: str) 
     final = shapes.get("final_layer.linear.weight", (0, hidden))
     out_channels = final[0] // (patch * patch)
     table = shapes.get("y_embedder.embedding_table.weight")
-    classes = int(metadata.get("num_classes", table[0] - 1)) if table else 0
+    classes = _count(metadata, "num_classes", table[0] - 1, where, 0) if table else 0
     default_heads = 16 if hidden == 1152 else max(1, hidden // 64)
-    heads = int(metadata.get("num_heads", default_heads))
+    heads = _count(metadata, "num_heads", default_heads, where)
     if hidden % heads:
         raise UserError(f"{where}: hidden width {hidden} is not divisible by num_heads {heads}; "
                         f"fix the num_heads metadata")
     config = Config(hidden=hidden, depth=depth, heads=heads, patch=patch, in_channels=channels,
                     out_channels=out_channels, num_classes=classes,
-                    vae_factor=int(metadata.get("vae_factor", 8 if channels == 4 else 1)),
+                    vae_factor=_count(metadata, "vae_factor", 8 if channels == 4 else 1, where),
                     clip_x0=metadata.get("clip_x0", "0") == "1")
     expected = expected_shapes(config, table[0] if table else 0)
     for name, shape in expected.items():

@@ -14,7 +14,10 @@ import shutil
 
 import numpy as np
 
+from mx.errors import UserError
+
 PREVIEW = "preview.png"
+MARK = ("Software", "mx")  # a PNG text entry: mx replaces only PNGs that carry it
 
 
 def create(path: str, shape: tuple[int, int, int], attributes: dict) -> None:
@@ -50,20 +53,49 @@ def to_rgb(latent: np.ndarray, pixels: bool) -> np.ndarray:
 
 
 def save_png(path: str, rgb: np.ndarray) -> None:
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*MARK)
     tmp = path + ".tmp"
-    Image.fromarray(rgb).save(tmp, format="PNG")
+    Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=info)
     os.replace(tmp, path)
 
 
+def preview_path(output: str) -> str:
+    """Where ``publish`` puts an output's preview: ``<output without .zarr>.png``."""
+    return (output[:-5] if output.endswith(".zarr") else output) + ".png"
+
+
+def _mx_png(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get(MARK[0]) == MARK[1]
+    except Exception:
+        return False
+
+
+def check_publishable(output: str, what: str) -> None:
+    """Refuse, before a job runs, a preview path that holds something mx did not write."""
+    target = preview_path(output)
+    if os.path.lexists(target) and (os.path.isdir(target) or not _mx_png(target)):
+        raise UserError(f"{what}: the preview {target} would replace a "
+                        f"{'folder' if os.path.isdir(target) else 'file'} mx did not write; "
+                        f"move it away or choose another output path")
+
+
 def publish(output: str) -> str:
-    """Copy a committed output's preview beside it as ``<output without .zarr>.png``."""
-    stem = output[:-5] if output.endswith(".zarr") else output
-    target = stem + ".png"
+    """Copy a committed output's preview beside it (``preview_path``)."""
+    target = preview_path(output)
     tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp")
-    shutil.copyfile(os.path.join(output, PREVIEW), tmp)
-    os.replace(tmp, target)
+    try:
+        shutil.copyfile(os.path.join(output, PREVIEW), tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
     return target
 
 

@@ -143,4 +143,5 @@ def build(p: DiffusePlan, paths: dict[str, str], output: str, step: str,
 
 
 OP = Op(name="diffuse", inputs={"model": "model"}, params=DiffuseParams, plan=plan,
-        create_output=create_output, build=build, publish=image.publish)
+        create_output=create_output, build=build, publish=image.publish,
+        check_publish=image.check_publishable)

@@ -493,8 +493,12 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
             {"job": job_id, "step": sp.step.id, "op": sp.step.op, "inputs": sp.inputs,
              "complete": True})
         commit.commit(tmp, sp.output, job_id)
-        if sp.op.publish is not None:
+    if sp.op.publish is not None:
+        try:
             sp.op.publish(sp.output)
+        except OSError as exc:  # the output is committed and complete; only its extra is not
+            log(f"step {sp.step.id}: warning: the output is committed, but what is derived from "
+                f"it could not be written: {exc}")
     save_timeline(job_id, sp.step.id, sp.step.op, graph, infos)
     phases = summarize(infos)
     phases["commit"] = round(timing["seconds"], 4)

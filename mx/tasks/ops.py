@@ -11,7 +11,8 @@ An op is plain data plus three functions (and an optional fourth):
   compute -> writes) writing into ``output`` (the temporary); ``final_output`` is where it
   will be committed (for what must outlive a failed run, such as checkpoints).
 - ``publish(output)`` (optional): files derived from the committed output, made after the
-  commit (``diffuse``'s PNG beside its Zarr array).
+  commit (``diffuse``'s PNG beside its Zarr array), with ``check_publish(output, what)``
+  refusing beforehand paths it may not write.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Op:
     create_output: Callable[..., None]
     build: Callable[..., Any]
     publish: Callable[[str], Any] | None = None  # run on the output once committed
+    check_publish: Callable[[str, str], None] | None = None  # at plan time: may publish write?
 
 
 def registry() -> dict[str, Op]:

@@ -109,6 +109,8 @@ def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
                             f"write the result to another path")
         commit.check_writable(output, f"{what}.output")
         commit.check_unlocked(output, f"{what}.output", record.runs, job_id)
+        if op.check_publish is not None:
+            op.check_publish(output, f"{what}.output")
         op_plan = op.plan(infos, params, workers, what, gpus=job.resources.gpus)
         planned[step.id] = (output, op_plan.output)
         first_use.setdefault(_key(output), f"{what}.output")
