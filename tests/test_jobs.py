@@ -153,3 +153,32 @@ def test_an_output_being_written_by_a_live_job_is_refused(tmp_path, rng):
     mx.submit(job, base=str(tmp_path))
     assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
     assert not leftovers(tmp_path / "out") and not lock.exists()
+
+
+def test_a_damaged_record_is_skipped_by_list_and_named_by_status(tmp_path, rng):
+    from mx.tasks import record
+
+    write_dense(tmp_path / "A.zarr", rng.random((9, 7)))
+    write_dense(tmp_path / "B.zarr", rng.random((7, 5)))
+    good = mx.submit(JOB.format(name="good", backend="local", workers=1), base=str(tmp_path))
+    for text in ("[]", '{"id":'):
+        bad = "zz-damaged-1"
+        os.makedirs(os.path.dirname(record.path(bad, "record.json")), exist_ok=True)
+        with open(record.path(bad, "record.json"), "w") as f:
+            f.write(text)
+        listing = mx_cli("list")
+        assert listing.returncode == 0 and good in listing.stdout, listing.stderr
+        status = mx_cli("status", bad)
+        assert status.returncode == 2 and "record" in status.stderr and "damaged" in status.stderr
+        assert "Traceback" not in status.stderr
+
+
+def test_reading_an_earlier_steps_output_by_path_is_named_as_such(tmp_path, rng):
+    from mx.errors import UserError
+
+    write_dense(tmp_path / "A.zarr", rng.random((9, 7)))
+    write_dense(tmp_path / "B.zarr", rng.random((7, 7)))
+    job = (JOB.format(name="chain", backend="local", workers=1) +
+           "  - id: d\n    op: gemm\n    inputs: {a: out/C.zarr, b: B.zarr}\n    output: D.zarr\n")
+    with pytest.raises(UserError, match="out/C.zarr is written by a step of this job; refer"):
+        mx.submit(job, base=str(tmp_path))

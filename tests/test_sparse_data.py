@@ -197,3 +197,49 @@ def test_sparse_cli(tmp_path, kind, n, shape):
                                  "--n", "0"])
     assert result.exit_code == 2 and "--n 0" in result.output
     assert sorted(os.listdir(tmp_path)) == ["S.zarr"]
+
+
+def _raw_csr(path, shape, ptr, idx, val, **meta):
+    """A binsparse group written with plain zarr, as another tool would (no checks)."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("pointers_to_1", data=np.asarray(ptr, dtype="int64"))
+    g.create_array("indices_1", data=np.asarray(idx, dtype="int32"))
+    g.create_array("values", data=np.asarray(val))
+    g.attrs["binsparse"] = {"version": "0.1", "format": "CSR", "shape": shape, **meta}
+
+
+def test_malformed_sparse_inputs_are_refused_by_name(tmp_path, rng):
+    import mx
+    from mx.errors import JobFailed
+
+    n = int(rng.integers(3, 9))
+    eye = tmp_path / "eye.zarr"
+    _raw_csr(eye, [n, n], np.arange(n + 1), np.arange(n), np.ones(n))
+    cases = {  # name: (shape, pointers, indices, values, what the message says)
+        "noshape": (None, [0, 1, 2], [0, 1], [1.0, 2.0], "binsparse 'shape' is None"),
+        "textshape": ("2x2", [0, 1, 2], [0, 1], [1.0, 2.0], "binsparse 'shape' is '2x2'"),
+        "rows": ([n + 3, n], [0, 1, 2], [0, 1], [1.0, 2.0], "pointers_to_1 has 3 entries"),
+        "short": ([2, n], [0, 1, 2], [0, 1], [1.0], "values has 1 entries but indices_1 has 2"),
+        "ends": ([2, n], [0, 1, 3], [0, 1], [1.0, 2.0], "pointers_to_1 runs from 0 to 3"),
+        "complex": ([2, n], [0, 1, 2], [0, 1], np.array([1 + 1j, 2j]), "not a real number type"),
+    }
+    for name, (shape, ptr, idx, val, says) in cases.items():
+        _raw_csr(tmp_path / f"{name}.zarr", shape, ptr, idx, val)
+        job = {"backend": "local", "resources": {"workers": 2},
+               "steps": [{"id": "c", "op": "spgemm", "inputs": {"a": f"{name}.zarr", "b": "eye.zarr"},
+                          "output": f"C-{name}.zarr"}]}
+        with pytest.raises(UserError, match=says):
+            mx.submit(job, base=str(tmp_path))
+        result = CliRunner().invoke(cli, ["data", "info", str(tmp_path / f"{name}.zarr")])
+        assert result.exit_code == 2 and says.split("'")[0] in result.output, result.output
+    # only the entries show a column past the end: the job stops with the index named
+    bad_col = int(rng.integers(n, 3 * n))
+    _raw_csr(tmp_path / "oob.zarr", [2, n], [0, 1, 2], [0, bad_col], [1.0, 2.0])
+    job = {"backend": "local", "resources": {"workers": 2},
+           "steps": [{"id": "c", "op": "spgemm", "inputs": {"a": "oob.zarr", "b": "eye.zarr"},
+                      "output": "C-oob.zarr"}]}
+    with pytest.raises(JobFailed, match=f"column index {bad_col} is outside the matrix's {n}"):
+        mx.submit(job, base=str(tmp_path))
+    assert not any(p.startswith("C-") for p in os.listdir(tmp_path)) and not leftovers(tmp_path)

@@ -61,7 +61,14 @@ def inspect(path: str, what: str = "matrix") -> DenseInfo:
     if arr.ndim != 2:
         raise UserError(f"{what}: {path} is {arr.ndim}-D with shape {tuple(arr.shape)}; a matrix "
                         f"must be a 2-D array")
-    dtype = np.dtype(arr.dtype)
+    dtype = check_dtype(arr.dtype, path, what)
+    return DenseInfo(path=path, shape=(int(arr.shape[0]), int(arr.shape[1])), dtype=dtype.str,
+                     chunks=(int(arr.chunks[0]), int(arr.chunks[1])))
+
+
+def check_dtype(dtype, path: str, what: str) -> np.dtype:
+    """A matrix's values must be real numbers mx computes with (float32/64, integers, bools)."""
+    dtype = np.dtype(dtype)
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
             or dtype == np.bool_):
         raise UserError(f"{what}: {path} has dtype {dtype}, which is not a real number type; "
@@ -69,8 +76,7 @@ def inspect(path: str, what: str = "matrix") -> DenseInfo:
     if dtype.itemsize > 8 or dtype == np.float16:
         raise UserError(f"{what}: {path} has dtype {dtype}; mx computes in float32 or float64: "
                         f"convert the array to one of those")
-    return DenseInfo(path=path, shape=(int(arr.shape[0]), int(arr.shape[1])), dtype=dtype.str,
-                     chunks=(int(arr.chunks[0]), int(arr.chunks[1])))
+    return dtype
 
 
 def compute_dtype(*dtypes: str) -> np.dtype:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import zarr
 
 from mx.errors import UserError
-from mx.storage import chunkio
+from mx.storage import chunkio, dense
 
 # 1-D chunks of this many elements keep row-range reads cheap without tiny files.
 CHUNK_ELEMENTS = 1 << 20
@@ -51,12 +51,49 @@ def inspect(path: str, what: str = "matrix") -> SparseInfo:
     if meta.get("format") != "CSR":
         raise UserError(f"{what}: {path} is binsparse format {meta.get('format')!r}; mx reads "
                         f"CSR (convert it, e.g. with scipy's tocsr())")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape)):
+        raise UserError(f"{what}: {path}: binsparse 'shape' is {shape!r}; it must be [rows, "
+                        f"columns], two non-negative integers")
+    m, n = shape
+    arrays = {}
     for name in ("pointers_to_1", "indices_1", "values"):
-        if name not in group:
+        node = group.get(name)
+        if node is None:
             raise UserError(f"{what}: {path} lacks the array '{name}' that binsparse CSR needs")
-    m, n = (int(x) for x in meta["shape"])
-    return SparseInfo(path=path, shape=(m, n), dtype=np.dtype(group["values"].dtype).str,
-                      nnz=int(group["indices_1"].shape[0]))
+        if not isinstance(node, zarr.Array) or node.ndim != 1:
+            raise UserError(f"{what}: {path}/{name} must be a 1-D array")
+        arrays[name] = node
+    ptr, indices, values = arrays["pointers_to_1"], arrays["indices_1"], arrays["values"]
+    if ptr.shape[0] != m + 1:
+        raise UserError(f"{what}: {path}: pointers_to_1 has {ptr.shape[0]} entries but a matrix "
+                        f"of {m} rows needs {m + 1}; the shape or the pointers are wrong")
+    if not np.issubdtype(np.dtype(indices.dtype), np.integer):
+        raise UserError(f"{what}: {path}/indices_1 has dtype {indices.dtype}; column indices "
+                        f"must be integers")
+    nnz = int(indices.shape[0])
+    if values.shape[0] != nnz:
+        raise UserError(f"{what}: {path}: values has {values.shape[0]} entries but indices_1 "
+                        f"has {nnz}; each stored entry needs both")
+    ends = (int(ptr[0]), int(ptr[m]))
+    if ends != (0, nnz):
+        raise UserError(f"{what}: {path}: pointers_to_1 runs from {ends[0]} to {ends[1]}; it "
+                        f"must run from 0 to the {nnz} stored entries")
+    dtype = dense.check_dtype(values.dtype, path, what)
+    return SparseInfo(path=path, shape=(m, n), dtype=dtype.str, nnz=nnz)
+
+
+def check_entries(path: str, pointers: np.ndarray, indices: np.ndarray, n: int) -> None:
+    """Pointers that never go back and column indices inside [0, n): the kernels trust both
+    (an index past the end would be dropped silently, or read out of bounds)."""
+    if pointers.size > 1 and bool((np.diff(pointers) < 0).any()):
+        raise UserError(f"{path}: pointers_to_1 decreases at row "
+                        f"{int(np.argmax(np.diff(pointers) < 0))}; row offsets must never go back")
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+        raise UserError(f"{path}: column index {bad} is outside the matrix's {n} columns; "
+                        f"indices_1 must hold 0-based column indices below {n}")
 
 
 def write_csr(path: str, matrix, attributes: dict | None = None) -> None:
@@ -93,6 +130,7 @@ def read_csr(path: str, rows: tuple[int, int] | None = None) -> sp.csr_array:
     ptr = _read_range(group["pointers_to_1"], r0, r1 + 1, np.int64)
     lo, hi = int(ptr[0]), int(ptr[-1])
     indices = _read_range(group["indices_1"], lo, hi)
+    check_entries(path, ptr, indices, n)
     values = _read_range(group["values"], lo, hi)
     return sp.csr_array((values, indices, ptr - lo), shape=(r1 - r0, n))
 
@@ -174,7 +212,9 @@ def column_counts(path: str, batch: int = 1 << 24) -> np.ndarray:
     counts = np.zeros(n, dtype=np.int64)
     for lo in range(0, indices.shape[0], batch):
         hi = min(lo + batch, indices.shape[0])
-        counts += np.bincount(_read_range(indices, lo, hi, np.int64), minlength=n)[:n]
+        part = _read_range(indices, lo, hi, np.int64)
+        check_entries(path, np.zeros(0), part, n)
+        counts += np.bincount(part, minlength=n)
     return counts
 
 
@@ -199,6 +239,7 @@ def read_rows(path: str, rows: np.ndarray, max_gap: int = 64) -> sp.csr_array:
     group = zarr.open_group(store=path, mode="r")
     m, n = (int(x) for x in group.attrs["binsparse"]["shape"])
     ptr = read_pointers(path)
+    check_entries(path, ptr, np.zeros(0, np.int64), n)
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
         return sp.csr_array((np.zeros(0, group["values"].dtype), np.zeros(0, np.int32),
@@ -211,6 +252,7 @@ def read_rows(path: str, rows: np.ndarray, max_gap: int = 64) -> sp.csr_array:
     for s, e in zip(starts, stops):
         lo, hi = int(ptr[rows[s]]), int(ptr[rows[e - 1] + 1])
         block_idx = _read_range(indices, lo, hi)
+        check_entries(path, np.zeros(0), block_idx, n)
         block_val = _read_range(values, lo, hi)
         local = ptr[rows[s:e]] - lo
         length = ptr[rows[s:e] + 1] - ptr[rows[s:e]]

@@ -93,6 +93,9 @@ def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
                                     f"matrix but {step.op} needs a {kind} one here")
             else:
                 paths[name] = spec.resolve_path(value, base)
+                if any(_same(paths[name], out) for out, _ in planned.values()):
+                    raise UserError(f"{where}: {value} is written by a step of this job; refer "
+                                    f"to it as step:<id> so the order is explicit")
                 infos[name] = _inspect(kind, paths[name], where)
             first_use.setdefault(_key(paths[name]), where)
         output = spec.resolve_path(step.output, base)

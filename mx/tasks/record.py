@@ -63,11 +63,19 @@ def write(job_id: str, record: dict) -> None:
 
 
 def load(job_id: str) -> dict:
+    file = path(job_id, "record.json")
     try:
-        with open(path(job_id, "record.json")) as f:
-            return json.load(f)
+        with open(file) as f:
+            rec = json.load(f)
     except FileNotFoundError:
         raise UserError(f"no job {job_id!r} under {jobs_dir()}; `mx list` shows the jobs") from None
+    except ValueError as exc:
+        raise UserError(f"job {job_id}: its record {file} is damaged ({exc}); remove that "
+                        f"job's folder") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"job {job_id}: its record {file} is damaged (not a JSON object); "
+                        f"remove that job's folder")
+    return rec
 
 
 def update(job_id: str, record: dict, **fields) -> dict:
