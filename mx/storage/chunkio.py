@@ -10,6 +10,7 @@ into (or out of) the caller's array. On 16 cores a 1 GiB dense block reads 2.2×
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import threading
@@ -21,6 +22,7 @@ from zarr.core.buffer.cpu import NDBuffer
 IO_THREADS = min(32, os.cpu_count() or 1)
 _POOL: ThreadPoolExecutor | None = None
 _THREAD = threading.local()
+_LOOPS: list = []  # every I/O thread's loop, closed at exit (an unclosed one warns as it goes)
 
 
 def pool() -> ThreadPoolExecutor:
@@ -37,7 +39,15 @@ def _run(coroutine):
     loop = getattr(_THREAD, "loop", None)
     if loop is None:
         loop = _THREAD.loop = asyncio.new_event_loop()
+        _LOOPS.append(loop)
     return loop.run_until_complete(coroutine)
+
+
+@atexit.register
+def _close_loops() -> None:
+    for loop in _LOOPS:
+        if not loop.is_running() and not loop.is_closed():
+            loop.close()
 
 
 def pieces(region: tuple, chunks: tuple):
