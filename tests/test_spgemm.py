@@ -139,3 +139,17 @@ def test_shape_mismatch_and_dense_input(tmp_path, rng):
     write_dense(tmp_path / "D.zarr", rng.random((6, 4)))
     with pytest.raises(UserError, match="steps\\[0\\].inputs.b.*not a Zarr group|binsparse"):
         mx.submit(job("local", 2, b="D.zarr"), base=str(tmp_path))
+
+
+def test_a_chained_product_plans_without_the_earlier_outputs_size(tmp_path, rng):
+    a = powerlaw(rng, 211, 211, 6)
+    write(tmp_path / "A.zarr", a)
+    two = job("local", 3, {"memory": "64MiB"}, b="A.zarr")
+    two["steps"].append({"id": "d", "op": "spgemm", "inputs": {"a": "step:c", "b": "step:c"},
+                         "output": "D.zarr", "params": {"memory": "64MiB"}})
+    job_id = mx.submit(two, base=str(tmp_path))
+    log = mx.logs(job_id)
+    assert "-1 nnz" not in log and "nnz known once the earlier step has run" in log
+    assert "B is an earlier step's output, its size unknown until that step runs" in log
+    c = (a @ a).tocsr()
+    check(sparse.read_csr(str(tmp_path / "D.zarr")), c, c, 1e-10)

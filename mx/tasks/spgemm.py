@@ -57,7 +57,8 @@ class SpgemmPlan:
         load = [0] * self.workers
         for (r0, r1), w in zip(self.units, self.owners):
             load[w] += r1 - r0
-        return [f"spgemm {m}×{self.inner} ({self.a_nnz} nnz) · {self.inner}×{n} ({self.b_nnz} nnz) "
+        return [f"spgemm {m}×{self.inner} ({_nnz(self.a_nnz)}) · {self.inner}×{n} "
+                f"({_nnz(self.b_nnz)}) "
                 f"-> {m}×{n} {np.dtype(self.dtype).name}",
                 f"{len(self.units)} row chunks of {self.pointer_chunk} rows dealt to "
                 f"{self.workers} workers" + (" in a random order" if self.permute else "")
@@ -78,11 +79,19 @@ def plan(inputs: dict, params: SpgemmParams, workers: int, what: str, gpus: int 
     budget, source = dense_gemm.memory_budget(params.memory, gpus, f"{what}.params.memory")
     b_bytes = b.nnz * (np.dtype(b.dtype).itemsize + 4) + (k + 1) * 8
     replicate = params.replicate_b
-    if replicate is None:
+    if replicate is None and b.nnz < 0 and budget is not None:
+        # B is an earlier step's output, its size unknown until that step runs: the choice
+        # that fits any size
+        replicate = False
+        b_reason = ("each worker reads only the rows of B it needs: B is an earlier step's "
+                    "output, its size unknown until that step runs")
+    elif replicate is None:
         replicate = budget is None or b_bytes <= budget / 4
         why = ("B is replicated on every worker" if replicate else
                "each worker reads only the rows of B it needs")
-        b_reason = f"{why}: B takes {b_bytes / 2**20:.1f} MiB, worker memory " + \
+        size = (f"B takes {b_bytes / 2**20:.1f} MiB" if b.nnz >= 0 else
+                "B's size is known once the earlier step has run")
+        b_reason = f"{why}: {size}, worker memory " + \
             (f"{budget / 2**30:.1f} GiB ({source})" if budget else "unlimited")
     else:
         b_reason = ("B is replicated on every worker" if replicate else
@@ -93,6 +102,10 @@ def plan(inputs: dict, params: SpgemmParams, workers: int, what: str, gpus: int 
                       pointer_chunk=pointer_chunk, workers=workers, permute=params.permute,
                       batch_bytes=int(0.4 * budget) if budget else None,
                       output=output)
+
+
+def _nnz(count: int) -> str:
+    return f"{count} nnz" if count >= 0 else "nnz known once the earlier step has run"
 
 
 def _row_weights(a: sparse.SparseInfo, units: list) -> list[int]:
