@@ -177,11 +177,12 @@ def test_failed_jobs_get_a_page_that_says_why(tmp_path, rng):
 
     from mx.storage import sparse
 
-    obs = sp.random(40, 30, density=0.4, format="lil", random_state=2)
-    obs[:, 11] = 0
-    sparse.write_csr(str(tmp_path / "E.zarr"), sp.csr_array(obs.tocsr()))
-    with pytest.raises(JobFailed):
-        mx.submit(complete_job("E.zarr", holdout=0.0), base=str(tmp_path))
+    # every row and column observed, but holding 90% out leaves some with nothing to train on:
+    # found only inside the gang, once the held-out entries are drawn
+    obs = sp.random(40, 30, density=0.4, format="csr", random_state=2)
+    sparse.write_csr(str(tmp_path / "E.zarr"), sp.csr_array(obs))
+    with pytest.raises(JobFailed, match="no observed entries left for training"):
+        mx.submit(complete_job("E.zarr", holdout=0.9), base=str(tmp_path))
     job_id = record.find("cr-")
     paths = report.write(job_id)
     text = check_page(paths, record.path(job_id, "report"))
