@@ -75,3 +75,10 @@ def test_import_rejects_complex_and_garbage(tmp_path):
         result = runner.invoke(cli, ["data", "import", str(tmp_path / name), str(tmp_path / "O.zarr")])
         assert result.exit_code == 2, result.output
         assert not (tmp_path / "O.zarr").exists()
+
+
+def test_the_cli_takes_the_seeds_jobs_take():
+    from mx.cli.main import SEED
+    from mx.tasks.spec import SEED_MAX
+
+    assert (SEED.min, SEED.max) == (0, SEED_MAX)

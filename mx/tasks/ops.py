@@ -1,6 +1,6 @@
 """The ops a step may name, and what each must provide.
 
-An op is plain data plus three functions (and an optional fourth):
+An op is plain data plus three functions (and two optional ones):
 
 - ``plan(inputs, params, workers, what, gpus)``: check the inputs (``DenseInfo``/``SparseInfo``)
   and params, decide how to run (algorithm, grid, blocks) and return a plan whose ``output``

@@ -93,6 +93,7 @@ def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
                                     f"matrix but {step.op} needs a {kind} one here")
             else:
                 paths[name] = spec.resolve_path(value, base)
+                # (a later step that writes it is refused as it is planned: first_use has this read)
                 if any(_same(paths[name], out) for out, _ in planned.values()):
                     raise UserError(f"{where}: {value} is written by a step of this job; refer "
                                     f"to it as step:<id> so the order is explicit")
@@ -119,12 +120,6 @@ def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
         first_use.setdefault(_key(output), f"{what}.output")
         steps.append(StepPlan(index=index, step=step, op=op, inputs=paths, output=output,
                               plan=op_plan))
-    written = {_key(p) for p, _ in planned.values()}
-    for index, step in enumerate(job.steps):
-        for name, value in step.inputs.items():
-            if spec.step_ref(value) is None and _key(spec.resolve_path(value, base)) in written:
-                raise UserError(f"steps[{index}].inputs.{name}: {value} is written by a step of "
-                                f"this job; refer to it as step:<id> so the order is explicit")
     return JobPlan(job=job, base=base, workers=workers, steps=steps)
 
 
