@@ -112,14 +112,64 @@ def test_abft_over_nccl_retries_a_step_whose_block_was_corrupted(tmp_path, rng, 
     assert mx.status(job_id)["steps"][0]["counters"]["abft-checked"] == 2
 
 
-def test_abft_on_the_gpu(tmp_path, rng, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_abft_on_the_gpu(tmp_path, rng, monkeypatch, precision):
     a, b = rng.standard_normal((700, 900)), rng.standard_normal((900, 650))
     write_dense(tmp_path / "A.zarr", a.astype(np.float32))
     write_dense(tmp_path / "B.zarr", b.astype(np.float32))
     monkeypatch.setenv(abft.FAULT_ENV, "abft:0:0")
-    job_id = mx.submit(gemm_job(1, "fp32", "abft", backend="local"), base=str(tmp_path))
-    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 1e-5
+    job_id = mx.submit(gemm_job(1, precision, "abft", backend="local"), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < {"fp32": 1e-5, "bf16": 2e-2}[precision]
     assert mx.status(job_id)["steps"][0]["counters"]["abft-recomputed"] == 1
+
+
+@pytest.mark.parametrize("cols", [520, 333])  # 16-byte rows, and rows that are not
+def test_abft_checks_taken_while_rounding_to_bf16(rng, cols):
+    import cupy
+
+    m, k = 301, 457
+    a = rng.standard_normal((m, k)) * 10.0 ** rng.integers(-2, 3, (m, 1))
+    b = rng.standard_normal((k, cols)).astype(np.float32)
+    c, counters = cupy.zeros((m, cols), np.float32), {}
+    checks = abft.start(cupy, c, "bf16")
+    da, db = abft.to_device(cupy, a, b, "bf16", checks, counters)
+    # the blocks are bit for bit what the plain conversion makes (NaN included)
+    a[3, 4] = np.nan
+    bits, _, _ = abft._convert_checks_cupy(a, None, None, None)
+    assert (cupy.asnumpy(bits) == cupy.asnumpy(prec.to_device(cupy, a, "bf16"))).all()
+    assert (cupy.asnumpy(db) == cupy.asnumpy(prec.to_device(cupy, b, "bf16"))).all()
+    # the share taken on the way is the one the separate passes take
+    separate = abft.start(cupy, c, "bf16")
+    abft.accumulate(cupy, cupy.zeros_like(c), da, db, "bf16", separate)
+    assert rel_error(cupy.asnumpy(checks.expect), cupy.asnumpy(separate.expect)) < 1e-5
+    assert counters == {"abft-products": 1} and checks.only is not None
+    # a clean product passes; a corrupted one is caught and its row recomputed
+    ha, hb = (prec.bf16_to_float32(cupy.asnumpy(x)).astype(np.float64) for x in (da, db))
+    abft.accumulate(cupy, c, da, db, "bf16", None)
+    assert abft.verify(cupy, c, checks, "bf16", counters, "t") == 0
+    c[...] = 0
+    abft.accumulate(cupy, c, da, db, "bf16", None, corrupt=True)
+    assert abft.verify(cupy, c, checks, "bf16", counters, "t") == 1
+    assert rel_error(cupy.asnumpy(c), ha @ hb) < 1e-5
+
+
+def test_abft_out_of_core_bf16_on_the_gpu(tmp_path, rng, monkeypatch):
+    m, k, n = 1501, 1300, 1377
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    write_dense(tmp_path / "A.zarr", a.astype(np.float32))
+    write_dense(tmp_path / "B.zarr", b.astype(np.float32))
+    job = gemm_job(1, "bf16", "abft", backend="local")
+    job["steps"][0]["params"]["memory"] = "8MiB"
+    monkeypatch.setenv(abft.FAULT_ENV, "abft:0:1")  # a later slab: the step is retried
+    monkeypatch.setenv(abft.FAULT_ONCE_ENV, str(tmp_path / "fired"))
+    job_id = mx.submit(job, base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), a @ b) < 2e-2
+    assert "algorithm stream (out of core)" in mx.logs(job_id)
+    assert (tmp_path / "fired").exists()  # the fault really happened
+    log = mx.logs(job_id)
+    assert "failed their ABFT checksums" in log and "retry 1 of" in log
+    counters = mx.status(job_id)["steps"][0]["counters"]
+    assert counters["abft-checked"] >= 2 and counters["abft-products"] >= 4
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32", "tf32", "fp64"])

@@ -16,7 +16,10 @@ the step from its stored inputs on fresh workers (``max_retries``). A row that f
 its recompute fails the task with a message naming the worker.
 
 On CuPy the passes over the inputs and the check are RawKernels that read the stored precision
-(bf16 bit patterns included) and accumulate in float32 (float64 for fp64).
+(bf16 bit patterns included) and accumulate in float32 (float64 for fp64). A product whose
+blocks come straight from the host (a Cannon worker's first round, every streamed slab) takes
+its share in ``to_device``: for bf16 the kernels that round A and B compute it from the values
+they write, and the only pass ABFT adds is the check of C.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mx.errors import DeviceFault
-from mx.kernels import gemm
+from mx.kernels import gemm, precision as prec
 from mx.kernels.precision import UNIT_ROUNDOFF, as_float, output_dtype
 
 # For tests and drills: MX_FAULT="abft:<gang rank>:<round>" corrupts that product. With
@@ -109,6 +112,35 @@ def add_checks(xp, a, bv, b_abs, expect, precision: str) -> None:
     expect[:, 2] += np.abs(af).sum(axis=1) * b_abs[0]
 
 
+def to_device(xp, a_host, b_host, precision: str, checks: Checks | None,
+              counters: dict | None = None):
+    """A product's host blocks as the device arrays it multiplies (``precision.to_device``),
+    with the product's share of C's running checksums added to ``checks`` (when given) on the
+    way: ``accumulate`` then takes no checks for this product. Where the blocks are rounded to
+    bf16 on the GPU, the rounding kernels compute the share from the values they write, so the
+    passes over A and B cost no reads beyond the conversion itself (as separate passes they
+    cost 4–5% of a bf16 product at 16384³)."""
+    if checks is None:
+        return prec.to_device(xp, a_host, precision), prec.to_device(xp, b_host, precision)
+    if xp is np or precision != "bf16":
+        a, b = prec.to_device(xp, a_host, precision), prec.to_device(xp, b_host, precision)
+        bv, b_abs = row_checks(xp, b, None, precision)
+        add_checks(xp, a, bv, b_abs, checks.expect, precision)
+    else:
+        b, bv, b_abs = _convert_checks_cupy(b_host, None, None, None)
+        a, _, _ = _convert_checks_cupy(a_host, bv, checks.expect, b_abs)
+    _counted(checks, a, b, counters)
+    return a, b
+
+
+def _counted(checks: Checks, a, b, counters: dict | None) -> None:
+    checks.depth += a.shape[1]
+    checks.products += 1
+    checks.only = (a, b) if checks.products == 1 else None
+    if counters is not None:
+        counters["abft-products"] = counters.get("abft-products", 0) + 1
+
+
 def accumulate(xp, c, a, b, precision: str, checks: Checks | None, counters: dict | None = None,
                corrupt: bool = False) -> None:
     """``c += a @ b`` in place; with ``checks`` (ABFT on), the product's share of C's checksums
@@ -116,11 +148,7 @@ def accumulate(xp, c, a, b, precision: str, checks: Checks | None, counters: dic
     if checks is not None:
         bv, b_abs = row_checks(xp, b, None, precision)
         add_checks(xp, a, bv, b_abs, checks.expect, precision)
-        checks.depth += a.shape[1]
-        checks.products += 1
-        checks.only = (a, b) if checks.products == 1 else None
-        if counters is not None:
-            counters["abft-products"] = counters.get("abft-products", 0) + 1
+        _counted(checks, a, b, counters)
     gemm.accumulate(xp, c, a, b, precision)
     if corrupt and c.size and _claim_fault():
         # well past any rounding bound: 1e3 × the largest row of |A|·|B|
@@ -176,55 +204,24 @@ def failing_rows(xp, p, expect, tol: float, floor: float = 0.0):
 
 
 # ---------------------------------------------------------------------------------- CuPy
-# Blocks of THREADS, 16-byte loads where rows allow: the check takes one row per block, the
-# input passes ROWS rows. X is the stored block (bf16 bit patterns, float or double), A the
-# accumulator type. The weights [e, w] are made from the column index, so the
-# pass over B reads nothing but B; the pass over A reads the k×2 vector B·[e, w] from L2.
-THREADS = 256  # per block, in both kernels
-ROWS = 8  # rows per block of the input passes
+# One kernel makes every pass (over B, over A, the check of C): blocks of THREADS take ROWS rows
+# each, in 16-byte loads where rows allow. X is the stored block (bf16 bit patterns, float or
+# double), A the accumulator type. The weights [e, w] are made from the column index, so the
+# passes over B and C read nothing but the block; the pass over A reads the k×2 vector B·[e, w]
+# from L2. Measured on an H100 (scratch probes, 2026-11-23), 64–512 threads and 4–16 rows a
+# block moved bandwidth by under 10%; issuing a block's ROWS loads together gained 10%.
+THREADS = 256
+ROWS = 8
 _SOURCE = r"""
 #define VEC ((int)(16 / sizeof(X)))
 
-// the block's totals of s0 and s1, in thread 0
-__device__ __forceinline__ void block_sum2(A& s0, A& s1, A* shared) {
-    for (int o = 16; o > 0; o >>= 1) {
-        s0 += __shfl_down_sync(0xffffffffu, s0, o);
-        s1 += __shfl_down_sync(0xffffffffu, s1, o);
-    }
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) { shared[warp * 2] = s0; shared[warp * 2 + 1] = s1; }
-    __syncthreads();
-    if (warp == 0) {
-        s0 = lane < THREADS / 32 ? shared[lane * 2] : (A)0;
-        s1 = lane < THREADS / 32 ? shared[lane * 2 + 1] : (A)0;
-        for (int o = 16; o > 0; o >>= 1) {
-            s0 += __shfl_down_sync(0xffffffffu, s0, o);
-            s1 += __shfl_down_sync(0xffffffffu, s1, o);
-        }
-    }
-}
-
-// Visits a row's elements as (column, value), in 16-byte loads when the row allows.
-template <typename F>
-__device__ __forceinline__ void each(const X* row, int cols, bool vector, F f) {
-    if (vector) {
-        const uint4* chunks = (const uint4*)row;
-        for (int q = threadIdx.x; q < cols / VEC; q += THREADS) {
-            uint4 raw = chunks[q];
-            const X* vals = (const X*)&raw;
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) f(q * VEC + e, TO_A(vals[e]));
-        }
-    } else {
-        for (int j = threadIdx.x; j < cols; j += THREADS) f(j, TO_A(row[j]));
-    }
-}
-
 // y[r] = x[r,:]·v (v = [e, w] when null) and absmax = max over rows of sum |x[r,:]|; or, with
 // scale, the running checksums y[r] (3 wide) += (x[r,:]·v, scale · sum |x[r,:]|). A block
-// takes ROWS rows, so each chunk of v is loaded once for all of them.
+// takes ROWS rows, so each chunk of v is loaded once for all of them. Compiled with CONVERT
+// (X float), x is also rounded to bf16 into out, and the sums are of the rounded values.
 extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int cols, int vector,
-                                              const A* v, A* y, A* absmax, const A* scale) {
+                                              const A* v, A* y, A* absmax, const A* scale,
+                                              unsigned short* out) {
     __shared__ A shared[THREADS / 32][3 * ROWS];
     long long r0 = (long long)blockIdx.x * ROWS;
     int nr = (int)min((long long)ROWS, rows - r0);
@@ -242,19 +239,40 @@ extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int co
             v0[e] = !in ? (A)0 : v ? v[2 * j] : (A)1;
             v1[e] = !in ? (A)0 : v ? v[2 * j + 1] : (A)(1 + j % 7);
         }
+        // all ROWS loads issued before any is used, so they are in flight together
+        union { uint4 raw; X vals[VEC]; } chunk[ROWS];
 #pragma unroll
         for (int i = 0; i < ROWS; ++i) {
-            if (i >= nr) break;
             const X* row = base + (size_t)i * cols;
-            union { uint4 raw; X vals[VEC]; } chunk;
-            if (vector) chunk.raw = *(const uint4*)(row + j0);
-            else chunk.vals[0] = row[j0];
+            chunk[i].raw = make_uint4(0, 0, 0, 0);
+            if (i < nr) {
+                if (vector) chunk[i].raw = *(const uint4*)(row + j0);
+                else chunk[i].vals[0] = row[j0];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+#ifdef CONVERT
+            union { uint2 raw; unsigned short bits[VEC]; } rounded;
+#endif
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
                 if (e >= step) break;
-                A value = TO_A(chunk.vals[e]);
+#ifdef CONVERT
+                rounded.bits[e] = to_bf16(chunk[i].vals[e]);
+                A value = __uint_as_float(((unsigned int)rounded.bits[e]) << 16);
+#else
+                A value = TO_A(chunk[i].vals[e]);
+#endif
                 s[3 * i] += value * v0[e]; s[3 * i + 1] += value * v1[e]; s[3 * i + 2] += fabs(value);
             }
+#ifdef CONVERT
+            if (i < nr) {
+                unsigned short* to = out + (size_t)(r0 + i) * cols + j0;
+                if (vector) *(uint2*)to = rounded.raw;
+                else *to = rounded.bits[0];
+            }
+#endif
         }
     }
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -275,34 +293,17 @@ extern "C" __global__ void mx_abft_row_checks(const X* x, long long rows, int co
         else atomicMax((unsigned int*)absmax, __float_as_uint((float)total));
     }
 }
-
-// rows of p (X = A here) checked against the running checksums expect (rows×3: the two weighted
-// sums and the row's magnitude, which scales tol); failing rows flagged in bad
-extern "C" __global__ void mx_abft_check(const X* p, long long rows, int cols, int vector,
-                                         const A* expect, double tol, double floor, int* bad) {
-    __shared__ A shared[2 * THREADS / 32];
-    long long r = blockIdx.x;
-    if (r >= rows) return;
-    const X* row = p + (size_t)r * cols;
-    A s0 = 0, s1 = 0;
-    each(row, cols, vector, [&](int j, A value) { s0 += value; s1 += value * (A)(1 + j % 7); });
-    block_sum2(s0, s1, shared);
-    if (threadIdx.x == 0) {
-        // written so that NaN fails
-        double bound = tol * (double)expect[3 * r + 2] + floor;
-        bad[r] = !((fabs((double)s0 - (double)expect[3 * r]) <= bound)
-                   && (fabs((double)s1 - (double)expect[3 * r + 1]) <= bound));
-    }
-}
 """
 
 _MODULES: dict = {}
 
 
-def _module(stored, acc):
+def _module(stored, acc, convert: bool = False):
+    """The kernels for blocks stored as ``stored``, summed in ``acc``; with ``convert``, float32
+    blocks rounded to bf16 on the way."""
     import cupy
 
-    key = (np.dtype(stored).str, np.dtype(acc).str)
+    key = (np.dtype(stored).str, np.dtype(acc).str, convert)
     if key not in _MODULES:
         a = "double" if acc == np.float64 else "float"
         if stored == np.uint16:  # bf16 bit patterns
@@ -310,7 +311,8 @@ def _module(stored, acc):
         else:
             x, to_a = ("double" if stored == np.float64 else "float"), "(A)(V)"
         code = (f"typedef {a} A;\ntypedef {x} X;\n#define TO_A(V) {to_a}\n"
-                f"#define THREADS {THREADS}\n#define ROWS {ROWS}\n" + _SOURCE)
+                f"#define THREADS {THREADS}\n#define ROWS {ROWS}\n"
+                + ("#define CONVERT\n" + prec.BF16_DEVICE if convert else "") + _SOURCE)
         _MODULES[key] = cupy.RawModule(code=code, options=("-std=c++14",))
     return _MODULES[key]
 
@@ -324,26 +326,64 @@ def _row_checks_cupy(x, v, precision: str, expect=None, scale=None):
     import cupy
 
     acc = output_dtype(precision)
+    return _launch_row_checks(cupy.ascontiguousarray(x), _module(x.dtype, acc), acc, v, expect,
+                              scale, None)
+
+
+def _convert_checks_cupy(host, v, expect, scale):
+    """A float block rounded to bf16 on the GPU (as ``precision.to_device`` rounds it) with
+    ``_row_checks_cupy``'s sums of the rounded values, as ``(bits, y, absmax)``."""
+    import cupy
+
+    x = cupy.ascontiguousarray(cupy.asarray(host, dtype=np.float32))
+    out = cupy.empty(x.shape, dtype=np.uint16)
+    acc = np.dtype(np.float32)
+    y, absmax = _launch_row_checks(x, _module(np.float32, acc, convert=True), acc, v, expect,
+                                   scale, out)
+    return out, y, absmax
+
+
+def _launch_row_checks(x, module, acc, v, expect, scale, out):
+    """``mx_abft_row_checks`` over a contiguous block: fresh ``(y, absmax)`` without ``expect``;
+    with it, the product's share added into ``expect`` (``(expect, None)`` returned)."""
+    import cupy
+
     rows, cols = x.shape
     y = cupy.zeros((rows, 2), dtype=acc) if expect is None else expect
-    absmax = cupy.zeros(1, dtype=acc)
+    absmax = cupy.zeros(1, dtype=acc) if expect is None else None
     if rows and cols:
-        x = cupy.ascontiguousarray(x)
-        fn = _module(x.dtype, acc).get_function("mx_abft_row_checks")
-        fn((-(-rows // ROWS),), (THREADS,), (x, np.int64(rows), np.int32(cols), _vector(x),
-                             0 if v is None else cupy.ascontiguousarray(v, dtype=acc), y, absmax,
-                             0 if scale is None else scale))
+        module.get_function("mx_abft_row_checks")(
+            (-(-rows // ROWS),), (THREADS,),
+            (x, np.int64(rows), np.int32(cols), _vector(x),
+             0 if v is None else cupy.ascontiguousarray(v, dtype=acc), y,
+             0 if absmax is None else absmax, 0 if scale is None else scale,
+             0 if out is None else out))
     return y, absmax
 
 
+_BAD = None
+
+
 def _failing_rows_cupy(p, expect, tol: float, floor: float):
+    """The check of C: its weighted row sums by the input passes' kernel (ROWS rows a block
+    streams C at 10–15% more bandwidth than a row a block did), then compared row by row."""
     import cupy
 
-    rows, cols = p.shape
-    bad = cupy.zeros(rows, dtype=np.int32)
-    if rows:
-        fn = _module(p.dtype, p.dtype).get_function("mx_abft_check")
-        fn((rows,), (THREADS,), (p, np.int64(rows), np.int32(cols), _vector(p),
-                             cupy.ascontiguousarray(expect, dtype=p.dtype), np.float64(tol),
-                             np.float64(floor), bad))
+    global _BAD
+    if _BAD is None:
+        _BAD = cupy.ElementwiseKernel(
+            "raw T got, raw T expect, float64 tol, float64 floor", "bool bad",
+            """
+            // written so that NaN fails
+            double bound = tol * (double)expect[3 * i + 2] + floor;
+            bad = !((fabs((double)got[2 * i] - (double)expect[3 * i]) <= bound)
+                    && (fabs((double)got[2 * i + 1] - (double)expect[3 * i + 1]) <= bound));
+            """,
+            "mx_abft_bad")
+    got, _ = _launch_row_checks(cupy.ascontiguousarray(p), _module(p.dtype, p.dtype), p.dtype,
+                                None, None, None, None)
+    bad = cupy.empty(p.shape[0], dtype=bool)
+    if p.shape[0]:
+        _BAD(got, cupy.ascontiguousarray(expect, dtype=p.dtype), np.float64(tol),
+             np.float64(floor), bad)
     return cupy.flatnonzero(bad)

@@ -42,11 +42,10 @@ def run(tiles: list, slabs: list, *, a_path: str, b_path: str, out_path: str, re
                 a_host, b_host = _waited(ctx, ahead.pop(0))
                 if s + PREFETCH < len(slabs):
                     ahead.append(reader.submit(fetch, slabs[s + PREFETCH]))
-                with ctx.timed("to-device"):
-                    a = prec.to_device(xp, a_host, precision)
-                    b = prec.to_device(xp, b_host, precision)
+                with ctx.timed("to-device"):  # the product's checksums taken on the way
+                    a, b = abft.to_device(xp, a_host, b_host, precision, checks, ctx.counters)
                 with ctx.timed("compute"):
-                    abft.accumulate(xp, c, a, b, precision, checks, ctx.counters, product in faults)
+                    abft.accumulate(xp, c, a, b, precision, None, ctx.counters, product in faults)
                 product += 1
                 ctx.advance(1)
             if checks is not None:
