@@ -25,6 +25,9 @@ def test_bf16_conversion_is_bit_exact_with_the_numpy_twin(rng):
     nan = np.isnan(x)
     np.testing.assert_array_equal(got[~nan], want[~nan])
     assert np.isnan(prec.bf16_to_float32(got[nan])).all()
+    # a block that does not start on a 16-byte boundary takes the one-value-at-a-time path
+    shifted = cupy.asnumpy(prec.to_device(cupy, cupy.asarray(x)[1:], "bf16"))
+    np.testing.assert_array_equal(shifted[~nan[1:]], want[1:][~nan[1:]])
 
 
 @pytest.mark.parametrize("precision,tol_exact,tol_rounded", [
