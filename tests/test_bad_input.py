@@ -138,3 +138,15 @@ def test_data_random_bad_arguments(tmp_path):
     result = runner.invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape", "0,3"])
     assert result.exit_code == 2 and "at least 1" in result.output
     assert not os.listdir(tmp_path)
+
+
+def test_a_dataset_written_by_mx_data_is_not_replaced_by_a_job(inputs):
+    assert CliRunner().invoke(cli, ["data", "random", str(inputs / "C.zarr"), "--shape", "13,5"]).exit_code == 0
+    before = (inputs / "C.zarr" / "zarr.json").read_text()
+    result = submit(inputs, job("name: j\n"))
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert message.startswith("mx: error: ") and "\n" not in message, message
+    for needle in ("steps[0].output", "C.zarr", "mx data", "overwrite: true"):
+        assert needle in message, message
+    assert (inputs / "C.zarr" / "zarr.json").read_text() == before

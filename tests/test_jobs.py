@@ -182,3 +182,23 @@ def test_reading_an_earlier_steps_output_by_path_is_named_as_such(tmp_path, rng)
            "  - id: d\n    op: gemm\n    inputs: {a: out/C.zarr, b: B.zarr}\n    output: D.zarr\n")
     with pytest.raises(UserError, match="out/C.zarr is written by a step of this job; refer"):
         mx.submit(job, base=str(tmp_path))
+
+
+def test_an_output_is_replaced_by_a_rerun_of_its_job_or_when_the_step_says_so(tmp_path, rng):
+    from mx.errors import UserError
+
+    a, b = rng.random((11, 7)), rng.random((7, 5))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    mx.submit(JOB.format(name="first", backend="local", workers=1), base=str(tmp_path))
+    mx.submit(JOB.format(name="first", backend="local", workers=1), base=str(tmp_path))
+    with pytest.raises(UserError, match=r"steps\[0\].output: .*out/C.zarr was written by step 'c' "
+                                        r"of job first-.*overwrite: true"):
+        mx.submit(JOB.format(name="second", backend="local", workers=1), base=str(tmp_path))
+    attrs = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]
+    assert attrs["job_name"] == "first"
+    mx.submit(JOB.format(name="second", backend="local", workers=1) + "    overwrite: true\n",
+              base=str(tmp_path))
+    attrs = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]
+    assert attrs["job_name"] == "second"
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12

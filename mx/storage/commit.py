@@ -4,7 +4,10 @@ A job's output is first created as ``<dir>/.<name>.mx-tmp-<job>``; only when eve
 written does ``commit`` rename it to ``<dir>/<name>``. A failed or cancelled job removes its
 temporary; one killed outright leaves a dot-named temporary that never looks like the output
 (``sweep_stale`` removes such leftovers). An existing output is replaced only after the new
-one is complete, and only if mx wrote it: mx never overwrites a file it did not create.
+one is complete, and only if mx wrote it: mx never overwrites a file it did not create. A job
+replaces an mx output only if an earlier run of a job of the same name wrote it, or if its step
+says ``overwrite: true`` (``check_writable``): a job never silently replaces another job's
+result or a dataset from ``mx data``.
 
 While a job runs it holds ``<dir>/.<name>.mx-lock`` (its id, host and pid) for each output, so
 a second job writing the same output is refused rather than racing it for the temporaries,
@@ -33,21 +36,57 @@ def temp_path(output: str, job_id: str) -> str:
     return os.path.join(head, f".{name}{TMP_TAG}{job_id}")
 
 
-def _mx_written(path: str) -> bool:
-    """True if ``path`` is a Zarr node whose attributes carry mx's commit record."""
+def _stamp_of(path: str) -> dict | None:
+    """The commit record (``stamp``) of the Zarr node at ``path``; None if mx did not write it."""
     meta = os.path.join(path, "zarr.json")
     try:
         with open(meta) as f:
-            return "mx" in json.load(f).get("attributes", {})
-    except (OSError, ValueError):
-        return False
+            stamp = json.load(f).get("attributes", {}).get("mx")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
 
 
-def check_writable(output: str, what: str) -> None:
-    """Refuse an output path that holds something mx did not write (checked before a job runs)."""
-    if os.path.lexists(output) and not _mx_written(output):
-        raise UserError(f"{what}: {output} already exists and was not written by mx; remove "
-                        f"it or choose another output path (mx only replaces its own outputs)")
+def _mx_written(path: str) -> bool:
+    """True if ``path`` is a Zarr node whose attributes carry mx's commit record."""
+    return _stamp_of(path) is not None
+
+
+def _job_name(stamp: dict) -> str | None:
+    """The name of the job that wrote an output, None for one not written by a job."""
+    if "job_name" in stamp:
+        return stamp["job_name"]
+    if isinstance(stamp.get("job"), str):
+        # committed before outputs recorded the name: ids are <name>-<date>-<time>-<hex>
+        return stamp["job"].rsplit("-", 3)[0]
+    return None
+
+
+def writer(stamp: dict) -> str:
+    """What wrote an mx output, in words, from its commit record."""
+    if "job" in stamp:
+        return f"step '{stamp.get('step')}' of job {stamp['job']}"
+    if "generator" in stamp:
+        return f"`mx data` (its {stamp['generator']} generator)"
+    if "imported" in stamp:
+        return f"`mx data import` (from {stamp['imported']})"
+    return "mx"
+
+
+def check_writable(output: str, what: str, job_name: str, overwrite: bool = False) -> None:
+    """Refuse, before a job runs, an output path that holds something mx did not write, or an
+    mx output that job ``job_name`` may not replace: only earlier runs of a job of that name
+    are replaced, unless the step says ``overwrite``."""
+    if os.path.lexists(output):
+        stamp = _stamp_of(output)
+        if stamp is None:
+            raise UserError(f"{what}: {output} already exists and was not written by mx; remove "
+                            f"it or choose another output path (mx only replaces its own outputs)")
+        if not overwrite and _job_name(stamp) != job_name:
+            raise UserError(f"{what}: {output} was written by {writer(stamp)}, and job "
+                            f"'{job_name}' replaces only outputs of its own earlier runs; add "
+                            f"`overwrite: true` to the step to replace it, or choose another "
+                            f"output path")
     parent = os.path.dirname(os.path.abspath(output))
     probe = parent
     while not os.path.exists(probe):

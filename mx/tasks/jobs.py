@@ -99,8 +99,8 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     A Ray job with a cluster address is recorded for the cluster's Jobs API, unless
     ``jobs_api`` is False (``mx run``: this process drives it, joined to the cluster)."""
     job, folder, text, job_file = load(source, base)
-    planning.plan_job(job, folder)
-    name = job.name or (spec.slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job")
+    name = spec.job_name(job, job_file)
+    planning.plan_job(job, folder, name)
     cluster = (address or job.resources.cluster_address()) \
         if job.backend == "ray" and jobs_api else None
     job_id = record.new_id(name)
@@ -231,7 +231,7 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     state, error = "failed", None
     try:
         job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
-        job_plan = planning.plan_job(job, folder, job_id)
+        job_plan = planning.plan_job(job, folder, rec["name"], job_id)
         for sp in job_plan.steps:
             commit.lock(sp.output, job_id, pid, record.runs)
             locked.append(sp.output)
@@ -318,7 +318,7 @@ def _follow(job_id: str) -> str:
     backend, tmp = None, None
     try:
         job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
-        job_plan = planning.plan_job(job, rec["base"], job_id)
+        job_plan = planning.plan_job(job, rec["base"], rec["name"], job_id)
         backend = MpiBackend(job_plan.workers, job_plan.job.resources.gpus, job_id)
         backend.start(lambda line: None)
         for sp in job_plan.steps:
@@ -490,8 +490,8 @@ def _run_step(job_id: str, rec: dict, sp: StepPlan, backend, tmp: str, log, prog
         import zarr
 
         zarr.open(store=tmp, mode="r+").attrs["mx"] = commit.stamp(
-            {"job": job_id, "step": sp.step.id, "op": sp.step.op, "inputs": sp.inputs,
-             "complete": True})
+            {"job": job_id, "job_name": rec["name"], "step": sp.step.id, "op": sp.step.op,
+             "inputs": sp.inputs, "complete": True})
         commit.commit(tmp, sp.output, job_id)
     if sp.op.publish is not None:
         try:

@@ -42,9 +42,9 @@ class JobPlan:
 INSPECT = {"dense": dense.inspect, "sparse": sparse.inspect}
 
 
-def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
-    """Check a job and plan its steps; ``job_id`` names the job itself once it runs (its own
-    locks on its outputs are no conflict)."""
+def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None) -> JobPlan:
+    """Check a job named ``job_name`` and plan its steps; ``job_id`` names the job itself once it
+    runs (its own locks on its outputs are no conflict)."""
     if job.backend == "mpi" and job.resources.address is not None:
         raise UserError("resources.address: an MPI job runs as ranks started by mpiexec or srun, "
                         "not on a Ray cluster; drop address or use backend: ray")
@@ -111,7 +111,7 @@ def plan_job(job: spec.Job, base: str, job_id: str | None = None) -> JobPlan:
         if _key(output) in first_use:
             raise UserError(f"{what}.output: {step.output} is read by {first_use[_key(output)]}; "
                             f"write the result to another path")
-        commit.check_writable(output, f"{what}.output")
+        commit.check_writable(output, f"{what}.output", job_name, step.overwrite)
         commit.check_unlocked(output, f"{what}.output", record.runs, job_id)
         if op.check_publish is not None:
             op.check_publish(output, f"{what}.output")

@@ -12,6 +12,7 @@ A job file is YAML::
         inputs: {a: data/A.zarr, b: data/B.zarr}    # "step:<id>" names an earlier step's output
         output: data/C.zarr
         params: {algorithm: auto}
+        overwrite: false           # true: may replace an mx output another job or `mx data` wrote
 
 Relative paths resolve against the job file's folder. Op-specific checks (inputs, params,
 shapes) belong to each op and run in ``mx.tasks.plan``.
@@ -67,6 +68,8 @@ class Step(Strict):
     output: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     max_retries: int | None = Field(default=None, ge=0, le=100)  # default: the job's
+    # an existing mx output is replaced only if a job of this name wrote it, or if this is true
+    overwrite: bool = False
 
     @field_validator("inputs")
     @classmethod
@@ -161,6 +164,13 @@ def _unwrap(annotation: Any) -> Any:
         if inner is not None:
             return inner
     return annotation
+
+
+def job_name(job: Job, job_file: str | None) -> str:
+    """The job's name: ``name``, else the job file's name, else "job"."""
+    if job.name:
+        return job.name
+    return slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job"
 
 
 def step_ref(value: str) -> str | None:
