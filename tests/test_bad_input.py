@@ -150,3 +150,9 @@ def test_a_dataset_written_by_mx_data_is_not_replaced_by_a_job(inputs):
     for needle in ("steps[0].output", "C.zarr", "mx data", "overwrite: true"):
         assert needle in message, message
     assert (inputs / "C.zarr" / "zarr.json").read_text() == before
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_job_runs(inputs):
+    # /proc refuses new files even to root, for whom os.access says every folder is writable
+    result = submit(inputs, job(steps=GOOD_STEP.replace("output: C.zarr", "output: /proc/mx-out/C.zarr")))
+    assert_rejected(inputs, result, "steps[0].output", "/proc/mx-out/C.zarr", "/proc is not a writable folder")

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from typing import Callable
 
 from mx.errors import UserError
@@ -91,8 +92,21 @@ def check_writable(output: str, what: str, job_name: str, overwrite: bool = Fals
     probe = parent
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise UserError(f"{what}: cannot create {output}: {probe} is not a writable folder")
+    if not os.path.isdir(probe) or not _can_create_in(probe):
+        raise UserError(f"{what}: cannot create {output}: {probe} is not a writable folder; "
+                        f"choose an output path in a folder you can write")
+
+
+def _can_create_in(folder: str) -> bool:
+    """Whether a file can be created in ``folder``, found by creating one: os.access trusts
+    the permission bits, which say yes to root on read-only mounts and in /proc or /sys."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mx-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
 
 
 def begin(output: str, job_id: str) -> str:
