@@ -156,3 +156,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_job_runs(
     # /proc refuses new files even to root, for whom os.access says every folder is writable
     result = submit(inputs, job(steps=GOOD_STEP.replace("output: C.zarr", "output: /proc/mx-out/C.zarr")))
     assert_rejected(inputs, result, "steps[0].output", "/proc/mx-out/C.zarr", "/proc is not a writable folder")
+
+
+def test_more_cpus_per_worker_than_the_local_ray_has_is_refused_before_ray_starts(inputs):
+    result = submit(inputs, job("resources: {workers: 2, cpus_per_worker: 1000}\n"))
+    assert_rejected(inputs, result, "resources.cpus_per_worker", "1000", "CPUs", "at most")

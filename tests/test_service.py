@@ -333,3 +333,26 @@ def test_a_diffuse_job_on_the_head_reports_its_step_and_its_picture(head, tmp_pa
                    check=True).stdout.split()
     assert [os.path.basename(p) for p in paths] == \
         ["img-timeline.png", "img-image.png", "img-steps.png", "index.html"]
+
+
+@pytest.mark.parametrize("resources,needles", [
+    ("{workers: 1, cpus_per_worker: 5}", ["cpus_per_worker", "5 CPUs", "has 4", "at most 4"]),
+    ("{workers: 2, cpus_per_worker: 3}", ["2 workers", "3 CPUs", "4 CPUs", "at most 2"]),
+    ("{gpus: 1}", ["resources.gpus", "1 asked for", "0 GPUs", "gpus: 0"]),
+])
+def test_a_job_larger_than_the_cluster_is_refused_before_it_is_sent(head, tmp_path, rng,
+                                                                    resources, needles):
+    write_dense(tmp_path / "A.zarr", rng.random((9, 9)))
+    (tmp_path / "job.yaml").write_text(
+        f"resources: {resources}\nsteps:\n"
+        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: A.zarr}, output: C.zarr}\n")
+    proc = mx_cli("submit", tmp_path / "job.yaml", "--address", head["dashboard"], env=head["env"])
+    message = proc.stderr.strip()
+    assert proc.returncode == 2 and message.startswith("mx: error: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    jobs = head["home"] / "jobs"
+    recorded = [j for j in (os.listdir(jobs) if jobs.exists() else [])
+                if json.loads((jobs / j / "record.json").read_text()).get("job_file") ==
+                str(tmp_path / "job.yaml")]
+    assert recorded == []

@@ -174,7 +174,8 @@ class RayBackend:
         elif self.address is None:
             # Token authentication stays on: Ray's default for local clusters since 2.59.
             self.started_ray = True  # set first: a cancel during init must still shut it down
-            # address="local": a new Ray for this job, even where another runs on the machine
+            # address="local": a new Ray for this job, even where another runs on the machine;
+            # its CPUs are what plan.check_ray_capacity checked the job against
             ray.init(address="local", num_cpus=max(cores, self.workers), namespace=NAMESPACE,
                      include_dashboard=self.dashboard, log_to_driver=False,
                      logging_level="WARNING", configure_logging=True)

@@ -36,6 +36,25 @@ def client(address: str):
                         f"(RAY_AUTH_TOKEN_PATH)?") from None
 
 
+def nodes(address: str, timeout: float = 10.0) -> list[dict] | None:
+    """The resources of each live node of the cluster (CPU, GPU, ...), asked through its
+    dashboard; None when it cannot be asked. A head that has just started lists no nodes for
+    a second or so; that is waited for up to ``timeout`` seconds."""
+    head.use_auth(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            from ray.util.state import list_nodes
+
+            found = list_nodes(address=address, timeout=30, raise_on_missing_output=False)
+        except Exception:
+            return None
+        alive = [dict(n.resources_total) for n in found if n.state == "ALIVE"]
+        if alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
 def submit(address: str, job_id: str, name: str, ray_id: str, timeout: float = 60.0) -> str:
     """Hand the job to the cluster. A head that has just started may not have its job agent
     yet; that is retried for ``timeout`` seconds."""

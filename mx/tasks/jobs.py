@@ -100,7 +100,10 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     ``jobs_api`` is False (``mx run``: this process drives it, joined to the cluster)."""
     job, folder, text, job_file = load(source, base)
     name = spec.job_name(job, job_file)
-    planning.plan_job(job, folder, name)
+    job_plan = planning.plan_job(job, folder, name)
+    if job.backend == "ray":
+        planning.check_ray_capacity(job.resources, job_plan.workers,
+                                    address or job.resources.cluster_address())
     cluster = (address or job.resources.cluster_address()) \
         if job.backend == "ray" and jobs_api else None
     job_id = record.new_id(name)

@@ -7,7 +7,9 @@ the planned output of that earlier step. Any problem is a ``UserError`` naming t
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,6 +136,50 @@ def check_resources(res: spec.Resources, workers: int) -> None:
 
         count, why = devices.gpu_count()
         devices.require_gpus(res.gpus, count, why, "this machine")
+
+
+def check_ray_capacity(res: spec.Resources, workers: int, address: str | None) -> None:
+    """A Ray job must fit the Ray it will run on (``address``; None: a local Ray started for
+    the job): all its workers' CPUs, each worker's on one node, one GPU per worker. A cluster
+    is asked through its dashboard; one that cannot be asked is checked when the job connects."""
+    if address is None:
+        nodes, where = _local_ray(workers)
+    else:
+        from mx.cluster import submission
+
+        nodes, where = submission.nodes(address), f"the Ray cluster at {address}"
+        if not nodes:
+            return
+        if res.gpus > 0:
+            from mx.cluster import devices
+
+            devices.require_gpus(res.gpus, int(sum(n.get("GPU", 0) for n in nodes)), "", where)
+    cpus = res.cpus_per_worker  # unset, workers share what there is
+    if cpus is None:
+        return
+    total = sum(n.get("CPU", 0) for n in nodes)
+    largest = max(n.get("CPU", 0) for n in nodes)
+    if cpus * workers > total + 1e-9:
+        fits = math.floor(total / workers * 100) / 100
+        raise UserError(f"resources.cpus_per_worker: {workers} worker{'s' if workers != 1 else ''} "
+                        f"× {cpus:g} CPUs asked for, but {where} has {total:g} CPUs; ask for at "
+                        f"most {fits:g} CPUs per worker, or fewer workers"
+                        + (", or add nodes" if address else ", or run on a Ray cluster "
+                                                          "(resources.address)"))
+    if cpus > largest + 1e-9:  # a worker's CPUs must be on one node
+        raise UserError(f"resources.cpus_per_worker: {cpus:g} CPUs per worker asked for, but the "
+                        f"largest node of {where} has {largest:g} CPUs; ask for at most "
+                        f"{largest:g}, or add larger nodes")
+
+
+def _local_ray(workers: int) -> tuple[list[dict], str]:
+    """The nodes of the Ray a job without an address runs on, and that Ray in words."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # the job uses the Ray this process runs
+        return [n["Resources"] for n in ray.nodes() if n["Alive"]], "the Ray this process runs"
+    # what RayBackend starts: a CPU per core, or per worker where there are more workers
+    cpus = max(os.cpu_count() or 1, workers)
+    return [{"CPU": cpus}], "the local Ray mx starts for this job"
 
 
 def _inspect(kind: str, path: str, where: str):
