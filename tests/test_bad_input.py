@@ -75,6 +75,8 @@ BAD_JOBS = {
     "duplicate step id": (job(steps=GOOD_STEP + GOOD_STEP.replace("C.zarr", "D.zarr")), ["steps[1].id", "already"]),
     "two steps one output": (job(steps=GOOD_STEP + GOOD_STEP.replace("id: c", "id: d")),
                              ["steps[1].output", "already the output"]),
+    "address on local": (job("backend: local\nresources: {address: 'http://127.0.0.1:1'}\n"),
+                         ["resources.address", "backend: ray", "drop address"]),
     "gpus without a gpu": (job("resources: {gpus: 1}\n"), ["resources.gpus", "GPU"]),
 }
 
@@ -124,6 +126,12 @@ def test_foreign_output_is_never_replaced(inputs):
     assert result.exit_code == 2
     assert "steps[0].output" in result.output and "not written by mx" in result.output
     assert (inputs / "C.zarr").read_text() == "precious"
+
+
+def test_address_flag_with_a_local_job(inputs):
+    (inputs / "job.yaml").write_text(job("backend: local\n"))
+    result = CliRunner().invoke(cli, ["submit", str(inputs / "job.yaml"), "--address", "http://127.0.0.1:1"])
+    assert_rejected(inputs, result, "--address", "backend: ray")
 
 
 def test_missing_job_file(tmp_path):

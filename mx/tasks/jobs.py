@@ -99,6 +99,9 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     A Ray job with a cluster address is recorded for the cluster's Jobs API, unless
     ``jobs_api`` is False (``mx run``: this process drives it, joined to the cluster)."""
     job, folder, text, job_file = load(source, base)
+    if address is not None and job.backend != "ray":
+        raise UserError(f"--address {address}: sends a job to a Ray cluster, but this job's "
+                        f"backend is {job.backend}; drop --address or use backend: ray")
     name = spec.job_name(job, job_file)
     job_plan = planning.plan_job(job, folder, name)
     if job.backend == "ray":

@@ -50,6 +50,9 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None)
     if job.backend == "mpi" and job.resources.address is not None:
         raise UserError("resources.address: an MPI job runs as ranks started by mpiexec or srun, "
                         "not on a Ray cluster; drop address or use backend: ray")
+    if job.backend == "local" and job.resources.address is not None:
+        raise UserError("resources.address: a local job runs in this one process, not on a Ray "
+                        "cluster (address is for backend: ray); drop address or use backend: ray")
     workers = job.resources.worker_count()
     check_resources(job.resources, workers)
     registry = ops.registry()
