@@ -52,29 +52,38 @@ BAD_JOBS = {
     "not a mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
     "no steps": ("backend: local\n", ["steps", "required field is missing"]),
     "unknown op": (job(steps=GOOD_STEP.replace("op: gemm", "op: gemmm")),
-                   ["steps[0].op", "unknown op 'gemmm'", "gemm"]),
+                   ["steps[0] (id: c).op", "unknown op 'gemmm'", "gemm"]),
     "unknown top key": (job("stepz: []\n"), ["unknown key 'stepz'", "allowed keys here"]),
-    "unknown step key": (job(steps=GOOD_STEP + "    parms: {}\n"), ["steps[0]", "unknown key 'parms'", "params"]),
+    "unknown step key": (job(steps=GOOD_STEP + "    parms: {}\n"),
+                         ["steps[0] (id: c): unknown key 'parms'", "params"]),
+    "bad step field": (job(steps=GOOD_STEP + GOOD_STEP.replace("id: c", "id: d").replace("C.zarr", "D.zarr")
+                           + "    max_retries: -1\n"),
+                       ["steps[1] (id: d).max_retries: ", "greater than or equal to 0"]),
     "unknown resource key": (job("resources: {worker: 4}\n"), ["resources", "unknown key 'worker'", "workers"]),
     "unknown param": (job(steps=GOOD_STEP + "    params: {algo: cannon}\n"),
-                      ["steps[0].params", "unknown key 'algo'", "algorithm"]),
+                      ["steps[0] (id: c).params: unknown key 'algo'", "algorithm"]),
     "bad param value": (job(steps=GOOD_STEP + "    params: {algorithm: canon}\n"),
-                        ["steps[0].params.algorithm", "'canon'"]),
+                        ["steps[0] (id: c).params.algorithm: ", "'canon'"]),
+    "union param": (job(steps=GOOD_STEP + "    params: {memory: 1.5}\n"),
+                    ["steps[0] (id: c).params.memory: ", "8GiB", "1.5"]),
     "bad workers": (job("resources: {workers: 0}\n"), ["resources.workers", "greater than or equal to 1"]),
     "string workers": (job("resources: {workers: four}\n"), ["resources.workers", "'four'"]),
     "bad backend": (job("backend: spark\n"), ["backend", "'spark'"]),
     "missing input": (job(steps=GOOD_STEP.replace("A.zarr", "nope.zarr")),
-                      ["steps[0].inputs.a", "nope.zarr does not exist"]),
-    "missing input name": (job(steps=GOOD_STEP.replace("a: A.zarr, ", "")), ["steps[0].inputs", "missing input 'a'"]),
+                      ["steps[0] (id: c).inputs.a: ", "nope.zarr does not exist"]),
+    "missing input name": (job(steps=GOOD_STEP.replace("a: A.zarr, ", "")),
+                           ["steps[0] (id: c).inputs: ", "missing input 'a'"]),
     "extra input name": (job(steps=GOOD_STEP.replace("b: B.zarr", "b: B.zarr, c: B.zarr")), ["unknown input 'c'"]),
     "output is input": (job(steps=GOOD_STEP.replace("output: C.zarr", "output: ./A.zarr")),
-                        ["steps[0].output", "is also input 'a'"]),
+                        ["steps[0] (id: c).output: ", "is also input 'a'"]),
     "cannon on 3 workers": (job("resources: {workers: 3}\n", GOOD_STEP + "    params: {algorithm: cannon}\n"),
-                            ["steps[0].params.algorithm", "square number of workers", "summa"]),
-    "unknown step ref": (job(steps=GOOD_STEP.replace("a: A.zarr", "a: step:zz")), ["steps[0].inputs.a", "step:zz"]),
-    "duplicate step id": (job(steps=GOOD_STEP + GOOD_STEP.replace("C.zarr", "D.zarr")), ["steps[1].id", "already"]),
+                            ["steps[0] (id: c).params.algorithm: ", "square number of workers", "summa"]),
+    "unknown step ref": (job(steps=GOOD_STEP.replace("a: A.zarr", "a: step:zz")),
+                         ["steps[0] (id: c).inputs.a: ", "step:zz"]),
+    "duplicate step id": (job(steps=GOOD_STEP + GOOD_STEP.replace("C.zarr", "D.zarr")),
+                          ["steps[1].id: ", "already"]),
     "two steps one output": (job(steps=GOOD_STEP + GOOD_STEP.replace("id: c", "id: d")),
-                             ["steps[1].output", "already the output"]),
+                             ["steps[1] (id: d).output: ", "already the output"]),
     "address on local": (job("backend: local\nresources: {address: 'http://127.0.0.1:1'}\n"),
                          ["resources.address", "backend: ray", "drop address"]),
     "gpus without a gpu": (job("resources: {gpus: 1}\n"), ["resources.gpus", "GPU"]),
@@ -88,20 +97,29 @@ def test_bad_job_files(inputs, case):
         from mx.cluster import devices
         if devices.gpu_count()[0] > 0:
             pytest.skip("this machine has a GPU")
-    assert_rejected(inputs, submit(inputs, text), *needles)
+    result = submit(inputs, text)
+    assert_rejected(inputs, result, *needles)
+    # the file is named once, at the start; a place in the job is a path of its fields
+    assert "job.yaml." not in result.output and ".int" not in result.output, result.output
+
+
+def test_a_schema_error_names_the_file_then_the_field(inputs):
+    result = submit(inputs, job("resources: {workers: 0}\n"))
+    assert_rejected(inputs, result)
+    assert result.output.startswith(f"mx: error: {inputs / 'job.yaml'}: resources.workers: "), result.output
 
 
 def test_shape_mismatch(inputs, rng):
     write_dense(inputs / "B8.zarr", rng.random((8, 5)))
     result = submit(inputs, "steps:\n" + GOOD_STEP.replace("B.zarr", "B8.zarr"))
-    assert_rejected(inputs, result, "steps[0]", "A is 13×7 but B is 8×5", "7 ≠ 8")
+    assert_rejected(inputs, result, "steps[0] (id: c): ", "A is 13×7 but B is 8×5", "7 ≠ 8")
 
 
 def test_three_d_array(inputs, rng):
     arr = zarr.create_array(store=str(inputs / "T.zarr"), shape=(2, 3, 4), dtype="f8")
     arr[...] = rng.random((2, 3, 4))
     result = submit(inputs, "steps:\n" + GOOD_STEP.replace("A.zarr", "T.zarr"))
-    assert_rejected(inputs, result, "steps[0].inputs.a", "3-D", "2-D")
+    assert_rejected(inputs, result, "steps[0] (id: c).inputs.a", "3-D", "2-D")
 
 
 @pytest.mark.parametrize("dtype", ["complex128", "U3"])
@@ -109,13 +127,13 @@ def test_non_real_array(inputs, dtype):
     arr = zarr.create_array(store=str(inputs / "X.zarr"), shape=(13, 7), dtype=dtype)
     assert arr.shape == (13, 7)
     result = submit(inputs, "steps:\n" + GOOD_STEP.replace("A.zarr", "X.zarr"))
-    assert_rejected(inputs, result, "steps[0].inputs.a", "not a real number type")
+    assert_rejected(inputs, result, "steps[0] (id: c).inputs.a", "not a real number type")
 
 
 def test_group_instead_of_array(inputs):
     zarr.open_group(str(inputs / "G.zarr"), mode="w")
     result = submit(inputs, "steps:\n" + GOOD_STEP.replace("B.zarr", "G.zarr"))
-    assert_rejected(inputs, result, "steps[0].inputs.b", "Zarr group")
+    assert_rejected(inputs, result, "steps[0] (id: c).inputs.b", "Zarr group")
 
 
 def test_foreign_output_is_never_replaced(inputs):
@@ -124,7 +142,7 @@ def test_foreign_output_is_never_replaced(inputs):
     job.write_text("steps:\n" + GOOD_STEP)
     result = CliRunner().invoke(cli, ["submit", str(job)])
     assert result.exit_code == 2
-    assert "steps[0].output" in result.output and "not written by mx" in result.output
+    assert "steps[0] (id: c).output" in result.output and "not written by mx" in result.output
     assert (inputs / "C.zarr").read_text() == "precious"
 
 
@@ -155,7 +173,7 @@ def test_a_dataset_written_by_mx_data_is_not_replaced_by_a_job(inputs):
     assert result.exit_code == 2, result.output
     message = result.output.strip()
     assert message.startswith("mx: error: ") and "\n" not in message, message
-    for needle in ("steps[0].output", "C.zarr", "mx data", "overwrite: true"):
+    for needle in ("steps[0] (id: c).output", "C.zarr", "mx data", "overwrite: true"):
         assert needle in message, message
     assert (inputs / "C.zarr" / "zarr.json").read_text() == before
 
@@ -163,7 +181,8 @@ def test_a_dataset_written_by_mx_data_is_not_replaced_by_a_job(inputs):
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_job_runs(inputs):
     # /proc refuses new files even to root, for whom os.access says every folder is writable
     result = submit(inputs, job(steps=GOOD_STEP.replace("output: C.zarr", "output: /proc/mx-out/C.zarr")))
-    assert_rejected(inputs, result, "steps[0].output", "/proc/mx-out/C.zarr", "/proc is not a writable folder")
+    assert_rejected(inputs, result, "steps[0] (id: c).output", "/proc/mx-out/C.zarr",
+                    "/proc is not a writable folder")
 
 
 def test_more_cpus_per_worker_than_the_local_ray_has_is_refused_before_ray_starts(inputs):

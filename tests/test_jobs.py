@@ -192,7 +192,7 @@ def test_an_output_is_replaced_by_a_rerun_of_its_job_or_when_the_step_says_so(tm
     write_dense(tmp_path / "B.zarr", b)
     mx.submit(JOB.format(name="first", backend="local", workers=1), base=str(tmp_path))
     mx.submit(JOB.format(name="first", backend="local", workers=1), base=str(tmp_path))
-    with pytest.raises(UserError, match=r"steps\[0\].output: .*out/C.zarr was written by step 'c' "
+    with pytest.raises(UserError, match=r"steps\[0\] \(id: c\).output: .*out/C.zarr was written by step 'c' "
                                         r"of job first-.*overwrite: true"):
         mx.submit(JOB.format(name="second", backend="local", workers=1), base=str(tmp_path))
     attrs = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]

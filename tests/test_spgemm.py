@@ -137,7 +137,7 @@ def test_shape_mismatch_and_dense_input(tmp_path, rng):
     with pytest.raises(UserError, match="A is 5×6 but B is 7×4"):
         mx.submit(job("local", 2), base=str(tmp_path))
     write_dense(tmp_path / "D.zarr", rng.random((6, 4)))
-    with pytest.raises(UserError, match="steps\\[0\\].inputs.b.*not a Zarr group|binsparse"):
+    with pytest.raises(UserError, match=r"steps\[0\] \(id: \w+\)\.inputs\.b.*not a Zarr group|binsparse"):
         mx.submit(job("local", 2, b="D.zarr"), base=str(tmp_path))
 
 

@@ -45,7 +45,7 @@ class DenseInfo:
 def inspect(path: str, what: str = "matrix") -> DenseInfo:
     """Open ``path`` read-only and check it is a 2-D real numeric Zarr array.
 
-    ``what`` names the input in errors (e.g. ``steps[0].inputs.a``).
+    ``what`` names the input in errors (e.g. ``steps[0] (id: c).inputs.a``).
     """
     if not os.path.exists(path):
         raise UserError(f"{what}: {path} does not exist; create it with `mx data random` or "

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 from dask.task_spec import List, Task, TaskRef
+from pydantic import Field
 
 from mx.errors import UserError
 from mx.kernels import cannon, stream, summa
@@ -30,11 +31,15 @@ CANNON_TRAFFIC_SLACK = 1.25
 MAX_PANEL = 4096
 
 
+# what a memory param accepts, as errors say it
+MEMORY_FORMS = "a number of bytes or an amount such as 8GiB or 512MB"
+
+
 class GemmParams(Strict):
     algorithm: Literal["cannon", "summa", "stream", "auto"] = "auto"
     # memory each worker may use for blocks (e.g. "8GiB"); default: 80% of a GPU's memory,
     # no limit on CPU workers. Past it, auto streams panels from storage (out of core).
-    memory: int | str | None = None
+    memory: int | str | None = Field(default=None, description=MEMORY_FORMS)
     # default: fp32 when both inputs are float32, else fp64
     precision: Literal["fp64", "fp32", "tf32", "bf16"] | None = None
     verify: Literal["none", "abft"] = "none"
@@ -273,8 +278,8 @@ def parse_bytes(value, what: str) -> int:
         try:
             nbytes = int(float(number) * UNITS[unit])
         except (ValueError, KeyError):
-            raise UserError(f"{what}: {value!r} is not an amount of memory; write e.g. 8GiB, "
-                            f"512MB or a number of bytes") from None
+            raise UserError(f"{what}: {value!r} is not an amount of memory; give "
+                            f"{MEMORY_FORMS}") from None
     if nbytes <= 0:
         raise UserError(f"{what}: {value!r} must be positive")
     return nbytes

@@ -41,7 +41,7 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
         return source, base or os.getcwd(), yaml.safe_dump(source.model_dump(), sort_keys=False), None
     if isinstance(source, dict):
         text = yaml.safe_dump(source, sort_keys=False)
-        return spec.validate(spec.Job, source, "job"), base or os.getcwd(), text, None
+        return spec.validate(spec.Job, source, source="job"), base or os.getcwd(), text, None
     if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
         job, folder = spec.load(str(source))
         with open(source) as f:

@@ -30,7 +30,7 @@ class StepPlan:
 
     @property
     def what(self) -> str:
-        return f"steps[{self.index}]"
+        return step_where(self.index, self.step)
 
 
 @dataclass
@@ -60,10 +60,10 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None)
     first_use: dict[str, str] = {}  # resolved path -> where it is first read or written
     steps: list[StepPlan] = []
     for index, step in enumerate(job.steps):
-        what = f"steps[{index}]"
+        what = step_where(index, step)
         if step.id in planned:
-            raise UserError(f"{what}.id: '{step.id}' is already the id of an earlier step; "
-                            f"step ids must be unique")
+            raise UserError(f"steps[{index}].id: '{step.id}' is already the id of an earlier "
+                            f"step; step ids must be unique")
         op = registry.get(step.op)
         if op is None:
             raise UserError(f"{what}.op: unknown op '{step.op}'; use one of "
@@ -126,6 +126,11 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None)
         steps.append(StepPlan(index=index, step=step, op=op, inputs=paths, output=output,
                               plan=op_plan))
     return JobPlan(job=job, base=base, workers=workers, steps=steps)
+
+
+def step_where(index: int, step: spec.Step) -> str:
+    """A step as errors name it: its place in the job and its id."""
+    return f"steps[{index}] (id: {step.id})"
 
 
 def check_resources(res: spec.Resources, workers: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import typing
 from typing import Any, Literal
 
@@ -111,36 +112,82 @@ def parse(text: str, source: str = "job") -> Job:
     if not isinstance(data, dict):
         raise UserError(f"{source}: a job file must be a YAML mapping with a 'steps' list, "
                         f"got {type(data).__name__}")
-    return validate(Job, data, source)
+    return validate(Job, data, source=source)
 
 
-def validate(model: type[BaseModel], data: Any, prefix: str):
-    """Validate ``data`` against ``model``; the first problem becomes a one-line UserError."""
+def validate(model: type[BaseModel], data: Any, where: str = "", source: str | None = None):
+    """Validate ``data`` against ``model``; the first problem becomes a one-line UserError
+    that names ``source`` (the job file) once, then the field by its path in the job
+    (``where`` is the path of ``data`` itself, e.g. ``steps[0] (id: c).params``)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise UserError(describe_error(model, exc.errors()[0], prefix)) from None
+        message = describe_error(model, exc.errors()[0], where, data)
+        raise UserError(f"{source}: {message}" if source else message) from None
 
 
-def describe_error(model: type[BaseModel], err: dict, prefix: str) -> str:
-    loc = err["loc"]
-    where = _location(prefix, loc)
+# what a value of each type is called in an error, for fields that take more than one type
+FORMS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def describe_error(model: type[BaseModel], err: dict, where: str = "", data: Any = None) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
+        loc = err["loc"]
         allowed = ", ".join(_fields_at(model, loc[:-1]))
-        return f"{where}: unknown key '{loc[-1]}'; allowed keys here: {allowed}"
+        return _at(where, loc[:-1], data, f"unknown key '{loc[-1]}'; allowed keys here: {allowed}")
+    loc, arms, field = _split(model, err["loc"])
+    got = f"(got {err.get('input')!r})"
     if kind == "missing":
-        return f"{where}: required field is missing"
+        return _at(where, loc, data, "required field is missing")
+    if arms and field is not None:  # pydantic tried each type of the field in turn
+        if field.description:
+            return _at(where, loc, data, f"give {field.description} {got}")
+        forms = [FORMS.get(t, getattr(t, "__name__", str(t)))
+                 for t in typing.get_args(field.annotation) if t is not type(None)]
+        return _at(where, loc, data, f"give {' or '.join(forms)} {got}")
     message = err["msg"]
     message = message[0].lower() + message[1:]
-    return f"{where}: {message} (got {err.get('input')!r})"
+    return _at(where, loc, data, f"{message} {got}")
 
 
-def _location(prefix: str, loc: tuple) -> str:
-    out = prefix
+def _split(model: type[BaseModel], loc: tuple) -> tuple[tuple, tuple, Any]:
+    """``loc`` cut where it stops naming fields, list items and mapping keys (what follows
+    names the types of a union field, as pydantic tried them), and the last field reached."""
+    current: Any = model
+    field = None
+    for i, part in enumerate(loc):
+        args = [a for a in typing.get_args(current) if a is not type(None)]
+        if typing.get_origin(current) in (typing.Union, types.UnionType) and len(args) == 1:
+            current = args[0]  # optional: pydantic names no arm
+        origin = typing.get_origin(current)
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            field = current.model_fields[part]
+            current = field.annotation
+        elif origin is list and isinstance(part, int):
+            current = typing.get_args(current)[0]
+        elif origin is dict and isinstance(part, str):
+            current = typing.get_args(current)[1]
+        else:
+            return loc[:i], loc[i:], field
+    return loc, (), field
+
+
+def _at(where: str, loc: tuple, data: Any, message: str) -> str:
+    """``message`` placed at ``loc`` under ``where``; a list item with an id (a step) is
+    named by it too: ``steps[1] (id: d).max_retries``."""
+    out = where
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out.lstrip(".")
+        if isinstance(part, int):
+            out += f"[{part}]"
+            data = data[part] if isinstance(data, list) and 0 <= part < len(data) else None
+            if isinstance(data, dict) and isinstance(data.get("id"), str):
+                out += f" (id: {data['id']})"
+        else:
+            out += f".{part}"
+            data = data.get(part) if isinstance(data, dict) else None
+    out = out.lstrip(".")
+    return f"{out}: {message}" if out else message
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from dask.task_spec import Task, TaskRef
+from pydantic import Field
 
 from mx.kernels import rowwise
 from mx.storage import sparse
@@ -32,7 +33,8 @@ class SpgemmParams(Strict):
     permute: bool = False  # deal row chunks in a random order (load balance)
     seed: int = 0
     replicate_b: bool | None = None  # default: when B fits in a quarter of worker memory
-    memory: int | str | None = None  # per worker; default 80% of a GPU, no limit on CPUs
+    # per worker; default 80% of a GPU, no limit on CPUs
+    memory: int | str | None = Field(default=None, description=dense_gemm.MEMORY_FORMS)
 
 
 @dataclass(frozen=True)
