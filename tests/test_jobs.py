@@ -202,3 +202,32 @@ def test_an_output_is_replaced_by_a_rerun_of_its_job_or_when_the_step_says_so(tm
     attrs = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]
     assert attrs["job_name"] == "second"
     assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_task_that_raises_is_one_line_with_its_traceback_in_the_log(tmp_path, rng, request, backend):
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    corrupt_a_chunk(tmp_path / "A.zarr")
+    echoed = []
+    with pytest.raises(JobFailed) as err:
+        mx.submit(JOB.format(name="tb", backend=backend, workers=1), base=str(tmp_path),
+                  echo=echoed.append)
+    message = str(err.value)
+    assert "\n" not in message and "task" in message and "read" in message, message
+    assert not [line for line in echoed if "Traceback" in line or 'File "' in line], echoed
+    job_id = message.split()[1]
+    assert 'File "' in mx.logs(job_id)
+
+
+def test_the_cli_prints_one_line_for_a_task_that_raises(tmp_path, rng):
+    write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    corrupt_a_chunk(tmp_path / "A.zarr")
+    (tmp_path / "job.yaml").write_text(JOB.format(name="tb", backend="local", workers=1))
+    proc = mx_cli("submit", tmp_path / "job.yaml")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and 'File "' not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("mx: error: job tb-"), proc.stderr

@@ -14,16 +14,17 @@ import traceback
 from typing import Any
 
 from mx.cluster.comm import GangContext
-from mx.errors import WorkerLost
+from mx.errors import JobFailed, WorkerLost, first_line
 from mx.tasks.graph import Key, comm_key
 
 
-class TaskError(RuntimeError):
-    """A task raised; carries where and a short traceback."""
+class TaskError(JobFailed):
+    """A task raised: one line that says where and why; the short traceback (``trace``) is
+    for the job's log."""
 
     def __init__(self, key: Key, worker: int, cause: BaseException):
         self.key, self.worker = key, worker
-        self.cause = f"{type(cause).__name__}: {cause}"
+        self.cause = f"{type(cause).__name__}: {first_line(cause)}"
         self.trace = "".join(traceback.format_exception(cause)[-6:])
         # a fault the step may be retried for (a device's wrong result), not a bug or bad data
         self.retryable = isinstance(cause, WorkerLost)
@@ -36,7 +37,7 @@ class TaskError(RuntimeError):
 def _rebuild_task_error(key, worker, cause, trace, retryable=False):
     err = TaskError.__new__(TaskError)
     err.key, err.worker, err.cause, err.trace, err.retryable = key, worker, cause, trace, retryable
-    RuntimeError.__init__(err, f"task {key!r} on worker {worker} failed: {cause}")
+    JobFailed.__init__(err, f"task {key!r} on worker {worker} failed: {cause}")
     return err
 
 

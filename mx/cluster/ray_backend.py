@@ -357,10 +357,11 @@ class RayBackend:
                 try:
                     info = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if isinstance(exc.cause, execute.TaskError) else exc
-                    if getattr(cause, "retryable", False):
-                        raise WorkerLost(self._failure(key, cause)) from None
-                    raise JobFailed(self._failure(key, cause)) from None
+                    if not isinstance(exc.cause, execute.TaskError):
+                        raise JobFailed(f"task {key!r} failed: {first_line(exc)}") from None
+                    if exc.cause.retryable:
+                        raise WorkerLost(str(exc.cause)) from None
+                    raise exc.cause from None
                 except ray.exceptions.RayActorError as exc:
                     rank = graph.placement[key]
                     d = self.described[rank]
@@ -380,11 +381,6 @@ class RayBackend:
         ticks = ray.get(self.rendezvous.count.remote()) - base
         on_progress(done_tasks + ticks)
         return infos
-
-    def _failure(self, key, cause) -> str:
-        if isinstance(cause, execute.TaskError):
-            return f"{cause}\n{cause.trace}".rstrip()
-        return f"task {key!r} failed: {first_line(cause)}"
 
 
 def _resources(res: dict) -> str:

@@ -23,7 +23,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost
+from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost, first_line
 from mx.cluster import metrics
 from mx.storage import commit
 from mx.tasks import plan as planning
@@ -276,9 +276,12 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     except (JobFailed, UserError) as exc:
         error = str(exc)
         log(f"job {job_id}: failed: {error}")
+        if getattr(exc, "trace", None):  # a task raised: where, for the log
+            log.detail(exc.trace)
     except BaseException as exc:  # a bug or an unexpected library error: keep the trace
-        error = f"{type(exc).__name__}: {exc}"
-        log(f"job {job_id}: failed: {error}\n{traceback.format_exc()}")
+        error = f"{type(exc).__name__}: {first_line(exc)} (`mx logs {job_id}` has the traceback)"
+        log(f"job {job_id}: failed: {error}")
+        log.detail(traceback.format_exc())
         if isinstance(exc, KeyboardInterrupt):
             state, error = "cancelled", "interrupted"
     finally:
@@ -336,8 +339,12 @@ def _follow(job_id: str) -> str:
         return "succeeded"
     except BaseException as exc:
         rank = backend.rank if backend is not None else "?"
-        record.mark_failed(job_id, f"rank {rank}: {type(exc).__name__}: {exc}")
-        record.Log(job_id)(f"rank {rank} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        reason = str(exc) if isinstance(exc, (JobFailed, UserError)) else \
+            f"{type(exc).__name__}: {first_line(exc)}"
+        record.mark_failed(job_id, f"rank {rank}: {reason}")
+        log = record.Log(job_id)
+        log(f"rank {rank} failed: {reason}")
+        log.detail(getattr(exc, "trace", None) or traceback.format_exc())
         if tmp is not None:
             commit.abort(tmp)
         _abort_ranks()
@@ -418,7 +425,9 @@ def _relay(job_id: str, echo, progress, ended: Callable[[], bool], poll: float =
             with open(log_path) as f:
                 f.seek(seen)
                 for line in f.read().splitlines():
-                    echo(line.split(" ", 1)[-1])
+                    text = line.split(" ", 1)[-1]
+                    if not text.startswith(record.DETAIL):
+                        echo(text)
                 seen = f.tell()
         if progress is not None:
             for step in record.load(job_id).get("steps", []):

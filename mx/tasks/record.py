@@ -143,6 +143,9 @@ def alive(pid: int) -> bool:
         return True
 
 
+DETAIL = "| "  # begins the log lines that only the log shows (tracebacks), never echoed
+
+
 class Log:
     """Appends timestamped lines to a job's log; optionally echoes them."""
 
@@ -151,12 +154,19 @@ class Log:
         self.echo = echo
 
     def __call__(self, line: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        with open(self.file, "a") as f:
-            for part in str(line).splitlines() or [""]:
-                f.write(f"{stamp} {part}\n")
+        self._write(str(line).splitlines() or [""])
         if self.echo is not None:
             self.echo(line)
+
+    def detail(self, text: str) -> None:
+        """Lines for the log only (a traceback): the one-line error is what users see."""
+        self._write([DETAIL + part for part in str(text).rstrip().splitlines()])
+
+    def _write(self, lines: list[str]) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with open(self.file, "a") as f:
+            for part in lines:
+                f.write(f"{stamp} {part}\n")
 
 
 def mark_failed(job_id: str, message: str) -> None:
@@ -166,11 +176,16 @@ def mark_failed(job_id: str, message: str) -> None:
 
 
 def failure(job_id: str) -> str | None:
+    """The first failure a rank marked, on one line (the other ranks' are often its echoes)."""
     try:
         with open(path(job_id, "failed")) as f:
-            return f.read().strip() or None
+            lines = f.read().strip().splitlines()
     except FileNotFoundError:
         return None
+    if not lines:
+        return None
+    more = len(lines) - 1
+    return lines[0] + (f" (and {more} more rank{'s' if more > 1 else ''}; see the log)" if more else "")
 
 
 def request_cancel(job_id: str) -> None:
