@@ -216,3 +216,25 @@ def test_the_preview_never_replaces_what_mx_did_not_write(tmp_path):
         with Image.open(tmp_path / "out/a.png") as png:
             assert png.size == (16, 16)
     assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a.zarr", "b.png"]
+
+
+def test_non_finite_weights_or_results_are_never_committed(tmp_path, rng):
+    from mx.errors import JobFailed
+
+    small_checkpoint(tmp_path / "m.safetensors", rng)
+    tensors, meta = safetensors.read(str(tmp_path / "m.safetensors"))
+    bad = {**tensors, "blocks.0.attn.qkv.weight": tensors["blocks.0.attn.qkv.weight"].copy()}
+    bad["blocks.0.attn.qkv.weight"][3, 5] = np.nan
+    safetensors.write(str(tmp_path / "nan.safetensors"), bad, meta)
+    with pytest.raises(JobFailed, match=r"nan.safetensors: tensor blocks.0.attn.qkv.weight holds "
+                                        r"1 NaN or infinite value"):
+        mx.submit(job("local", 1, diffuse_step("a", 16, 16, model="nan.safetensors", steps=2)),
+                  base=str(tmp_path))
+    # finite weights so large that the sampler overflows: the result is not committed either
+    huge = {**tensors, "final_layer.linear.bias": np.full_like(tensors["final_layer.linear.bias"], 3e38)}
+    safetensors.write(str(tmp_path / "huge.safetensors"), huge, meta)
+    with pytest.raises(JobFailed, match="NaN or infinite values; nothing is committed"):
+        mx.submit(job("local", 1, diffuse_step("a", 16, 16, model="huge.safetensors", steps=2)),
+                  base=str(tmp_path))
+    assert not os.path.exists(tmp_path / "out/a.zarr") and not os.path.exists(tmp_path / "out/a.png")
+    assert not [e for e in os.listdir(tmp_path / "out") if e.startswith(".") and "lock" not in e]

@@ -173,6 +173,12 @@ def load(source: str, xp, dtype, seed: int = 0) -> Model:
     else:
         path = _builtin_file(source) if source.startswith("builtin:") else source
         tensors, metadata = safetensors.read(path)
+        for name, t in tensors.items():
+            bad = int(t.size - np.count_nonzero(np.isfinite(t)))
+            if bad:
+                raise UserError(f"{path}: tensor {name} holds {bad} NaN or infinite "
+                                f"value{'s' if bad > 1 else ''}; the checkpoint is damaged (or "
+                                f"saved from a diverged training run): use another one")
         config = replace(config_from({k: v.shape for k, v in tensors.items()}, metadata, path),
                          name=source)
     return Model(config=config, w=to_device(tensors, xp, dtype))

@@ -214,6 +214,11 @@ def run(rank: int, *, model, precision, height, width, steps, seed, label, mode,
     if all("timeline" in r for r in records):
         summary["overlap"] = [r["overlap"] for r in records]
         summary["timeline"] = [r["timeline"] for r in records]
+    bad = int(latent.size - np.count_nonzero(np.isfinite(latent)))
+    if bad:  # a picture of NaN must never look like a result
+        hint = "; try precision: fp32" if dtype == np.float16 else ""
+        raise FloatingPointError(f"the denoised latent holds {bad} NaN or infinite values; "
+                                 f"nothing is committed (the model's activations overflow{hint})")
     image.write(out_path, latent, cfg.clip_x0, summary)
     return summary
 
