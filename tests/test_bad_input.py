@@ -188,3 +188,17 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_job_runs(
 def test_more_cpus_per_worker_than_the_local_ray_has_is_refused_before_ray_starts(inputs):
     result = submit(inputs, job("resources: {workers: 2, cpus_per_worker: 1000}\n"))
     assert_rejected(inputs, result, "resources.cpus_per_worker", "1000", "CPUs", "at most")
+
+
+def test_a_gpu_job_sent_to_a_cluster_is_not_checked_against_this_machine(inputs):
+    from mx.cluster import devices
+    from mx.errors import UserError
+    from mx.tasks import plan, spec
+
+    if devices.gpu_count()[0] > 0:
+        pytest.skip("this machine has a GPU")
+    gpu_job = spec.parse(job("resources: {gpus: 1}\n"), "job.yaml")
+    with pytest.raises(UserError, match="resources.gpus"):
+        plan.plan_job(gpu_job, str(inputs), "job")
+    # `mx submit --address`: the cluster's GPUs count, asked for when the job is sent
+    plan.plan_job(gpu_job, str(inputs), "job", address="http://127.0.0.1:1")

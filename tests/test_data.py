@@ -1,5 +1,8 @@
 """Input generators and importers: random dense matrices, Matrix Market files."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.io
@@ -82,3 +85,14 @@ def test_the_cli_takes_the_seeds_jobs_take():
     from mx.tasks.spec import SEED_MAX
 
     assert (SEED.min, SEED.max) == (0, SEED_MAX)
+
+
+@pytest.mark.parametrize("command", [["random", "--shape", "3,3"], ["rmat", "--scale", "4"]])
+def test_data_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, command):
+    (tmp_path / "file").write_text("not a folder")
+    places = [tmp_path / "file" / "X.zarr"] + ([Path("/proc/mx-test/X.zarr")]
+                                               if os.path.isdir("/proc/self") else [])
+    for place in places:
+        result = CliRunner().invoke(cli, ["data", command[0], str(place), *command[1:]])
+        assert result.exit_code == 2, result.output
+        assert "is not a writable folder" in result.output and "Traceback" not in result.output

@@ -88,8 +88,21 @@ def check_writable(output: str, what: str, job_name: str, overwrite: bool = Fals
                             f"'{job_name}' replaces only outputs of its own earlier runs; add "
                             f"`overwrite: true` to the step to replace it, or choose another "
                             f"output path")
-    parent = os.path.dirname(os.path.abspath(output))
-    probe = parent
+    _check_folder(output, what)
+
+
+def check_new_output(output: str, overwrite: bool) -> None:
+    """Refuse, before ``mx data`` writes it, an output that exists (unless ``overwrite``) or
+    whose folder cannot be written."""
+    if os.path.lexists(output) and not overwrite:
+        raise UserError(f"{output} already exists; pass --overwrite to replace it or choose "
+                        f"another path")
+    _check_folder(output, output)
+
+
+def _check_folder(output: str, what: str) -> None:
+    """The nearest existing folder of ``output`` must be one a file can be created in."""
+    probe = os.path.dirname(os.path.abspath(output))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not _can_create_in(probe):

@@ -43,9 +43,7 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
         raise UserError(f"--dtype {dtype}: use float32 or float64")
     if distribution not in DISTRIBUTIONS:
         raise UserError(f"--distribution {distribution}: use one of {', '.join(DISTRIBUTIONS)}")
-    if os.path.lexists(path) and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it or choose "
-                        f"another path")
+    _commit.check_new_output(path, overwrite)
     job = f"gen{os.getpid()}"
     tmp = _commit.begin(path, job)
     try:
@@ -85,9 +83,7 @@ RMAT_BATCH = 1 << 22  # edges generated at once: bounds R-MAT's temporaries at a
 def _check_output(path: str, dtype: str, overwrite: bool) -> None:
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise UserError(f"--dtype {dtype}: use float32 or float64")
-    if os.path.lexists(path) and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it or choose "
-                        f"another path")
+    _commit.check_new_output(path, overwrite)
 
 
 def _check_n(n: int, name: str = "--n") -> None:

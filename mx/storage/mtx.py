@@ -19,9 +19,7 @@ def import_mtx(source: str, output: str, as_dense: bool = False, dtype: str | No
     """Import ``source`` (.mtx, optionally .gz/.bz2) into ``output``; returns the kind written."""
     if not os.path.isfile(source):
         raise UserError(f"{source} does not exist or is not a file; give a Matrix Market file")
-    if os.path.lexists(output) and not overwrite:
-        raise UserError(f"{output} already exists; pass --overwrite to replace it or choose "
-                        f"another path")
+    _commit.check_new_output(output, overwrite)
     try:
         _, _, _, fmt, field, _ = scipy.io.mminfo(source)
     except Exception as exc:

@@ -44,9 +44,11 @@ class JobPlan:
 INSPECT = {"dense": dense.inspect, "sparse": sparse.inspect}
 
 
-def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None) -> JobPlan:
+def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None,
+             address: str | None = None) -> JobPlan:
     """Check a job named ``job_name`` and plan its steps; ``job_id`` names the job itself once it
-    runs (its own locks on its outputs are no conflict)."""
+    runs (its own locks on its outputs are no conflict), ``address`` the Ray cluster it is sent
+    to when that is not in the job (``mx submit --address``)."""
     if job.backend == "mpi" and job.resources.address is not None:
         raise UserError("resources.address: an MPI job runs as ranks started by mpiexec or srun, "
                         "not on a Ray cluster; drop address or use backend: ray")
@@ -54,7 +56,7 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None)
         raise UserError("resources.address: a local job runs in this one process, not on a Ray "
                         "cluster (address is for backend: ray); drop address or use backend: ray")
     workers = job.resources.worker_count()
-    check_resources(job.resources, workers)
+    check_resources(job.resources, workers, address)
     registry = ops.registry()
     planned: dict[str, tuple[str, Any]] = {}  # step id -> (output path, output info)
     first_use: dict[str, str] = {}  # resolved path -> where it is first read or written
@@ -133,13 +135,13 @@ def step_where(index: int, step: spec.Step) -> str:
     return f"steps[{index}] (id: {step.id})"
 
 
-def check_resources(res: spec.Resources, workers: int) -> None:
-    """GPUs asked for must exist (checked here for a local run; a cluster is checked when the
-    job connects to it), and there is one worker per GPU."""
+def check_resources(res: spec.Resources, workers: int, address: str | None = None) -> None:
+    """GPUs asked for must exist (checked here for a run on this machine; a cluster's, in
+    ``check_ray_capacity``), and there is one worker per GPU."""
     if res.gpus > 0 and workers != res.gpus:
         raise UserError(f"resources: workers ({workers}) must equal gpus ({res.gpus}): mx runs one "
                         f"worker per GPU; drop 'workers' or make them equal")
-    if res.gpus > 0 and res.cluster_address() is None:
+    if res.gpus > 0 and (address or res.cluster_address()) is None:
         from mx.cluster import devices
 
         count, why = devices.gpu_count()
