@@ -120,17 +120,22 @@ def to_device(xp, a_host, b_host, precision: str, checks: Checks | None,
     bf16 on the GPU, the rounding kernels compute the share from the values they write, so the
     passes over A and B cost no reads beyond the conversion itself (as separate passes they
     cost 4–5% of a bf16 product at 16384³)."""
-    if checks is None:
-        return prec.to_device(xp, a_host, precision), prec.to_device(xp, b_host, precision)
-    if xp is np or precision != "bf16":
-        a, b = prec.to_device(xp, a_host, precision), prec.to_device(xp, b_host, precision)
-        bv, b_abs = row_checks(xp, b, None, precision)
-        add_checks(xp, a, bv, b_abs, checks.expect, precision)
-    else:
+    if checks is not None and xp is not np and precision == "bf16":
         b, bv, b_abs = _convert_checks_cupy(b_host, None, None, None)
         a, _, _ = _convert_checks_cupy(a_host, bv, checks.expect, b_abs)
-    _counted(checks, a, b, counters)
+        _counted(checks, a, b, counters)
+        return a, b
+    a, b = prec.to_device(xp, a_host, precision), prec.to_device(xp, b_host, precision)
+    if checks is not None:
+        _add_product(xp, a, b, precision, checks, counters)
     return a, b
+
+
+def _add_product(xp, a, b, precision: str, checks: Checks, counters: dict | None) -> None:
+    """A product's share of C's running checksums, by a pass over B and one over A."""
+    bv, b_abs = row_checks(xp, b, None, precision)
+    add_checks(xp, a, bv, b_abs, checks.expect, precision)
+    _counted(checks, a, b, counters)
 
 
 def _counted(checks: Checks, a, b, counters: dict | None) -> None:
@@ -146,9 +151,7 @@ def accumulate(xp, c, a, b, precision: str, checks: Checks | None, counters: dic
     """``c += a @ b`` in place; with ``checks`` (ABFT on), the product's share of C's checksums
     is added to them first. ``corrupt`` (drills) spoils one element of the product."""
     if checks is not None:
-        bv, b_abs = row_checks(xp, b, None, precision)
-        add_checks(xp, a, bv, b_abs, checks.expect, precision)
-        _counted(checks, a, b, counters)
+        _add_product(xp, a, b, precision, checks, counters)
     gemm.accumulate(xp, c, a, b, precision)
     if corrupt and c.size and _claim_fault():
         # well past any rounding bound: 1e3 × the largest row of |A|·|B|
