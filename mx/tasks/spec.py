@@ -154,12 +154,17 @@ def describe_error(model: type[BaseModel], err: dict, where: str = "", data: Any
 def _split(model: type[BaseModel], loc: tuple) -> tuple[tuple, tuple, Any]:
     """``loc`` cut where it stops naming fields, list items and mapping keys (what follows
     names the types of a union field, as pydantic tried them), and the last field reached."""
+    followed, _, field = _walk(model, loc)
+    return loc[:followed], loc[followed:], field
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[int, Any, Any]:
+    """Follow ``loc`` from ``model`` through fields, list items and mapping keys: how many of
+    its parts name those, the type reached, and the last field on the way."""
     current: Any = model
     field = None
     for i, part in enumerate(loc):
-        args = [a for a in typing.get_args(current) if a is not type(None)]
-        if typing.get_origin(current) in (typing.Union, types.UnionType) and len(args) == 1:
-            current = args[0]  # optional: pydantic names no arm
+        current = _bare(current)
         origin = typing.get_origin(current)
         if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
             field = current.model_fields[part]
@@ -169,8 +174,16 @@ def _split(model: type[BaseModel], loc: tuple) -> tuple[tuple, tuple, Any]:
         elif origin is dict and isinstance(part, str):
             current = typing.get_args(current)[1]
         else:
-            return loc[:i], loc[i:], field
-    return loc, (), field
+            return i, current, field
+    return len(loc), _bare(current), field
+
+
+def _bare(annotation: Any) -> Any:
+    """An optional type's one other type (pydantic names no union arm for it); others as is."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
 
 
 def _at(where: str, loc: tuple, data: Any, message: str) -> str:
@@ -192,25 +205,8 @@ def _at(where: str, loc: tuple, data: Any, message: str) -> str:
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the sub-model reached by following ``loc`` from ``model``."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = current.model_fields.get(part)
-        if field is None:
-            return []
-        current = _unwrap(field.annotation)
+    _, current, _ = _walk(model, loc)
     return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
-
-
-def _unwrap(annotation: Any) -> Any:
-    for arg in (typing.get_args(annotation) or (annotation,)):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-        inner = _unwrap(arg) if typing.get_args(arg) else None
-        if inner is not None:
-            return inner
-    return annotation
 
 
 def job_name(job: Job, job_file: str | None) -> str:
