@@ -96,3 +96,56 @@ def test_data_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, command
         result = CliRunner().invoke(cli, ["data", command[0], str(place), *command[1:]])
         assert result.exit_code == 2, result.output
         assert "is not a writable folder" in result.output and "Traceback" not in result.output
+
+
+def test_mx_data_and_a_job_never_write_one_output_at_once(tmp_path, rng):
+    """`mx data --overwrite` is refused while a running job holds the output's lock; a job is
+    refused while `mx data` writes it; neither loses the output already there."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import mx
+    from conftest import leftovers, write_dense
+    from mx.errors import UserError
+    from mx.storage import commit
+
+    runner = CliRunner()
+    out = tmp_path / "C.zarr"
+    lock = tmp_path / ".C.zarr.mx-lock"
+    m, n = rng.integers(5, 40, size=2)
+    result = runner.invoke(cli, ["data", "random", str(out), "--shape", f"{m},{n}", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    before = read_dense(out)
+    assert not lock.exists()
+
+    job_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"job": "other-job", "host": socket.gethostname(),
+                                    "pid": job_process.pid}))
+        result = runner.invoke(cli, ["data", "random", str(out), "--shape", "4,4", "--overwrite"])
+        assert result.exit_code == 2, result.output
+        assert "is being written by job other-job" in result.output
+    finally:
+        job_process.kill()
+        job_process.wait()
+    np.testing.assert_array_equal(read_dense(out), before)
+
+    write_dense(tmp_path / "A.zarr", rng.random((m, 7)))
+    write_dense(tmp_path / "B.zarr", rng.random((7, n)))
+    job = {"name": "lk", "backend": "local", "steps": [
+        {"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"}, "output": "C.zarr",
+         "overwrite": True}]}
+    with pytest.raises(RuntimeError, match="the body failed"):
+        with commit.publishing(str(out), overwrite=True) as tmp:
+            assert json.loads(lock.read_text())["by"] == "`mx data`"
+            with pytest.raises(UserError, match="C.zarr is being written by `mx data`"):
+                mx.submit(job, base=str(tmp_path))
+            result = runner.invoke(cli, ["data", "random", str(out), "--shape", "4,4",
+                                         "--overwrite"])
+            assert result.exit_code == 2 and "being written by `mx data`" in result.output
+            write_dense(tmp, rng.random((3, 3)))  # half written when the body fails
+            raise RuntimeError("the body failed")
+    np.testing.assert_array_equal(read_dense(out), before)
+    assert not lock.exists() and not leftovers(tmp_path)

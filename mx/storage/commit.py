@@ -11,19 +11,21 @@ result or a dataset from ``mx data``.
 
 While a job runs it holds ``<dir>/.<name>.mx-lock`` (its id, host and pid) for each output, so
 a second job writing the same output is refused rather than racing it for the temporaries,
-the checkpoint and the commit. A lock whose process is gone is stale: the next job takes it
-and removes the leftovers of the jobs before.
+the checkpoint and the commit; ``mx data`` holds the same lock while it writes (``publishing``).
+A lock whose process is gone is stale: the next writer takes it and removes the leftovers of
+the writers before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
 import socket
 import tempfile
-from typing import Callable
+from typing import Iterator
 
 from mx.errors import UserError
 
@@ -92,12 +94,32 @@ def check_writable(output: str, what: str, job_name: str, overwrite: bool = Fals
 
 
 def check_new_output(output: str, overwrite: bool) -> None:
-    """Refuse, before ``mx data`` writes it, an output that exists (unless ``overwrite``) or
-    whose folder cannot be written."""
+    """Refuse, before ``mx data`` writes it, an output that exists (unless ``overwrite``), that
+    a running job or ``mx data`` is writing, or whose folder cannot be written."""
     if os.path.lexists(output) and not overwrite:
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose "
                         f"another path")
+    check_unlocked(output, output)
     _check_folder(output, output)
+
+
+@contextlib.contextmanager
+def publishing(output: str, overwrite: bool) -> Iterator[str]:
+    """Write ``output`` for ``mx data``: hold its lock, yield the temporary to write, commit
+    it when the body returns and remove it when the body raises. ``overwrite`` lets the
+    commit replace whatever is at ``output`` by then."""
+    writer_id = f"data{os.getpid()}"
+    lock(output, writer_id, os.getpid(), by="`mx data`")
+    try:
+        tmp = begin(output, writer_id)
+        try:
+            yield tmp
+        except BaseException:
+            abort(tmp)
+            raise
+        commit(tmp, output, writer_id, force=overwrite)
+    finally:
+        unlock(output, writer_id)
 
 
 def _check_folder(output: str, what: str) -> None:
@@ -184,9 +206,31 @@ def lock_path(output: str) -> str:
     return os.path.join(head, f".{name}{LOCK_TAG}")
 
 
-def holder(output: str, runs: Callable[[str, int], bool]) -> dict | None:
-    """The lock of the job writing ``output`` ({"job", "host", "pid"}), or None when there is
-    none or its process is gone (``runs(host, pid)`` says)."""
+def runs(host: str | None, pid: int | None) -> bool:
+    """Whether process ``pid`` of ``host`` still runs (one on another host is assumed to)."""
+    if host != socket.gethostname():
+        return True
+    return bool(pid) and alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs on this machine (a zombie no longer does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def holder(output: str) -> dict | None:
+    """The lock of the writer of ``output`` ({"job", "host", "pid"}, and "by" for a writer
+    that is not a job), or None when there is none or its process is gone."""
     try:
         with open(lock_path(output)) as f:
             info = json.load(f)
@@ -195,26 +239,32 @@ def holder(output: str, runs: Callable[[str, int], bool]) -> dict | None:
     return info if runs(info.get("host"), info.get("pid")) else None
 
 
-def check_unlocked(output: str, what: str, runs: Callable[[str, int], bool],
-                   job_id: str | None = None) -> None:
-    """Refuse an output another running job is writing (``job_id``'s own lock is fine)."""
-    info = holder(output, runs)
-    if info is not None and info.get("job") != job_id:
-        raise UserError(f"{what}: {output} is being written by job {info.get('job')} (pid "
+def check_unlocked(output: str, what: str, job_id: str | None = None) -> None:
+    """Refuse an output another running writer holds (``job_id``'s own lock is fine)."""
+    info = holder(output)
+    if info is None or info.get("job") == job_id:
+        return
+    if info.get("by"):
+        raise UserError(f"{what}: {output} is being written by {info['by']} (pid "
+                        f"{info.get('pid')} on {info.get('host')}); wait for it to finish or "
+                        f"write to another path. If nothing writes it, remove {lock_path(output)}")
+    raise UserError(f"{what}: {output} is being written by job {info.get('job')} (pid "
                         f"{info.get('pid')} on {info.get('host')}); wait for it or cancel it "
                         f"(`mx cancel {info.get('job')}`), or write to another path. If no such "
                         f"job runs, remove {lock_path(output)}")
 
 
-def lock(output: str, job_id: str, pid: int, runs: Callable[[str, int], bool]) -> None:
-    """Take ``output`` for ``job_id`` (refused while another live job holds it), then remove
-    the temporaries earlier jobs left beside it."""
-    check_unlocked(output, "output", runs, job_id)
+def lock(output: str, job_id: str, pid: int, by: str | None = None) -> None:
+    """Take ``output`` for writer ``job_id`` (refused while another live writer holds it), then
+    remove the temporaries earlier writers left beside it. ``by`` names a writer that is not a
+    job."""
+    check_unlocked(output, "output", job_id)
     path = lock_path(output)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{job_id}"
+    info = {"job": job_id, "host": socket.gethostname(), "pid": pid}
     with open(tmp, "w") as f:
-        json.dump({"job": job_id, "host": socket.gethostname(), "pid": pid}, f)
+        json.dump({**info, "by": by} if by else info, f)
     os.replace(tmp, path)
     sweep_stale(output, {job_id})
 

@@ -44,9 +44,7 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
     if distribution not in DISTRIBUTIONS:
         raise UserError(f"--distribution {distribution}: use one of {', '.join(DISTRIBUTIONS)}")
     _commit.check_new_output(path, overwrite)
-    job = f"gen{os.getpid()}"
-    tmp = _commit.begin(path, job)
-    try:
+    with _commit.publishing(path, overwrite) as tmp:
         arr = zarr.create_array(store=tmp, shape=(m, n), chunks=chunks, dtype=dtype,
                                 fill_value=0, zarr_format=3, compressors=dense.COMPRESSORS)
         grid = [(i, j) for i in range(-(-m // chunks[0])) for j in range(-(-n // chunks[1]))]
@@ -67,10 +65,6 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
             list(pool.map(fill, grid))
         arr.attrs["mx"] = _commit.stamp({"generator": "random", "seed": seed,
                                          "distribution": distribution})
-        _commit.commit(tmp, path, job, force=True)
-    except BaseException:
-        _commit.abort(tmp)
-        raise
 
 
 
@@ -97,18 +91,12 @@ def _values(rng: np.random.Generator, k: int, dtype: str) -> np.ndarray:
     return np.minimum(v, np.nextafter(np.asarray(1.5, dtype=dtype), 0))
 
 
-def _write_sparse(path: str, matrix, record: dict) -> _sparse.SparseInfo:
+def _write_sparse(path: str, matrix, record: dict, overwrite: bool) -> _sparse.SparseInfo:
     """Write ``matrix`` as binsparse CSR at ``path`` atomically; return what was written."""
     csr = sp.csr_array(matrix)
     csr.sum_duplicates()
-    job = f"gen{os.getpid()}"
-    tmp = _commit.begin(path, job)
-    try:
+    with _commit.publishing(path, overwrite) as tmp:
         _sparse.write_csr(tmp, csr, attributes={"mx": _commit.stamp(record)})
-        _commit.commit(tmp, path, job, force=True)
-    except BaseException:
-        _commit.abort(tmp)
-        raise
     return _sparse.SparseInfo(path=path, shape=csr.shape, dtype=csr.dtype.str, nnz=int(csr.nnz))
 
 
@@ -161,7 +149,7 @@ def rmat(path: str, scale: int, edge_factor: int = 16, seed: int = 0, dtype: str
         total = batch if total is None else total + batch
     return _write_sparse(path, total, {"generator": "rmat", "scale": scale,
                                        "edge_factor": edge_factor, "seed": seed,
-                                       "a": a, "b": b, "c": c})
+                                       "a": a, "b": b, "c": c}, overwrite)
 
 
 def banded(path: str, n: int, bandwidth: int, density: float = 1.0, seed: int = 0,
@@ -196,7 +184,7 @@ def banded(path: str, n: int, bandwidth: int, density: float = 1.0, seed: int = 
     m = _symmetric(n, np.concatenate([i, ids]), np.concatenate([i + d, ids]),
                    np.concatenate([vals, diag]))
     return _write_sparse(path, m, {"generator": "banded", "n": n, "bandwidth": bandwidth,
-                                   "density": density, "seed": seed})
+                                   "density": density, "seed": seed}, overwrite)
 
 
 def web(path: str, n: int, avg_degree: float = 8, seed: int = 0, dtype: str = "float64",
@@ -230,7 +218,7 @@ def web(path: str, n: int, avg_degree: float = 8, seed: int = 0, dtype: str = "f
     dst = np.where(local, (src + step) % n, np.minimum(dst, n - 1))
     m = sp.coo_array((_values(rng, k, dtype), (src, dst)), shape=(n, n))
     return _write_sparse(path, m, {"generator": "web", "n": n, "avg_degree": avg_degree,
-                                   "locality": locality, "seed": seed})
+                                   "locality": locality, "seed": seed}, overwrite)
 
 
 def road(path: str, side: int, seed: int = 0, dtype: str = "float64",
@@ -262,7 +250,7 @@ def road(path: str, side: int, seed: int = 0, dtype: str = "float64",
     ok = rows != cols
     rows, cols = rows[ok], cols[ok]
     m = _symmetric(n, rows, cols, _values(rng, rows.size, dtype))
-    return _write_sparse(path, m, {"generator": "road", "side": side, "seed": seed})
+    return _write_sparse(path, m, {"generator": "road", "side": side, "seed": seed}, overwrite)
 
 
 def lowrank(path: str, shape: tuple[int, int], rank: int, fraction: float, noise: float = 0.0,
@@ -298,9 +286,7 @@ def lowrank(path: str, shape: tuple[int, int], rank: int, fraction: float, noise
     if noise:
         vals += noise * rng.standard_normal(vals.size)
     matrix = sp.csr_array((vals.astype(dtype), (rows, cols)), shape=(m, n))
-    job = f"gen{os.getpid()}"
-    tmp = _commit.begin(path, job)
-    try:
+    with _commit.publishing(path, overwrite) as tmp:
         record = {"generator": "lowrank", "rank": rank, "fraction": fraction, "noise": noise,
                   "condition": condition, "seed": seed}
         _sparse.write_csr(tmp, matrix, attributes={"mx": _commit.stamp(record)})
@@ -309,10 +295,6 @@ def lowrank(path: str, shape: tuple[int, int], rank: int, fraction: float, noise
             arr = group.create_array(name, shape=factor.shape, dtype=dtype,
                                      chunks=(min(factor.shape[0], 1 << 16), rank))
             arr[...] = factor.astype(dtype)
-        _commit.commit(tmp, path, job, force=True)
-    except BaseException:
-        _commit.abort(tmp)
-        raise
     return _sparse.SparseInfo(path=path, shape=(m, n), dtype=np.dtype(dtype).str, nnz=int(matrix.nnz))
 
 

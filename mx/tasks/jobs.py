@@ -239,7 +239,7 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
         job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
         job_plan = planning.plan_job(job, folder, rec["name"], job_id)
         for sp in job_plan.steps:
-            commit.lock(sp.output, job_id, pid, record.runs)
+            commit.lock(sp.output, job_id, pid)
             locked.append(sp.output)
         # a driver that a cluster's Jobs API started connects to that cluster (RAY_ADDRESS)
         backend = make_backend(job_plan, job_id, dashboard,

@@ -16,7 +16,7 @@ from typing import Any
 from mx.errors import UserError
 from mx.kernels import dit
 from mx.storage import commit, dense, sparse
-from mx.tasks import ops, record, spec
+from mx.tasks import ops, spec
 
 
 @dataclass
@@ -119,7 +119,7 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None,
             raise UserError(f"{what}.output: {step.output} is read by {first_use[_key(output)]}; "
                             f"write the result to another path")
         commit.check_writable(output, f"{what}.output", job_name, step.overwrite)
-        commit.check_unlocked(output, f"{what}.output", record.runs, job_id)
+        commit.check_unlocked(output, f"{what}.output", job_id)
         if op.check_publish is not None:
             op.check_publish(output, f"{what}.output")
         op_plan = op.plan(infos, params, workers, what, gpus=job.resources.gpus)

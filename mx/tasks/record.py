@@ -15,6 +15,7 @@ import socket
 import time
 
 from mx.errors import UserError
+from mx.storage.commit import alive
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -119,28 +120,6 @@ def effective_state(record: dict) -> str:
     if pid and not alive(pid):
         return "lost"
     return state
-
-
-def runs(host: str | None, pid: int | None) -> bool:
-    """Whether process ``pid`` of ``host`` still runs (one on another host is assumed to)."""
-    if host != socket.gethostname():
-        return True
-    return bool(pid) and alive(pid)
-
-
-def alive(pid: int) -> bool:
-    """True while process ``pid`` runs on this machine (a zombie no longer does)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 DETAIL = "| "  # begins the log lines that only the log shows (tracebacks), never echoed
