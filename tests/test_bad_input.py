@@ -157,6 +157,12 @@ def test_missing_job_file(tmp_path):
     assert result.exit_code == 2 and "no such job file" in result.output
 
 
+def test_a_job_file_that_is_not_text_is_refused_in_one_line(inputs):
+    (inputs / "job.yaml").write_bytes(b"steps:\n  - id: c\xff\xfe\n")
+    result = CliRunner().invoke(cli, ["submit", str(inputs / "job.yaml")])
+    assert_rejected(inputs, result, "job.yaml", "not a text file", "UTF-8")
+
+
 def test_data_random_bad_arguments(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape", "3"])

@@ -44,7 +44,7 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
         return spec.validate(spec.Job, source, source="job"), base or os.getcwd(), text, None
     if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
         job, folder = spec.load(str(source))
-        with open(source) as f:
+        with open(source, encoding="utf-8") as f:
             return job, base or folder, f.read(), os.path.abspath(source)
     if isinstance(source, str) and "\n" in source:
         return spec.parse(source), base or os.getcwd(), source, None

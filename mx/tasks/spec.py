@@ -93,10 +93,13 @@ class Job(Strict):
 def load(path: str) -> tuple[Job, str]:
     """Read and validate a job file; returns the job and the folder relative paths resolve in."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise UserError(f"{path}: cannot read the job file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text file (byte {exc.start} is not UTF-8); a job file "
+                        f"is YAML text") from None
     return parse(text, source=path), os.path.dirname(os.path.abspath(path))
 
 
