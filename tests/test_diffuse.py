@@ -193,6 +193,10 @@ def test_bad_models_and_shapes_give_clear_errors(tmp_path, rng):
         with pytest.raises(UserError, match=f"inputs.model .*metadata {key} = '{value}' is not"):
             mx.submit(job("local", 1, diffuse_step("a", 32, 32, model="meta.safetensors")),
                       base=str(tmp_path))
+    step = diffuse_step("a", 32, 32)
+    step["params"]["label"] = 3  # dit-tiny has no classes: the label must not be dropped silently
+    with pytest.raises(UserError, match="params.label: builtin:dit-tiny is not class-conditional"):
+        mx.submit(job("local", 1, step), base=str(tmp_path))
     for seed in (-1, 2**62):
         step = diffuse_step("a", 32, 32)
         step["params"]["seed"] = seed

@@ -109,6 +109,10 @@ def plan(inputs: dict, params: DiffuseParams, workers: int, what: str, gpus: int
     if parts > token_rows:
         raise UserError(f"{what}.params.parallel.patches: {parts} bands but the latent has only "
                         f"{token_rows} rows of tokens; use at most {token_rows} or a taller image")
+    if not config.num_classes and params.label is not None:
+        # an unconditional model has no class embedding: the label would be silently dropped
+        raise UserError(f"{what}.params.label: {config.name} is not class-conditional (it "
+                        f"has no classes); drop params.label")
     if config.num_classes and params.label is not None and params.label >= config.num_classes:
         raise UserError(f"{what}.params.label: {params.label} is not a class of this model "
                         f"(0..{config.num_classes - 1})")
