@@ -171,6 +171,24 @@ def test_ill_posed_problems_give_clear_errors(tmp_path, rng):
     assert not (tmp_path / "F-als.zarr").exists()
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_observed_value_is_named_and_nothing_is_committed(tmp_path, rng, value):
+    import scipy.sparse as sp
+
+    m, n = int(rng.integers(20, 40)), int(rng.integers(20, 40))
+    matrix = sp.random_array((m, n), density=0.6, format="csr", rng=rng)
+    matrix.data[:] = rng.random(matrix.nnz) + 0.5
+    where = int(rng.integers(matrix.nnz))
+    matrix.data[where] = value
+    row = int(np.searchsorted(matrix.indptr, where, side="right")) - 1
+    col = int(matrix.indices[where])
+    sparse.write_csr(str(tmp_path / "O.zarr"), matrix)
+    with pytest.raises(JobFailed, match=rf"entry at row {row}, column {col} is {value}.*finite"):
+        mx.submit(job("local", 2, "als", rank=2), base=str(tmp_path))
+    assert not (tmp_path / "F-als.zarr").exists()
+    assert not [e for e in os.listdir(tmp_path) if ".mx-" in e]
+
+
 def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path, monkeypatch):
     """A run killed after its last checkpoint, before the checkpoint's removal, has met its
     stopping rule already: resumed, it must not sweep on."""

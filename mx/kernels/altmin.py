@@ -68,6 +68,7 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         rows = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(local.indptr))
         cols = local.indices.astype(np.int64, copy=False)
         vals = local.data.astype(np.float64)
+        _check_finite(path, rows, cols, vals)
         held = holdout_mask(rows, cols, holdout, seed)
     with ctx.timed_host("exchange-omega"):
         by_rows = _csr(rows[~held] - r0, cols[~held], vals[~held], r1 - r0)
@@ -275,6 +276,17 @@ def _csr(rows, cols, vals, nrows):
     indptr = np.zeros(nrows + 1, dtype=np.int64)
     np.add.at(indptr, rows + 1, 1)
     return np.cumsum(indptr), cols.astype(np.int64), vals
+
+
+def _check_finite(path, rows, cols, vals):
+    # one NaN spreads through every factor it touches, and the solves then fail far from it
+    # (an eigensolver that does not converge)
+    bad = np.flatnonzero(~np.isfinite(vals))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{path}: the observed entry at row {int(rows[i])}, column "
+                         f"{int(cols[i])} is {vals[i]} ({bad.size} non-finite entries here); "
+                         f"observed values must be finite numbers: drop or fix those entries")
 
 
 def _check_nonempty(omega, base, what):
