@@ -94,6 +94,21 @@ def test_rmat_rejects_bad_arguments(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_lowrank_rejects_non_finite_noise_and_condition(tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "L.zarr")
+    for args, words in ((["--noise", "nan"], "--noise nan"), (["--noise", "-0.5"], "--noise -0.5"),
+                        (["--noise", "inf"], "--noise inf"),
+                        (["--condition", "nan"], "--condition nan"),
+                        (["--condition", "inf"], "--condition inf"),
+                        (["--condition", "0.5"], "--condition 0.5")):
+        result = runner.invoke(cli, ["data", "lowrank", out, "--shape", "9,7", "--rank", "2",
+                                     "--fraction", "0.5", *args])
+        assert result.exit_code == 2 and words in result.output, (args, result.output)
+        assert result.output.startswith("mx: error: ") and result.output.count("\n") == 1
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 def test_rmat_cli(tmp_path):
     runner = CliRunner()
     out = str(tmp_path / "R.zarr")

@@ -272,8 +272,12 @@ def lowrank(path: str, shape: tuple[int, int], rank: int, fraction: float, noise
         raise UserError(f"--rank {rank}: must be between 1 and min(m, n) = {min(m, n)}")
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction {fraction}: give the observed fraction, in (0, 1]")
-    if noise < 0 or condition < 1:
-        raise UserError("--noise must be >= 0 and --condition >= 1")
+    # written as ranges so that NaN fails them too (it compares false with everything)
+    if not 0 <= noise < np.inf:
+        raise UserError(f"--noise {noise}: give a finite standard deviation >= 0")
+    if not 1 <= condition < np.inf:
+        raise UserError(f"--condition {condition}: give a finite ratio >= 1 of the largest to "
+                        f"the smallest singular value")
     rng = np.random.default_rng(seed)
     scale = np.geomspace(1.0, 1.0 / condition, rank) * np.sqrt(m * n / rank)
     u = np.linalg.qr(rng.standard_normal((m, rank)))[0] * np.sqrt(scale)
