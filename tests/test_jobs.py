@@ -161,16 +161,20 @@ def test_a_damaged_record_is_skipped_by_list_and_named_by_status(tmp_path, rng):
     write_dense(tmp_path / "A.zarr", rng.random((9, 7)))
     write_dense(tmp_path / "B.zarr", rng.random((7, 5)))
     good = mx.submit(JOB.format(name="good", backend="local", workers=1), base=str(tmp_path))
-    for text in ("[]", '{"id":'):
+    for text in ("[]", '{"id":', "{}"):
         bad = "zz-damaged-1"
         os.makedirs(os.path.dirname(record.path(bad, "record.json")), exist_ok=True)
         with open(record.path(bad, "record.json"), "w") as f:
             f.write(text)
+        with open(record.path(bad, "log"), "w") as f:
+            f.write("12:00:00 job zz-damaged-1: running\n")
         listing = mx_cli("list")
         assert listing.returncode == 0 and good in listing.stdout, listing.stderr
-        status = mx_cli("status", bad)
-        assert status.returncode == 2 and "record" in status.stderr and "damaged" in status.stderr
-        assert "Traceback" not in status.stderr
+        for command in (["status"], ["logs"], ["report"], ["cancel"], ["submit", "--resume"]):
+            result = mx_cli(*command, bad)
+            assert result.returncode == 2, (text, command, result.stderr)
+            assert "record" in result.stderr and "damaged" in result.stderr, (text, command)
+            assert "Traceback" not in result.stderr, (text, command, result.stderr)
 
 
 def test_reading_an_earlier_steps_output_by_path_is_named_as_such(tmp_path, rng):

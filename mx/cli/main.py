@@ -192,12 +192,12 @@ def logs(job: str, follow: bool) -> None:
 
     try:
         job_id = record.find(job)
+        rec = record.load(job_id)
     except UserError as exc:
         _fail(exc)
     from mx.tasks import jobs
 
     path = record.path(job_id, "log")
-    rec = record.load(job_id)
     if rec.get("cluster") and not os.path.exists(path):
         # the driver's log is not on this filesystem: ask the cluster for what the driver printed
         from mx.cluster import submission

@@ -76,6 +76,10 @@ def load(job_id: str) -> dict:
     if not isinstance(rec, dict):
         raise UserError(f"job {job_id}: its record {file} is damaged (not a JSON object); "
                         f"remove that job's folder")
+    missing = [key for key in ("id", "state", "steps") if key not in rec]
+    if missing:  # every record is written whole with these (``create``)
+        raise UserError(f"job {job_id}: its record {file} is damaged (no '{missing[0]}'); "
+                        f"remove that job's folder")
     return rec
 
 
