@@ -189,6 +189,27 @@ def test_a_non_finite_observed_value_is_named_and_nothing_is_committed(tmp_path,
     assert not [e for e in os.listdir(tmp_path) if ".mx-" in e]
 
 
+def test_the_observed_matrix_may_be_an_earlier_steps_output(tmp_path, rng):
+    """A planned input has no file to count rows and columns in yet: the product of an
+    spgemm step is completed once that step has run."""
+    import scipy.sparse as sp
+
+    m, n, k = int(rng.integers(20, 40)), int(rng.integers(20, 40)), 2
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    sparse.write_csr(str(tmp_path / "A.zarr"), sp.csr_array(a))
+    sparse.write_csr(str(tmp_path / "B.zarr"), sp.csr_array(b))
+    steps = [{"id": "s", "op": "spgemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+              "output": "S.zarr"},
+             {"id": "f", "op": "complete", "inputs": {"observed": "step:s"}, "output": "F.zarr",
+              "params": {"rank": k, "method": "als", "tol": 1e-10, "holdout": 0.1}}]
+    job_id = mx.submit({"backend": "local", "resources": {"workers": 2}, "steps": steps},
+                       base=str(tmp_path))
+    u, v, _ = factors(tmp_path / "F.zarr")
+    want = a @ b
+    assert np.linalg.norm(u @ v.T - want) / np.linalg.norm(want) < 1e-6
+    assert "from the observed entries an earlier step made" in mx.logs(job_id)
+
+
 def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path, monkeypatch):
     """A run killed after its last checkpoint, before the checkpoint's removal, has met its
     stopping rule already: resumed, it must not sweep on."""

@@ -56,13 +56,16 @@ class CompletePlan:
     chunks: tuple[int, int]
     workers: int
     output: object  # not a matrix another step can use as a dense or sparse input
-    thin: dict  # rows and columns with fewer observed entries than the rank
+    thin: dict  # rows and columns with fewer observed entries than the rank (none counted
+    # for an earlier step's output, unknown when the job is planned)
 
     def describe(self) -> list[str]:
         m, n = self.shape
         p = self.params
-        return [f"complete {m}×{n} from {self.nnz} observed entries ({self.nnz / (m * n):.3g} of "
-                f"all), rank {p.rank}, method {p.method}, reg {p.reg:g}, held out {p.holdout:g}",
+        observed = (f"{self.nnz} observed entries ({self.nnz / (m * n):.3g} of all)"
+                    if self.nnz >= 0 else "the observed entries an earlier step made")
+        return [f"complete {m}×{n} from {observed}, rank {p.rank}, method {p.method}, "
+                f"reg {p.reg:g}, held out {p.holdout:g}",
                 f"U rows and V rows split over {self.workers} workers ("
                 f"{max(map(blocks.length, self.row_blocks))} and "
                 f"{max(map(blocks.length, self.col_blocks))} rows each at most); only k-wide "
@@ -85,7 +88,7 @@ def _row_treatment(p: CompleteParams) -> list[str]:
 
 
 def _thin_warning(plan: CompletePlan) -> list[str]:
-    rows, cols = plan.thin["row"], plan.thin["column"]
+    rows, cols = plan.thin.get("row", 0), plan.thin.get("column", 0)
     if plan.params.reg > 0 or not (rows or cols):
         return []
     return [f"warning: {rows} rows and {cols} columns have fewer observed entries than the rank "
@@ -103,8 +106,9 @@ def plan(inputs: dict, params: CompleteParams, workers: int, what: str, gpus: in
     if params.rank > min(m, n):
         raise UserError(f"{what}.params.rank: {params.rank} is more than min(m, n) = {min(m, n)} "
                         f"for a {m}×{n} matrix; ask for a rank of at most {min(m, n)}")
+    # an earlier step's output (no path yet) is checked by the workers as they read it
     degrees = {"row": np.diff(sparse.read_pointers(obs.path)),
-               "column": sparse.column_counts(obs.path)}
+               "column": sparse.column_counts(obs.path)} if obs.path else {}
     for kind, degree in degrees.items():
         empty = np.nonzero(degree == 0)[0]
         if empty.size:
