@@ -128,6 +128,19 @@ def test_ray_actors_with_tiny_value_chunks(tmp_path, rng, ray_session, monkeypat
     check(got, a, b, 1e-5)
 
 
+def test_the_plan_states_b_and_the_memory_budget_in_units_that_fit(tmp_path, rng):
+    a = powerlaw(rng, 97, 89, 5)
+    b = sp.random_array((89, 83), density=0.2, format="csr", rng=rng)  # 1477 entries, 18 KiB
+    write(tmp_path / "A.zarr", a)
+    write(tmp_path / "B.zarr", b)
+    job_id = mx.submit(job("local", 2, {"memory": "40MiB"}), base=str(tmp_path))
+    check(sparse.read_csr(str(tmp_path / "C.zarr")), a, b, 1e-12)
+    b_bytes = b.nnz * 12 + 90 * 8  # values, int32 indices, int64 row offsets
+    log = mx.logs(job_id)
+    assert f"B is replicated on every worker: B takes {b_bytes / 2**10:.2f} KiB, worker memory " \
+           f"40.00 MiB (params.memory)" in log, log
+
+
 def test_shape_mismatch_and_dense_input(tmp_path, rng):
     from mx.errors import UserError
     from conftest import write_dense

@@ -91,10 +91,11 @@ def plan(inputs: dict, params: SpgemmParams, workers: int, what: str, gpus: int 
         replicate = budget is None or b_bytes <= budget / 4
         why = ("B is replicated on every worker" if replicate else
                "each worker reads only the rows of B it needs")
-        size = (f"B takes {b_bytes / 2**20:.1f} MiB" if b.nnz >= 0 else
+        # in units that fit each size: a budget under 0.05 GiB read "0.0 GiB"
+        size = (f"B takes {dense_gemm._human(b_bytes)}" if b.nnz >= 0 else
                 "B's size is known once the earlier step has run")
         b_reason = f"{why}: {size}, worker memory " + \
-            (f"{budget / 2**30:.1f} GiB ({source})" if budget else "unlimited")
+            (f"{dense_gemm._human(budget)} ({source})" if budget else "unlimited")
     else:
         b_reason = ("B is replicated on every worker" if replicate else
                     "each worker reads only the rows of B it needs") + " (asked for in the job file)"
