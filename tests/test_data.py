@@ -9,7 +9,7 @@ import scipy.io
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from conftest import read_dense
+from conftest import mx_cli, read_dense
 from mx.cli.main import cli
 from mx.storage import sparse
 
@@ -68,6 +68,17 @@ def test_import_coordinate_file(tmp_path, rng, kind):
     result = runner.invoke(cli, ["data", "import", "--dense", str(tmp_path / "s.mtx"), str(tmp_path / "D.zarr")])
     assert result.exit_code == 0
     np.testing.assert_allclose(read_dense(tmp_path / "D.zarr"), m.toarray())
+
+
+@pytest.mark.parametrize("cols", [0, 3])
+def test_import_an_array_file_without_rows(tmp_path, cols):
+    # in a process of its own: SciPy's reader kills the process on such a file (SIGFPE)
+    (tmp_path / "e.mtx").write_text(f"%%MatrixMarket matrix array real general\n0 {cols}\n")
+    result = mx_cli("data", "import", tmp_path / "e.mtx", tmp_path / "E.zarr")
+    assert result.returncode == 0, result.stderr
+    assert read_dense(tmp_path / "E.zarr").shape == (0, cols)
+    info = mx_cli("data", "info", tmp_path / "E.zarr")
+    assert info.returncode == 0 and f"dense 0×{cols} <f8" in info.stdout, info.stderr
 
 
 def test_import_rejects_complex_and_garbage(tmp_path):

@@ -21,13 +21,17 @@ def import_mtx(source: str, output: str, as_dense: bool = False, dtype: str | No
         raise UserError(f"{source} does not exist or is not a file; give a Matrix Market file")
     _commit.check_new_output(output, overwrite)
     try:
-        _, _, _, fmt, field, _ = scipy.io.mminfo(source)
+        rows, cols, _, fmt, field, _ = scipy.io.mminfo(source)
     except Exception as exc:
         raise UserError(f"{source} is not a Matrix Market file ({exc})") from None
     if field == "complex":
         raise UserError(f"{source} holds complex values; mx handles real matrices only")
     try:
-        data = scipy.io.mmread(source)
+        if fmt == "array" and rows == 0:
+            # SciPy's reader divides by the row count here: SIGFPE, the process dies silently
+            data = np.zeros((0, cols))
+        else:
+            data = scipy.io.mmread(source)
     except Exception as exc:
         raise UserError(f"{source}: cannot be read as Matrix Market ({exc})") from None
     target = np.dtype(dtype) if dtype else np.dtype(np.float64)
