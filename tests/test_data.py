@@ -1,6 +1,7 @@
 """Input generators and importers: random dense matrices, Matrix Market files."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,18 @@ def test_random_is_reproducible_and_shaped(tmp_path):
     assert result.exit_code == 0 and read_dense(tmp_path / "X.zarr").shape == (3, 4)
     info = runner.invoke(cli, ["data", "info", str(tmp_path / "X.zarr")])
     assert "dense 3×4 <f8" in info.output
+
+
+def test_random_larger_than_the_free_disk_is_refused_before_writing(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    m = 1 << 20
+    n = free // (8 * m) + 1  # float64: just over the free space
+    result = CliRunner().invoke(cli, ["data", "random", str(tmp_path / "X.zarr"), "--shape",
+                                      f"{m},{n}"])
+    assert result.exit_code == 2, result.output
+    assert f"--shape {m},{n}: the matrix takes" in result.output and "free" in result.output
+    assert result.output.count("\n") == 1
+    assert os.listdir(tmp_path) == []  # nothing written, no lock or temporary left
 
 
 def test_import_dense_array_file(tmp_path, rng):

@@ -16,6 +16,7 @@ They write binsparse CSR groups (``mx.storage.sparse``); duplicate entries are s
 from __future__ import annotations
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -44,6 +45,7 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
     if distribution not in DISTRIBUTIONS:
         raise UserError(f"--distribution {distribution}: use one of {', '.join(DISTRIBUTIONS)}")
     _commit.check_new_output(path, overwrite)
+    _check_space(path, m * n * np.dtype(dtype).itemsize, f"--shape {m},{n}")
     with _commit.publishing(path, overwrite) as tmp:
         arr = zarr.create_array(store=tmp, shape=(m, n), chunks=chunks, dtype=dtype,
                                 fill_value=0, zarr_format=3, compressors=dense.COMPRESSORS)
@@ -66,6 +68,27 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
         arr.attrs["mx"] = _commit.stamp({"generator": "random", "seed": seed,
                                          "distribution": distribution})
 
+
+
+def _check_space(path: str, nbytes: int, what: str) -> None:
+    """Refuse a matrix larger than the free space of the disk it goes to: random values do
+    not compress, and a shape off by a few digits would otherwise write until the disk is full."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise UserError(f"{what}: the matrix takes {_size(nbytes)} (random values do not "
+                        f"compress) but {folder} has {_size(free)} free; choose a smaller shape "
+                        f"or another disk")
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.3g} TiB"
 
 
 # ---------------------------------------------------------------------------------------------
