@@ -210,6 +210,19 @@ def test_the_observed_matrix_may_be_an_earlier_steps_output(tmp_path, rng):
     assert "from the observed entries an earlier step made" in mx.logs(job_id)
 
 
+def test_with_nothing_held_out_the_stopping_error_is_named_as_the_training_one(tmp_path, rng):
+    m, n = int(rng.integers(30, 50)), int(rng.integers(30, 50))
+    generate.lowrank(str(tmp_path / "O.zarr"), (m, n), 2, 0.6, seed=int(rng.integers(1 << 30)))
+    job_id = mx.submit(job("local", 2, "als", rank=2, holdout=0.0, tol=1e-8), base=str(tmp_path))
+    u, v, attrs = factors(tmp_path / "F-als.zarr")
+    want = truth(tmp_path / "O.zarr")
+    assert np.linalg.norm(u @ v.T - want) / np.linalg.norm(want) < 1e-6
+    assert all(h["holdout_rmse"] is None for h in attrs["history"])
+    assert attrs["stopped"].startswith("training relative error"), attrs["stopped"]
+    assert "held-out" not in attrs["stopped"]
+    assert "stops when the training relative error < 1e-08" in mx.logs(job_id)
+
+
 def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path, monkeypatch):
     """A run killed after its last checkpoint, before the checkpoint's removal, has met its
     stopping rule already: resumed, it must not sweep on."""

@@ -168,10 +168,12 @@ def _stop_reason(history: list, tol: float) -> str | None:
     if not history:
         return None
     rel = history[-1]["holdout_rel_error"]
+    # with no entry held out, the error is measured on the training entries (``iterate``)
+    which = "held-out" if history[-1].get("holdout_rmse") is not None else "training"
     if rel < tol:
-        return f"held-out relative error {rel:.3g} < tol {tol:g}"
+        return f"{which} relative error {rel:.3g} < tol {tol:g}"
     if len(history) >= 4 and history[-4]["holdout_rel_error"] - rel < STAGNATION * rel:
-        return f"no progress over 3 sweeps (held-out relative error {rel:.3g})"
+        return f"no progress over 3 sweeps ({which} relative error {rel:.3g})"
     return None
 
 

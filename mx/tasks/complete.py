@@ -62,6 +62,8 @@ class CompletePlan:
     def describe(self) -> list[str]:
         m, n = self.shape
         p = self.params
+        # with nothing held out, the error that stops the sweeps is the training entries'
+        which = "held-out" if p.holdout > 0 else "training"
         observed = (f"{self.nnz} observed entries ({self.nnz / (m * n):.3g} of all)"
                     if self.nnz >= 0 else "the observed entries an earlier step made")
         return [f"complete {m}×{n} from {observed}, rank {p.rank}, method {p.method}, "
@@ -71,9 +73,9 @@ class CompletePlan:
                 f"{max(map(blocks.length, self.col_blocks))} rows each at most); only k-wide "
                 f"factor blocks move between them",
                 *_row_treatment(p), *_thin_warning(self),
-                f"stops when the held-out relative error < {p.tol:g}, after {p.max_iters} sweeps, "
+                f"stops when the {which} relative error < {p.tol:g}, after {p.max_iters} sweeps, "
                 f"or when it stops improving; a checkpoint after every sweep" if p.checkpoint else
-                f"stops when the held-out relative error < {p.tol:g} or after {p.max_iters} sweeps"]
+                f"stops when the {which} relative error < {p.tol:g} or after {p.max_iters} sweeps"]
 
 
 def _row_treatment(p: CompleteParams) -> list[str]:
