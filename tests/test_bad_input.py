@@ -157,6 +157,15 @@ def test_missing_job_file(tmp_path):
     assert result.exit_code == 2 and "no such job file" in result.output
 
 
+@pytest.mark.parametrize("output", ["A.zarr/C.zarr", "B.zarr/c/C.zarr"])
+def test_an_output_inside_an_input_is_refused(inputs, output):
+    before = sorted(p for p in os.listdir(inputs / output.split("/")[0]))
+    result = submit(inputs, job(steps=GOOD_STEP.replace("output: C.zarr", f"output: {output}")))
+    assert_rejected(inputs, result, "steps[0] (id: c).output: ", f"{output} is inside input",
+                    "write the result outside it")
+    assert sorted(os.listdir(inputs / output.split("/")[0])) == before
+
+
 def test_a_job_file_that_is_not_text_is_refused_in_one_line(inputs):
     (inputs / "job.yaml").write_bytes(b"steps:\n  - id: c\xff\xfe\n")
     result = CliRunner().invoke(cli, ["submit", str(inputs / "job.yaml")])

@@ -111,6 +111,10 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None,
             if _same(p, output):
                 raise UserError(f"{what}.output: {step.output} is also input '{name}'; write the "
                                 f"result to another path")
+            if _inside(output, p):
+                # it would become a node of the input's store (a member of a sparse group)
+                raise UserError(f"{what}.output: {step.output} is inside input '{name}' "
+                                f"({step.inputs[name]}); write the result outside it")
         for other_id, (other_path, _) in planned.items():
             if _same(other_path, output):
                 raise UserError(f"{what}.output: {step.output} is already the output of step "
@@ -202,3 +206,7 @@ def _key(path: str) -> str:
 
 def _same(a: str, b: str) -> bool:
     return _key(a) == _key(b)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return _key(path).startswith(_key(folder).rstrip(os.sep) + os.sep)
