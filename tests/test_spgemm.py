@@ -149,6 +149,11 @@ def test_shape_mismatch_and_dense_input(tmp_path, rng):
     write(tmp_path / "B.zarr", sp.random(7, 4, density=0.5, format="csr"))
     with pytest.raises(UserError, match="A is 5×6 but B is 7×4"):
         mx.submit(job("local", 2), base=str(tmp_path))
+    write(tmp_path / "B6.zarr", sp.random(6, 4, density=0.5, format="csr"))
+    for seed in (-1, 2**64):  # a seed NumPy refuses is a params error, not a traceback
+        with pytest.raises(UserError, match=r"steps\[0\] \(id: c\)\.params\.seed"):
+            mx.submit(job("local", 2, {"permute": True, "seed": seed}, b="B6.zarr"),
+                      base=str(tmp_path))
     write_dense(tmp_path / "D.zarr", rng.random((6, 4)))
     with pytest.raises(UserError, match=r"steps\[0\] \(id: \w+\)\.inputs\.b.*not a Zarr group|binsparse"):
         mx.submit(job("local", 2, b="D.zarr"), base=str(tmp_path))

@@ -22,7 +22,7 @@ from mx.storage import sparse
 from mx.tasks import gemm as dense_gemm
 from mx.tasks.graph import StepGraph, comm_key
 from mx.tasks.ops import Op
-from mx.tasks.spec import Strict
+from mx.tasks.spec import SEED_MAX, Strict
 
 # Row chunks per worker: enough to balance skewed rows, few enough to keep pieces large.
 CHUNKS_PER_WORKER = 8
@@ -31,7 +31,7 @@ VALUE_CHUNK = 1 << 20  # entries per Zarr chunk of C's indices and values
 
 class SpgemmParams(Strict):
     permute: bool = False  # deal row chunks in a random order (load balance)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)  # NumPy's generators take no negative seed
     replicate_b: bool | None = None  # default: when B fits in a quarter of worker memory
     # per worker; default 80% of a GPU, no limit on CPUs
     memory: int | str | None = Field(default=None, description=dense_gemm.MEMORY_FORMS)
