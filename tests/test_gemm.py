@@ -195,6 +195,16 @@ def test_forced_stream_and_too_little_memory(tmp_path, rng):
         mx.submit(gemm_job("local", 4, [step]), base=str(tmp_path))
 
 
+def test_stream_takes_a_matrix_smaller_than_one_aligned_tile(tmp_path, rng):
+    """A budget too small for a 128×128 tile still streams a C that fits it whole."""
+    m, k, n = (int(x) for x in rng.integers(20, 60, size=3))
+    a, b = make_pair(rng, tmp_path, m, k, n)
+    step = gemm_step("c", "A.zarr", "B.zarr", "C.zarr", "stream")
+    step["params"]["memory"] = "100KiB"  # C fits; a 128×128 float64 tile and its slabs do not
+    mx.submit(gemm_job("local", 2, [step]), base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "C.zarr"), expected(a, b)) < TOL[np.float64]
+
+
 def dense_info(path):
     from mx.storage import dense
     return dense.inspect(str(path))

@@ -184,7 +184,7 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
         budget = 8 * 2**30  # streaming asked for with no limit given: tiles of a few GiB
         budget_source = "default tile budget"
     width, panel_reason = stream_width(precision, gpus)
-    tile, width = stream_tile(budget, width, k, precision, what)
+    tile, width = stream_tile(budget, width, (m, k, n), precision, what)
     row_chunk, rows = blocks.aligned(m, max(1, -(-m // tile)), side)
     col_chunk, cols = blocks.aligned(n, max(1, -(-n // tile)), side)
     inner = blocks.balanced(k, max(1, -(-k // width)))
@@ -227,14 +227,20 @@ def in_core_bytes(algorithm, rows, cols, inner, grid, precision) -> int:
     return c + (held + 2 * (bm * w + w * bn)) * ib
 
 
-def stream_tile(budget: int, width: int, k: int, precision: str, what: str) -> tuple[int, int]:
+def stream_tile(budget: int, width: int, shape: tuple[int, int, int], precision: str,
+                what: str) -> tuple[int, int]:
     """(side of a square C tile, k-slab width) that fit ``budget`` with two slabs in flight:
-    the tile takes about half, the slabs the rest, the slab no wider than ``width``."""
+    the tile takes about half, the slabs the rest, the slab no wider than ``width``. Tiles
+    are whole numbers of aligned blocks unless all of the m×n C fits in one."""
+    m, k, n = shape
     ib, ob = element_bytes(precision)
     usable = 0.8 * budget
     tile = int(math.sqrt(usable / 2 / ob))
-    tile -= tile % blocks.ALIGN
-    if tile < blocks.ALIGN:
+    if tile >= blocks.ALIGN:
+        tile -= tile % blocks.ALIGN
+    elif ob * m * n <= usable / 2:
+        tile = max(m, n)
+    else:
         raise UserError(f"{what}: {_human(budget)} per worker is too little to stream GEMM "
                         f"tiles of {blocks.ALIGN}×{blocks.ALIGN}; raise params.memory")
     # 2 slabs in flight, each a (tile × w) panel of A and a (w × tile) panel of B
