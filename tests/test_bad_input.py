@@ -50,6 +50,9 @@ def job(top="", steps=GOOD_STEP):
 BAD_JOBS = {
     "malformed yaml": ("steps: [\n  - id: c\n    op: gemm\n   inputs: {", ["malformed YAML", "line"]),
     "not a mapping": ("- just\n- a list\n", ["must be a YAML mapping"]),
+    "key given twice": (job(steps=GOOD_STEP + "    params: {algorithm: cannon}\n"
+                            "    params: {precision: fp32}\n"),
+                        ["line 7, column 5", "key 'params' is given twice"]),
     "no steps": ("backend: local\n", ["steps", "required field is missing"]),
     "unknown op": (job(steps=GOOD_STEP.replace("op: gemm", "op: gemmm")),
                    ["steps[0] (id: c).op", "unknown op 'gemmm'", "gemm"]),
@@ -217,3 +220,21 @@ def test_a_gpu_job_sent_to_a_cluster_is_not_checked_against_this_machine(inputs)
         plan.plan_job(gpu_job, str(inputs), "job")
     # `mx submit --address`: the cluster's GPUs count, asked for when the job is sent
     plan.plan_job(gpu_job, str(inputs), "job", address="http://127.0.0.1:1")
+
+
+def test_a_merge_key_may_override_what_it_merges():
+    """Refusing keys given twice leaves YAML's `<<: *anchor` merges working, overrides included."""
+    from mx.tasks import spec
+
+    job = spec.parse("steps:\n"
+                     "  - &c\n"
+                     "    id: c\n"
+                     "    op: gemm\n"
+                     "    inputs: {a: A.zarr, b: B.zarr}\n"
+                     "    output: C.zarr\n"
+                     "    params: {algorithm: cannon}\n"
+                     "  - <<: *c\n"
+                     "    id: d\n"
+                     "    output: D.zarr\n")
+    assert [s.id for s in job.steps] == ["c", "d"]
+    assert job.steps[1].output == "D.zarr" and job.steps[1].params == {"algorithm": "cannon"}
