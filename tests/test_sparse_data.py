@@ -258,3 +258,12 @@ def test_malformed_sparse_inputs_are_refused_by_name(tmp_path, rng):
     with pytest.raises(JobFailed, match=f"column index {bad_col} is outside the matrix's {n}"):
         mx.submit(job, base=str(tmp_path))
     assert not any(p.startswith("C-") for p in os.listdir(tmp_path)) and not leftovers(tmp_path)
+
+
+def test_lowrank_larger_than_memory_is_refused_before_work(tmp_path):
+    side = 10 ** 8
+    result = CliRunner().invoke(cli, ["data", "lowrank", str(tmp_path / "L.zarr"), "--shape",
+                                      f"{side},{side}", "--rank", "1", "--fraction", "1"])
+    assert result.exit_code == 2, result.output
+    assert "of memory but this machine has" in result.output and "Traceback" not in result.output
+    assert os.listdir(tmp_path) == []

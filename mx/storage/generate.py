@@ -83,6 +83,18 @@ def _check_space(path: str, nbytes: int, what: str) -> None:
                         f"or another disk")
 
 
+LOWRANK_ENTRY_BYTES = 64  # an observed entry's share of lowrank's temporaries (keys, sort, CSR)
+
+
+def _check_memory(nbytes: int, what: str) -> None:
+    """Refuse a matrix whose making needs more than this machine's memory: it would fail
+    with a MemoryError (or be killed) after long work."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > total:
+        raise UserError(f"{what}: making it needs about {_size(nbytes)} of memory but this "
+                        f"machine has {_size(total)}; choose a smaller shape, rank or fraction")
+
+
 def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024:
@@ -301,6 +313,8 @@ def lowrank(path: str, shape: tuple[int, int], rank: int, fraction: float, noise
     if not 1 <= condition < np.inf:
         raise UserError(f"--condition {condition}: give a finite ratio >= 1 of the largest to "
                         f"the smallest singular value")
+    _check_memory(int(fraction * m * n * LOWRANK_ENTRY_BYTES + 16 * (m + n) * rank),
+                  f"--shape {m},{n} --rank {rank} --fraction {fraction:g}")
     rng = np.random.default_rng(seed)
     scale = np.geomspace(1.0, 1.0 / condition, rank) * np.sqrt(m * n / rank)
     u = np.linalg.qr(rng.standard_normal((m, rank)))[0] * np.sqrt(scale)
