@@ -249,9 +249,9 @@ def check_unlocked(output: str, what: str, job_id: str | None = None) -> None:
                         f"{info.get('pid')} on {info.get('host')}); wait for it to finish or "
                         f"write to another path. If nothing writes it, remove {lock_path(output)}")
     raise UserError(f"{what}: {output} is being written by job {info.get('job')} (pid "
-                        f"{info.get('pid')} on {info.get('host')}); wait for it or cancel it "
-                        f"(`mx cancel {info.get('job')}`), or write to another path. If no such "
-                        f"job runs, remove {lock_path(output)}")
+                    f"{info.get('pid')} on {info.get('host')}); wait for it or cancel it "
+                    f"(`mx cancel {info.get('job')}`), or write to another path. If no such "
+                    f"job runs, remove {lock_path(output)}")
 
 
 def lock(output: str, job_id: str, pid: int, by: str | None = None) -> None:
