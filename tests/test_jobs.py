@@ -235,3 +235,36 @@ def test_the_cli_prints_one_line_for_a_task_that_raises(tmp_path, rng):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and 'File "' not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("mx: error: job tb-"), proc.stderr
+
+
+def test_a_relative_base_is_recorded_absolute_so_a_resume_elsewhere_finds_the_inputs(
+        tmp_path, rng, monkeypatch):
+    """mx.submit(job, base=".") recorded "." as the base: a resume started in another folder
+    then resolved the inputs and outputs against that folder."""
+    from mx.tasks import jobs, record
+
+    a, b = rng.random((23, 17)), rng.random((17, 11))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    monkeypatch.chdir(tmp_path)
+    job_id = jobs.prepare(JOB.format(name="relbase", backend="local", workers=1), base=".")
+    assert record.load(job_id)["base"] == str(tmp_path)
+    record.update(job_id, record.load(job_id), state="failed")  # as if its runner had failed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    jobs.resume(job_id)
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
+    assert not os.path.exists(elsewhere / "out")
+
+
+@pytest.mark.parametrize("base", [5, "missing-folder", "A.zarr/zarr.json"])
+def test_a_base_that_is_not_a_folder_is_one_line(tmp_path, rng, monkeypatch, base):
+    from mx.errors import UserError
+
+    write_dense(tmp_path / "A.zarr", rng.random((5, 4)))
+    write_dense(tmp_path / "B.zarr", rng.random((4, 3)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="base"):
+        mx.submit(JOB.format(name="badbase", backend="local", workers=1), base=base)
+    assert not os.path.exists(tmp_path / "out")

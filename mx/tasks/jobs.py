@@ -37,6 +37,15 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
     """(job, base folder, job text, job file path) from a path, YAML text, a dict or a ``Job``."""
     import yaml
 
+    if base is not None:
+        if not isinstance(base, (str, os.PathLike)):
+            raise UserError(f"base {base!r}: give the folder that the job's relative paths "
+                            f"resolve against, as a str or a path")
+        # recorded absolute: a detached runner or a later --resume may start in another folder
+        base = os.path.abspath(os.path.expanduser(os.fspath(base)))
+        if not os.path.isdir(base):
+            raise UserError(f"base {base}: no such folder; give the folder that the job's "
+                            f"relative paths resolve against")
     if isinstance(source, spec.Job):
         return source, base or os.getcwd(), yaml.safe_dump(source.model_dump(), sort_keys=False), None
     if isinstance(source, dict):
