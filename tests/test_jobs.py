@@ -268,3 +268,21 @@ def test_a_base_that_is_not_a_folder_is_one_line(tmp_path, rng, monkeypatch, bas
     with pytest.raises(UserError, match="base"):
         mx.submit(JOB.format(name="badbase", backend="local", workers=1), base=base)
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below"])
+def test_an_mx_home_that_cannot_hold_records_is_one_line(tmp_path, rng, monkeypatch, where):
+    """MX_HOME naming a file (or a folder below one) was a NotADirectoryError traceback."""
+    write_dense(tmp_path / "A.zarr", rng.random((6, 5)))
+    write_dense(tmp_path / "B.zarr", rng.random((5, 4)))
+    (tmp_path / "job.yaml").write_text(JOB.format(name="home", backend="local", workers=1))
+    (tmp_path / "a-file").write_text("not a folder\n")
+    proc = mx_cli("submit", tmp_path / "job.yaml", env={"MX_HOME": str(tmp_path / where)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("mx: error: MX_HOME=") and len(proc.stderr.splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("MX_HOME", str(tmp_path / where))
+    from mx.errors import UserError
+    with pytest.raises(UserError, match="MX_HOME"):
+        mx.submit(JOB.format(name="home", backend="local", workers=1), base=str(tmp_path))

@@ -47,7 +47,13 @@ def new_id(name: str) -> str:
 
 
 def create(job_id: str, record: dict, job_text: str) -> dict:
-    os.makedirs(job_dir(job_id), exist_ok=False)
+    try:
+        os.makedirs(job_dir(job_id), exist_ok=False)
+    except FileExistsError:
+        raise  # a job id is never reused: a bug, not the user's MX_HOME
+    except OSError as exc:  # MX_HOME names a file, or a place this user cannot write
+        raise UserError(f"MX_HOME={home()}: cannot keep job records there ({exc.strerror}); "
+                        f"set MX_HOME to a folder you can write, or unset it for ~/.mx") from None
     with open(path(job_id, "job.yaml"), "w") as f:
         f.write(job_text)
     record = {"id": job_id, "state": "queued", "created": now(), "host": socket.gethostname(),
