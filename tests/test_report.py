@@ -194,3 +194,13 @@ def test_unknown_job_is_a_clear_error(tmp_path):
     proc = mx_cli("report", "no-such-job")
     assert proc.returncode == 2
     assert "no job matches 'no-such-job'" in proc.stderr and not proc.stdout
+
+
+@pytest.mark.parametrize("out", ["a-file/report", "/proc/mx-report"])
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, out):
+    """--out below a file, or where no folder can be made, was a traceback."""
+    job_id = run_gemm(tmp_path, "local", "ro")
+    (tmp_path / "a-file").write_text("not a folder\n")
+    proc = mx_cli("report", job_id, "--out", out if out.startswith("/") else tmp_path / out)
+    assert proc.returncode == 2 and not proc.stdout, proc.stderr
+    assert proc.stderr.startswith("mx: error: --out ") and len(proc.stderr.splitlines()) == 1

@@ -16,6 +16,7 @@ import json
 import os
 import re
 
+from mx.errors import UserError
 from mx.tasks import record
 
 CATEGORIES = ("compute", "communication", "I/O")
@@ -39,7 +40,13 @@ def write(job_id: str, out_dir: str | None = None) -> list[str]:
     ``report/`` folder); returns the paths written, the page last."""
     rec = record.load(job_id)
     out_dir = os.path.abspath(out_dir or record.path(job_id, "report"))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:  # --out below a file, in a place that cannot hold folders, read-only
+        raise UserError(f"--out {out_dir}: cannot write the report there ({exc.strerror}); "
+                        f"give a folder you can write") from None
     timeline = load_timeline(job_id)
     written: list[str] = []
     sections = []
