@@ -198,3 +198,43 @@ def test_open_mpi_refusing_root_is_named_with_its_fix():
     with open(record.path(job_id, "mpi.out"), "w") as f:
         f.write("some other failure\n")
     assert "ROOT" not in jobs._mpiexec_failure(job_id, 1)
+
+
+def test_cancel_of_a_detached_mpi_job_inside_one_gang_program(tmp_path):
+    """A `complete` step is one gang program, and rank 0 looked for a cancel only between
+    tasks: `mx cancel` waited out its timeout, then killed only the launcher, and mpiexec's
+    ranks ran on to commit the output. Now the ranks end, nothing is committed, and a resume
+    finishes the job from its checkpoint."""
+    from mx.storage import commit, generate
+    from mx.storage.commit import alive
+    import zarr
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (20000, 15000), 8, 0.01,
+                     seed=int.from_bytes(os.urandom(2), "little"))
+    job = ("backend: mpi\nresources: {workers: 2}\nsteps:\n"
+           "  - {id: f, op: complete, inputs: {observed: O.zarr}, output: F.zarr,\n"
+           "     params: {rank: 8, method: als, tol: 1.0e-12, max_iters: 60}}\n")
+    (tmp_path / "job.yaml").write_text(job)
+    job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".F.zarr.mx-checkpoint").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # a sweep is done: the gang program runs
+    assert mx.status(job_id)["state"] == "running"
+    t0 = time.monotonic()
+    proc = mx_cli("cancel", job_id, check=True)
+    assert time.monotonic() - t0 < 30 and proc.stdout.split() == [job_id, "cancelled"], proc
+    rec = mx.status(job_id)
+    assert rec["state"] == "cancelled" and rec["steps"][0]["state"] == "cancelled", rec
+    ranks = [int(line.split("pid")[1].split()[0]) for line in mx.logs(job_id).splitlines()
+             if line.split(" ", 1)[-1].startswith("rank ") and ": pid " in line]
+    assert len(ranks) == 2
+    time.sleep(1.0)
+    assert not [pid for pid in ranks if alive(pid)]
+    assert not (tmp_path / "F.zarr").exists() and not leftovers(tmp_path)
+    assert not os.path.exists(commit.lock_path(str(tmp_path / "F.zarr")))
+
+    proc = mx_cli("submit", "--resume", job_id, check=True)
+    assert "resumed-at-sweep" in proc.stderr
+    o, f = zarr.open_group(str(tmp_path / "O.zarr")), zarr.open_group(str(tmp_path / "F.zarr"))
+    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
+    assert rel_error(np.asarray(f["u"][...]) @ np.asarray(f["v"][...]).T, want) < 1e-6

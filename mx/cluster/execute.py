@@ -14,7 +14,7 @@ import traceback
 from typing import Any
 
 from mx.cluster.comm import GangContext
-from mx.errors import JobFailed, WorkerLost, first_line
+from mx.errors import JobCancelled, JobFailed, WorkerLost, first_line
 from mx.tasks.graph import Key, comm_key
 
 
@@ -49,6 +49,8 @@ def run(key: Key, node, values: dict, worker: int, label: str | None,
     start_wall, start = time.time(), time.perf_counter()
     try:
         value = node(values)
+    except JobCancelled:
+        raise  # a cancel (SIGTERM in an MPI rank) stops the task; it is no task failure
     except BaseException as exc:
         raise TaskError(key, worker, exc) from exc
     info = {"key": key, "worker": worker, "label": label, "start": start_wall,

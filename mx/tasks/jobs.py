@@ -385,6 +385,10 @@ def _mpiexec_failure(job_id: str, code) -> str:
     return reason
 
 
+# seconds a cancelled MPI job's rank 0 has to stop by itself before mpiexec is told to end it
+MPI_CANCEL_GRACE_S = 3.0
+
+
 def _launch_mpi(job_id: str, echo, progress) -> str:
     """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
     rec = record.update(job_id, record.load(job_id), pid=os.getpid(), launcher=True)
@@ -401,20 +405,60 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 env={**os.environ, "MX_HOME": record.home()})
     code = None
+    asked = None  # when a cancel was first seen
 
     def ended() -> bool:
-        nonlocal code
+        # rank 0 sees a cancel only between tasks, and one gang program (a whole `complete`
+        # step) is one task: after a grace, end the ranks through mpiexec (Hydra passes SIGTERM
+        # on to every rank), so a cancelled job never runs on to commit its output
+        nonlocal code, asked
         code = proc.poll()
+        if code is None and (asked is not None or record.cancel_requested(job_id)):
+            asked = asked if asked is not None else time.monotonic()
+            waited = time.monotonic() - asked
+            if waited > MPI_CANCEL_GRACE_S + 10:
+                proc.kill()
+            elif waited > MPI_CANCEL_GRACE_S:
+                proc.terminate()
         return code is not None
 
-    _relay(job_id, echo, progress, ended)
+    previous = _catch_terminate()  # `mx cancel` past its timeout: SIGTERM this launcher
+    try:
+        _relay(job_id, echo, progress, ended)
+    except JobCancelled:
+        record.request_cancel(job_id)
+        proc.terminate()
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    finally:
+        _restore_terminate(previous)
     rec = record.load(job_id)
     state = rec.get("state")
-    if state not in record.FINAL:  # the driver never recorded an end: a rank died or failed
+    if state not in record.FINAL and record.cancel_requested(job_id):
+        # the ranks were ended for the cancel: the job was cancelled, not failed
+        folder = rec["base"]
+        for step in job.steps:
+            output = spec.resolve_path(step.output, folder)
+            commit.abort(commit.temp_path(output, job_id))
+            commit.unlock(output, job_id)
+        for step in rec["steps"]:
+            if step["state"] in ("queued", "running"):
+                step["state"] = "cancelled" if step["state"] == "running" else "not run"
+        record.update(job_id, rec, state="cancelled", error="cancelled by request",
+                      ended=record.now())
+        record.Log(job_id, echo)(f"job {job_id}: cancelled; no output of the unfinished step "
+                                 f"was committed")
+        state = "cancelled"
+    elif state not in record.FINAL:  # the driver never recorded an end: a rank died or failed
         reason = record.failure(job_id) or _mpiexec_failure(job_id, code)
         folder = rec["base"]
         for step in job.steps:  # the ranks may have died before removing their temporaries
-            commit.abort(commit.temp_path(spec.resolve_path(step.output, folder), job_id))
+            output = spec.resolve_path(step.output, folder)
+            commit.abort(commit.temp_path(output, job_id))
+            commit.unlock(output, job_id)  # and before giving their outputs back
         for step in rec["steps"]:
             if step["state"] in ("queued", "running"):
                 step["state"] = "failed" if step["state"] == "running" else "not run"
@@ -645,6 +689,14 @@ def cancel(job_id: str, timeout: float = 60.0) -> dict:
             except TimeoutError:
                 return record.load(job_id)
         pid = rec.get("pid")
+        if pid and rec.get("launcher"):
+            # mx's mpiexec launcher: SIGKILL would leave mpiexec and its ranks running on (in
+            # sessions of their own) to commit the output; SIGTERM makes it end them first
+            try:
+                os.kill(pid, signal.SIGTERM)
+                return wait(job_id, 30.0)
+            except (ProcessLookupError, TimeoutError):
+                pass
         if pid:
             try:
                 os.kill(pid, signal.SIGKILL)
