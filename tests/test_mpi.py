@@ -238,3 +238,48 @@ def test_cancel_of_a_detached_mpi_job_inside_one_gang_program(tmp_path):
     o, f = zarr.open_group(str(tmp_path / "O.zarr")), zarr.open_group(str(tmp_path / "F.zarr"))
     want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
     assert rel_error(np.asarray(f["u"][...]) @ np.asarray(f["v"][...]).T, want) < 1e-6
+
+
+def test_ranks_end_with_a_killed_launcher_and_a_resume_runs_alone(tmp_path):
+    """`mx submit` of an MPI job killed outright (SIGKILL, a closed terminal): Hydra's ranks,
+    in sessions of their own, ran on; the job read 'lost', and a --resume started a second
+    set of ranks beside them on the same output and checkpoint (the first committed, the
+    second failed on the checkpoint it removed). Now the ranks end with their launcher."""
+    from mx.storage import generate
+    from mx.storage.commit import alive
+    import zarr
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (20000, 15000), 8, 0.01,
+                     seed=int.from_bytes(os.urandom(2), "little"))
+    (tmp_path / "job.yaml").write_text(
+        "name: orphan\nbackend: mpi\nresources: {workers: 2}\nsteps:\n"
+        "  - {id: f, op: complete, inputs: {observed: O.zarr}, output: F.zarr,\n"
+        "     params: {rank: 8, method: als, tol: 1.0e-12, max_iters: 60}}\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "mx.cli.main", "submit", "-q",
+                                 str(tmp_path / "job.yaml")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".F.zarr.mx-checkpoint").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # a sweep is done: the gang program runs
+    from mx.tasks import record
+
+    (job_id,) = record.all_ids()
+    ranks = [int(line.split("pid")[1].split()[0]) for line in mx.logs(job_id).splitlines()
+             if line.split(" ", 1)[-1].startswith("rank ") and ": pid " in line]
+    assert len(ranks) == 2 and all(alive(pid) for pid in ranks)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in ranks if alive(pid)]
+    assert mx.status(job_id)["state"] in ("lost", "cancelled", "failed")
+    assert not (tmp_path / "F.zarr").exists()
+
+    proc = mx_cli("submit", "--resume", job_id)
+    assert proc.returncode == 0, proc.stderr
+    assert mx.status(job_id)["state"] == "succeeded"
+    o, f = zarr.open_group(str(tmp_path / "O.zarr")), zarr.open_group(str(tmp_path / "F.zarr"))
+    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
+    assert rel_error(np.asarray(f["u"][...]) @ np.asarray(f["v"][...]).T, want) < 1e-6
+    assert not leftovers(tmp_path)

@@ -385,6 +385,20 @@ def _mpiexec_failure(job_id: str, code) -> str:
     return reason
 
 
+def _end_with_parent() -> None:
+    """In mpiexec, before it starts: SIGTERM when the launcher dies. Hydra starts the ranks in
+    sessions of their own, so a launcher killed outright (SIGKILL, a closed terminal) left them
+    running on beside a --resume's new ranks, both writing the same output; mpiexec passes the
+    SIGTERM on to every rank. Linux only (prctl); elsewhere nothing changes."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 # seconds a cancelled MPI job's rank 0 has to stop by itself before mpiexec is told to end it
 MPI_CANCEL_GRACE_S = 3.0
 
@@ -403,7 +417,8 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     cmd += [sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id]
     with open(record.path(job_id, "mpi.out"), "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                env={**os.environ, "MX_HOME": record.home()})
+                                env={**os.environ, "MX_HOME": record.home()},
+                                preexec_fn=_end_with_parent)
     code = None
     asked = None  # when a cancel was first seen
 
