@@ -286,3 +286,17 @@ def test_an_mx_home_that_cannot_hold_records_is_one_line(tmp_path, rng, monkeypa
     from mx.errors import UserError
     with pytest.raises(UserError, match="MX_HOME"):
         mx.submit(JOB.format(name="home", backend="local", workers=1), base=str(tmp_path))
+
+
+@pytest.mark.parametrize("call", ["status", "logs", "cancel", "wait"])
+@pytest.mark.parametrize("job_id", [5, None, ""])
+def test_the_python_api_names_a_job_id_that_is_not_one(tmp_path, rng, call, job_id):
+    """mx.status(5) was a TypeError about str.startswith; mx.status("") named 'matches N jobs'."""
+    from mx.errors import UserError
+
+    write_dense(tmp_path / "A.zarr", rng.random((6, 5)))
+    write_dense(tmp_path / "B.zarr", rng.random((5, 4)))
+    mx.submit(JOB.format(name="ids", backend="local", workers=1), base=str(tmp_path))
+    mx.submit(JOB.format(name="ids", backend="local", workers=1), base=str(tmp_path))
+    with pytest.raises(UserError, match="give a job id"):
+        getattr(mx, call)(job_id)

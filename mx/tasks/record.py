@@ -97,6 +97,11 @@ def update(job_id: str, record: dict, **fields) -> dict:
 
 def find(prefix: str) -> str:
     """The job id that ``prefix`` names (a full id or a unique prefix)."""
+    if not isinstance(prefix, str) or not prefix:
+        # mx.status(None), mx.logs(5): a TypeError from str.startswith named nothing useful,
+        # and "" was a prefix of every job
+        raise UserError(f"job {prefix!r}: give a job id (or a unique prefix of one) as a "
+                        f"non-empty str; `mx list` shows the jobs")
     ids = all_ids()
     if prefix in ids:
         return prefix
