@@ -300,3 +300,29 @@ def test_the_python_api_names_a_job_id_that_is_not_one(tmp_path, rng, call, job_
     mx.submit(JOB.format(name="ids", backend="local", workers=1), base=str(tmp_path))
     with pytest.raises(UserError, match="give a job id"):
         getattr(mx, call)(job_id)
+
+
+def test_a_dict_job_may_hold_paths_numpy_scalars_and_any_mapping(tmp_path, rng):
+    """A dict job is written to YAML for its runner: a pathlib.Path, a NumPy scalar or an
+    OrderedDict in it was a RepresenterError traceback."""
+    from collections import OrderedDict
+    from pathlib import Path
+
+    from mx.errors import UserError
+    from mx.tasks import record
+
+    a, b = rng.random((31, 19)), rng.random((19, 13))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    job = OrderedDict(name="plain", backend="local", resources={"workers": np.int64(2)},
+                      max_retries=np.int32(0),
+                      steps=({"id": "c", "op": "gemm",
+                              "inputs": {"a": tmp_path / "A.zarr", "b": Path("B.zarr")},
+                              "output": Path("out") / "C.zarr",
+                              "params": {"algorithm": np.str_("summa")}},))
+    job_id = mx.submit(job, base=tmp_path)
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
+    assert "workers: 2" in open(record.path(job_id, "job.yaml")).read()
+    job["steps"][0]["params"]["extra"] = object()
+    with pytest.raises(UserError, match=r"job\.steps\[0\]\.params\.extra: object values"):
+        mx.submit(job, base=tmp_path)

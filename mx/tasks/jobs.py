@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from mx.errors import JobCancelled, JobFailed, UserError, WorkerLost, first_line
@@ -48,7 +49,11 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
                             f"relative paths resolve against")
     if isinstance(source, spec.Job):
         return source, base or os.getcwd(), yaml.safe_dump(source.model_dump(), sort_keys=False), None
-    if isinstance(source, dict):
+    if isinstance(source, Mapping):
+        # the runner reads the job back from its YAML text: values YAML cannot hold (paths,
+        # NumPy scalars, an OrderedDict) were a RepresenterError traceback; they become the
+        # plain values they stand for, and anything else is named
+        source = _plain(source, "job")
         text = yaml.safe_dump(source, sort_keys=False)
         return spec.validate(spec.Job, source, source="job"), base or os.getcwd(), text, None
     if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
@@ -58,6 +63,22 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
     if isinstance(source, str) and "\n" in source:
         return spec.parse(source), base or os.getcwd(), source, None
     raise UserError(f"{source}: no such job file; give the path of a job YAML file")
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A dict job's value as plain YAML data: mappings, lists, str, numbers, bools, None."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return _plain(value.item(), where)  # a NumPy scalar (np.float64 is a float YAML refuses)
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise UserError(f"{where}: {type(value).__name__} values cannot be part of a job; give a str, "
+                    f"a number, a bool, a list or a dict")
 
 
 def submit(source: Any, *, base: str | None = None, detach: bool = False,
