@@ -326,3 +326,19 @@ def test_a_dict_job_may_hold_paths_numpy_scalars_and_any_mapping(tmp_path, rng):
     job["steps"][0]["params"]["extra"] = object()
     with pytest.raises(UserError, match=r"job\.steps\[0\]\.params\.extra: object values"):
         mx.submit(job, base=tmp_path)
+
+
+def test_yaml_text_on_one_line_is_a_job_not_a_missing_file(tmp_path, rng):
+    """mx.submit("{name: ..., steps: [...]}") said "no such job file"."""
+    from mx.errors import UserError
+
+    a, b = rng.random((14, 9)), rng.random((9, 5))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+    mx.submit("{name: flow, backend: local, resources: {workers: 1}, steps: [{id: c, op: gemm, "
+              "inputs: {a: A.zarr, b: B.zarr}, output: out/C.zarr}]}", base=str(tmp_path))
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12
+    with pytest.raises(UserError, match="steps"):
+        mx.submit("{name: flow, backend: local}", base=str(tmp_path))
+    with pytest.raises(UserError, match="no such job file"):
+        mx.submit(str(tmp_path / "missing.yaml"))

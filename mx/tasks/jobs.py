@@ -60,9 +60,20 @@ def load(source: Any, base: str | None = None) -> tuple[spec.Job, str, str, str 
         job, folder = spec.load(str(source))
         with open(source, encoding="utf-8") as f:
             return job, base or folder, f.read(), os.path.abspath(source)
-    if isinstance(source, str) and "\n" in source:
+    if isinstance(source, str) and ("\n" in source or _one_line_mapping(source)):
         return spec.parse(source), base or os.getcwd(), source, None
     raise UserError(f"{source}: no such job file; give the path of a job YAML file")
+
+
+def _one_line_mapping(text: str) -> bool:
+    """True for YAML text on one line that holds a mapping ("{name: x, steps: [...]}"): a
+    job, not a path (a missing job file's path is a plain YAML string)."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
 
 
 def _plain(value: Any, where: str) -> Any:
