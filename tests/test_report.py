@@ -204,3 +204,31 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, out):
     proc = mx_cli("report", job_id, "--out", out if out.startswith("/") else tmp_path / out)
     assert proc.returncode == 2 and not proc.stdout, proc.stderr
     assert proc.stderr.startswith("mx: error: --out ") and len(proc.stderr.splitlines()) == 1
+
+
+def test_a_job_whose_runner_died_reads_as_status_shows_it(tmp_path, rng):
+    """The page read the bare record: a job whose runner was killed said its step was
+    "running" with no error, where `mx status` says lost, and a rank's failure mark
+    (an MPI rank that failed before the driver could record it) was not named."""
+    import html
+    import subprocess
+    import sys
+
+    from mx.tasks import jobs
+
+    write_dense(tmp_path / "a.zarr", rng.random((12, 7)))
+    write_dense(tmp_path / "b.zarr", rng.random((7, 5)))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for mark in (None, "rank 1: task ('read-a', 'c', 1, 0) on worker 1 failed: boom"):
+        job_id = jobs.prepare(GEMM.format(name="died", backend="local"), base=str(tmp_path))
+        rec = record.load(job_id)
+        rec["steps"][0]["state"] = "running"  # what a runner killed mid-step leaves
+        record.update(job_id, rec, state="running", pid=dead.pid)
+        if mark:
+            record.mark_failed(job_id, mark)
+        text = open(mx_cli("report", job_id, check=True).stdout.split()[-1]).read()
+        want = "failed" if mark else "lost"
+        assert f"State: <b>{want}</b>" in text
+        assert "<td>running</td>" not in text and f"<td>{want}</td>" in text
+        assert html.escape(mark or "its runner ended without recording an end") in text

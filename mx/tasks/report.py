@@ -38,7 +38,11 @@ ENCLOSING = ("rounds",)
 def write(job_id: str, out_dir: str | None = None) -> list[str]:
     """Write the job's pictures and ``index.html`` into ``out_dir`` (default: the job's
     ``report/`` folder); returns the paths written, the page last."""
-    rec = record.load(job_id)
+    from mx.tasks import jobs
+
+    # as `mx status` shows it: a job whose runner died reads lost, its running step too, and
+    # the error a rank left is named (the bare record still said "running", with no error)
+    rec = jobs.settled(record.load(job_id))
     out_dir = os.path.abspath(out_dir or record.path(job_id, "report"))
     try:
         os.makedirs(out_dir, exist_ok=True)
