@@ -342,3 +342,31 @@ def test_yaml_text_on_one_line_is_a_job_not_a_missing_file(tmp_path, rng):
         mx.submit("{name: flow, backend: local}", base=str(tmp_path))
     with pytest.raises(UserError, match="no such job file"):
         mx.submit(str(tmp_path / "missing.yaml"))
+
+
+def test_wait_and_cancel_return_a_lost_or_rank_failed_job_as_status_does(tmp_path, rng):
+    """mx.wait and mx.cancel returned the bare record: "running" for a job whose runner had
+    died, and no error for one an MPI rank had marked failed."""
+    import subprocess
+    import sys
+
+    from mx.tasks import jobs, record
+
+    write_dense(tmp_path / "A.zarr", rng.random((8, 6)))
+    write_dense(tmp_path / "B.zarr", rng.random((6, 4)))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for mark in (None, "rank 1: task ('read-a', 'c', 0, 0) on worker 1 failed: boom"):
+        job_id = jobs.prepare(JOB.format(name="died", backend="local", workers=1),
+                              base=str(tmp_path))
+        rec = record.load(job_id)
+        rec["steps"][0]["state"] = "running"  # what a runner killed mid-step leaves
+        record.update(job_id, rec, state="running", pid=dead.pid)
+        if mark:
+            record.mark_failed(job_id, mark)
+        want = "failed" if mark else "lost"
+        for got in (mx.wait(job_id, timeout=10), mx.status(job_id)):
+            assert got["state"] == want and got["steps"][0]["state"] == want, got
+            assert got["error"] == (mark or "its runner ended without recording an end")
+        if not mark:  # a failed job is not cancelled (UserError); a lost one is, as it stands
+            assert mx.cancel(job_id, timeout=5)["state"] == "lost"

@@ -723,7 +723,7 @@ def cancel(job_id: str, timeout: float = 60.0) -> dict:
         raise UserError(f"job {job_id} already {state}; nothing to cancel")
     record.request_cancel(job_id)  # the runner polls for this between and inside steps
     if state == "lost":
-        return rec
+        return settled(rec)
     try:
         return wait(job_id, timeout)
     except TimeoutError:
@@ -734,7 +734,7 @@ def cancel(job_id: str, timeout: float = 60.0) -> dict:
             try:
                 return wait(job_id, 30.0)
             except TimeoutError:
-                return record.load(job_id)
+                return settled(record.load(job_id))
         pid = rec.get("pid")
         if pid and rec.get("launcher"):
             # mx's mpiexec launcher: SIGKILL would leave mpiexec and its ranks running on (in
@@ -749,17 +749,18 @@ def cancel(job_id: str, timeout: float = 60.0) -> dict:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return record.load(job_id)
+        return settled(record.load(job_id))
 
 
 def wait(job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:
-    """Block until a job reaches a final state (or is lost); returns its record."""
+    """Block until a job reaches a final state (or is lost); returns its record as it
+    stands (``settled``: a lost job's record still says "running")."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         rec = record.load(job_id)
         state = current_state(rec)
         if state in ENDED:
-            return rec
+            return settled(rec)
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {state} after {timeout} s")
         time.sleep(poll)
