@@ -484,34 +484,25 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
         _restore_terminate(previous)
     rec = record.load(job_id)
     state = rec.get("state")
-    if state not in record.FINAL and record.cancel_requested(job_id):
-        # the ranks were ended for the cancel: the job was cancelled, not failed
-        folder = rec["base"]
-        for step in job.steps:
-            output = spec.resolve_path(step.output, folder)
-            commit.abort(commit.temp_path(output, job_id))
-            commit.unlock(output, job_id)
-        for step in rec["steps"]:
-            if step["state"] in ("queued", "running"):
-                step["state"] = "cancelled" if step["state"] == "running" else "not run"
-        record.update(job_id, rec, state="cancelled", error="cancelled by request",
-                      ended=record.now())
-        record.Log(job_id, echo)(f"job {job_id}: cancelled; no output of the unfinished step "
-                                 f"was committed")
-        state = "cancelled"
-    elif state not in record.FINAL:  # the driver never recorded an end: a rank died or failed
-        reason = record.failure(job_id) or _mpiexec_failure(job_id, code)
-        folder = rec["base"]
-        for step in job.steps:  # the ranks may have died before removing their temporaries
-            output = spec.resolve_path(step.output, folder)
-            commit.abort(commit.temp_path(output, job_id))
-            commit.unlock(output, job_id)  # and before giving their outputs back
-        for step in rec["steps"]:
-            if step["state"] in ("queued", "running"):
-                step["state"] = "failed" if step["state"] == "running" else "not run"
-        record.update(job_id, rec, state="failed", error=reason, ended=record.now())
-        record.Log(job_id, echo)(f"job {job_id}: failed: {reason}")
-        state = "failed"
+    if state in record.FINAL:
+        return state
+    # the driver never recorded an end: the ranks were ended for a cancel, or one died or failed
+    if record.cancel_requested(job_id):
+        state, error = "cancelled", "cancelled by request"
+        line = "cancelled; no output of the unfinished step was committed"
+    else:
+        state, error = "failed", record.failure(job_id) or _mpiexec_failure(job_id, code)
+        line = f"failed: {error}"
+    folder = rec["base"]
+    for step in job.steps:  # the ranks may have ended before removing their temporaries
+        output = spec.resolve_path(step.output, folder)
+        commit.abort(commit.temp_path(output, job_id))
+        commit.unlock(output, job_id)  # and before giving their outputs back
+    for step in rec["steps"]:
+        if step["state"] in ("queued", "running"):
+            step["state"] = state if step["state"] == "running" else "not run"
+    record.update(job_id, rec, state=state, error=error, ended=record.now())
+    record.Log(job_id, echo)(f"job {job_id}: {line}")
     return state
 
 
