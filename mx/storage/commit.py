@@ -90,7 +90,7 @@ def check_writable(output: str, what: str, job_name: str, overwrite: bool = Fals
                             f"'{job_name}' replaces only outputs of its own earlier runs; add "
                             f"`overwrite: true` to the step to replace it, or choose another "
                             f"output path")
-    _check_folder(output, what)
+    check_folder(output, what)
 
 
 def check_new_output(output: str, overwrite: bool) -> None:
@@ -100,7 +100,7 @@ def check_new_output(output: str, overwrite: bool) -> None:
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose "
                         f"another path")
     check_unlocked(output, output)
-    _check_folder(output, output)
+    check_folder(output, output)
 
 
 @contextlib.contextmanager
@@ -122,11 +122,17 @@ def publishing(output: str, overwrite: bool) -> Iterator[str]:
         unlock(output, writer_id)
 
 
-def _check_folder(output: str, what: str) -> None:
-    """The nearest existing folder of ``output`` must be one a file can be created in."""
-    probe = os.path.dirname(os.path.abspath(output))
+def nearest_existing(path: str) -> str:
+    """The nearest existing path above ``path``: where a new ``path`` would be made."""
+    probe = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
+    return probe
+
+
+def check_folder(output: str, what: str) -> None:
+    """The nearest existing folder of ``output`` must be one a file can be created in."""
+    probe = nearest_existing(output)
     if not os.path.isdir(probe) or not _can_create_in(probe):
         raise UserError(f"{what}: cannot create {output}: {probe} is not a writable folder; "
                         f"choose an output path in a folder you can write")

@@ -73,9 +73,7 @@ def random_dense(path: str, shape: tuple[int, int], chunks: tuple[int, int], see
 def _check_space(path: str, nbytes: int, what: str) -> None:
     """Refuse a matrix larger than the free space of the disk it goes to: random values do
     not compress, and a shape off by a few digits would otherwise write until the disk is full."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = _commit.nearest_existing(path)
     free = shutil.disk_usage(folder).free
     if nbytes > free:
         raise UserError(f"{what}: the matrix takes {_size(nbytes)} (random values do not "

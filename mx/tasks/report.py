@@ -16,7 +16,7 @@ import json
 import os
 import re
 
-from mx.errors import UserError
+from mx.storage import commit
 from mx.tasks import record
 
 CATEGORIES = ("compute", "communication", "I/O")
@@ -44,13 +44,10 @@ def write(job_id: str, out_dir: str | None = None) -> list[str]:
     # the error a rank left is named (the bare record still said "running", with no error)
     rec = jobs.settled(record.load(job_id))
     out_dir = os.path.abspath(out_dir or record.path(job_id, "report"))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as exc:  # --out below a file, in a place that cannot hold folders, read-only
-        raise UserError(f"--out {out_dir}: cannot write the report there ({exc.strerror}); "
-                        f"give a folder you can write") from None
+    # --out below a file, in a place that cannot hold folders, read-only: one line, by the
+    # probe outputs get (os.access says yes to root on read-only mounts)
+    commit.check_folder(os.path.join(out_dir, "index.html"), f"--out {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
     timeline = load_timeline(job_id)
     written: list[str] = []
     sections = []
