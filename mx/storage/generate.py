@@ -27,6 +27,7 @@ from mx.errors import UserError
 from mx.storage import commit as _commit
 from mx.storage import dense
 from mx.storage import sparse as _sparse
+from mx.units import human_bytes
 
 DISTRIBUTIONS = ("uniform", "normal")
 
@@ -76,8 +77,8 @@ def _check_space(path: str, nbytes: int, what: str) -> None:
     folder = _commit.nearest_existing(path)
     free = shutil.disk_usage(folder).free
     if nbytes > free:
-        raise UserError(f"{what}: the matrix takes {_size(nbytes)} (random values do not "
-                        f"compress) but {folder} has {_size(free)} free; choose a smaller shape "
+        raise UserError(f"{what}: the matrix takes {human_bytes(nbytes)} (random values do not "
+                        f"compress) but {folder} has {human_bytes(free)} free; choose a smaller shape "
                         f"or another disk")
 
 
@@ -89,16 +90,8 @@ def _check_memory(nbytes: int, what: str) -> None:
     with a MemoryError (or be killed) after long work."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if nbytes > total:
-        raise UserError(f"{what}: making it needs about {_size(nbytes)} of memory but this "
-                        f"machine has {_size(total)}; choose a smaller shape, rank or fraction")
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.3g} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.3g} TiB"
+        raise UserError(f"{what}: making it needs about {human_bytes(nbytes)} of memory but this "
+                        f"machine has {human_bytes(total)}; choose a smaller shape, rank or fraction")
 
 
 # ---------------------------------------------------------------------------------------------

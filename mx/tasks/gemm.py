@@ -16,6 +16,7 @@ from dask.task_spec import List, Task, TaskRef
 from pydantic import Field
 
 from mx.errors import UserError
+from mx.units import human_bytes
 from mx.kernels import cannon, stream, summa
 from mx.kernels import precision as prec
 from mx.storage import dense
@@ -166,7 +167,7 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
             inner = blocks.balanced(k, panels)
         need = in_core_bytes(algorithm, rows, cols, inner, grid, precision)
         if budget is not None:
-            memory_reason = (f"memory per worker: {_human(need)} needed in core, {_human(budget)} "
+            memory_reason = (f"memory per worker: {human_bytes(need)} needed in core, {human_bytes(budget)} "
                              f"available ({budget_source})")
         if budget is None or need <= budget:
             return GemmPlan(**common, algorithm=algorithm, reason=reason, panel_reason=panel_reason,
@@ -174,8 +175,8 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
                             inner=inner, chunks=(row_chunk, col_chunk),
                             output=_output_info(m, n, dtype, (row_chunk, col_chunk)))
         if params.algorithm != "auto":
-            raise UserError(f"{what}.params.algorithm: {params.algorithm} needs {_human(need)} per "
-                            f"worker but {_human(budget)} is available ({budget_source}); use "
+            raise UserError(f"{what}.params.algorithm: {params.algorithm} needs {human_bytes(need)} per "
+                            f"worker but {human_bytes(budget)} is available ({budget_source}); use "
                             f"algorithm auto or stream (out of core), or more workers")
         reason = f"A, B and C do not fit: {memory_reason}"
     else:
@@ -188,7 +189,7 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
     row_chunk, rows = blocks.aligned(m, max(1, -(-m // tile)), side)
     col_chunk, cols = blocks.aligned(n, max(1, -(-n // tile)), side)
     inner = blocks.balanced(k, max(1, -(-k // width)))
-    memory_reason = memory_reason or f"memory per worker: {_human(budget)} ({budget_source})"
+    memory_reason = memory_reason or f"memory per worker: {human_bytes(budget)} ({budget_source})"
     return GemmPlan(**common, algorithm="stream", reason=reason, panel_reason=panel_reason,
                     memory_reason=memory_reason, grid=(len(rows), len(cols)), rows=rows,
                     cols=cols, inner=inner, chunks=(row_chunk, col_chunk),
@@ -197,13 +198,6 @@ def plan(inputs: dict, params: GemmParams, workers: int, what: str, gpus: int = 
 
 def _output_info(m, n, dtype, chunks) -> dense.DenseInfo:
     return dense.DenseInfo(path="", shape=(m, n), dtype=dtype.str, chunks=chunks)
-
-
-def _human(nbytes: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{int(nbytes)} B"
 
 
 def element_bytes(precision: str) -> tuple[int, int]:
@@ -241,7 +235,7 @@ def stream_tile(budget: int, width: int, shape: tuple[int, int, int], precision:
     elif ob * m * n <= usable / 2:
         tile = max(m, n)
     else:
-        raise UserError(f"{what}: {_human(budget)} per worker is too little to stream GEMM "
+        raise UserError(f"{what}: {human_bytes(budget)} per worker is too little to stream GEMM "
                         f"tiles of {blocks.ALIGN}×{blocks.ALIGN}; raise params.memory")
     # 2 slabs in flight, each a (tile × w) panel of A and a (w × tile) panel of B
     fit = int((usable - ob * tile * tile) / (4 * tile * ib))

@@ -23,6 +23,7 @@ from mx.tasks import gemm as dense_gemm
 from mx.tasks.graph import StepGraph, comm_key
 from mx.tasks.ops import Op
 from mx.tasks.spec import SEED_MAX, Strict
+from mx.units import human_bytes
 
 # Row chunks per worker: enough to balance skewed rows, few enough to keep pieces large.
 CHUNKS_PER_WORKER = 8
@@ -92,10 +93,10 @@ def plan(inputs: dict, params: SpgemmParams, workers: int, what: str, gpus: int 
         why = ("B is replicated on every worker" if replicate else
                "each worker reads only the rows of B it needs")
         # in units that fit each size: a budget under 0.05 GiB read "0.0 GiB"
-        size = (f"B takes {dense_gemm._human(b_bytes)}" if b.nnz >= 0 else
+        size = (f"B takes {human_bytes(b_bytes)}" if b.nnz >= 0 else
                 "B's size is known once the earlier step has run")
         b_reason = f"{why}: {size}, worker memory " + \
-            (f"{dense_gemm._human(budget)} ({source})" if budget else "unlimited")
+            (f"{human_bytes(budget)} ({source})" if budget else "unlimited")
     else:
         b_reason = ("B is replicated on every worker" if replicate else
                     "each worker reads only the rows of B it needs") + " (asked for in the job file)"
