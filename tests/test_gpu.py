@@ -567,6 +567,36 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
             assert np.linalg.norm(got[i] - best) / np.linalg.norm(best) < 1e-6, i
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 2e-3)])
+@pytest.mark.parametrize("k", [1, 7, 33, 64, 100, 128])
+def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
+    """All of a row's CG steps in one warp (residual pass, then one pass per step) against
+    the NumPy reference, on rows of awkward degrees (empty ones too), with and without
+    regularisation; rows not asked for keep their start."""
+    import cupy
+
+    from mx.kernels import lsq
+
+    m, n = 211, 1907
+    degree = rng.integers(0, 3 * k + 40, size=m)
+    degree[rng.choice(m, 4, replace=False)] = rng.integers(900, n, size=4)
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size)
+    y = rng.standard_normal((n, k)) * np.geomspace(1, 5, k)
+    x0 = rng.standard_normal((m, k))
+    rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
+    g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
+    for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
+        want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
+        got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg, g(rows),
+                                steps).get()
+        moved = np.linalg.norm(want[rows] - x0[rows])
+        assert np.linalg.norm(got[rows] - want[rows]) / moved < tol, (reg, steps)
+        others = np.setdiff1d(np.arange(m), rows)
+        assert np.array_equal(got[others], x0[others].astype(dtype))
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("k", [1, 7, 33, 64, 100])
 def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):

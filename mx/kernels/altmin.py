@@ -10,8 +10,10 @@ only factor blocks move between workers, never Ω.
   from a randomized SVD that only multiplies the sparse matrix (two power iterations,
   CholeskyQR across workers). Rows of U that are too heavy are clipped, for incoherence.
 - **Sweeps** then alternate V and U. Row solves are batched: ``exact`` (ALS), ``cg`` (a few
-  CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, sketch-preconditioned CG on
-  heavy rows and exact solves on light ones (``mx.kernels.lsq``).
+  CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, exact solves on light rows
+  and, on heavy ones, sketch-preconditioned CG, or plain CG where the other factor is so well
+  conditioned that the sketch cannot help (``mx.kernels.lsq``). The log counts the row
+  solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
 - **Checkpoints:** after every sweep, U and V go to one of two checkpoint slots, the one not
@@ -40,6 +42,13 @@ HEAVY_DEGREE = 16
 # a held-out error of 1e-4 in the fewest seconds on planted matrices (k = 64 and 128; 2 steps
 # take more sweeps), and 4 plain steps are what GPU ALS libraries run
 CG_STEPS = {"altmin-sketch": 3, "als-cg": 4}
+# The sketch's own distortion leaves its preconditioned rows a condition number of about 6 to
+# 9 (4k buckets). Where the other factor is better conditioned than that (cond(YᵀY) at most
+# WELL_CONDITIONED; a heavy row's Gram is then about (d_i/n)·YᵀY, if its columns are sampled
+# evenly) plain CG steps converge faster than preconditioned ones and cost no sketch: on
+# planted matrices they took the sweeps exact ALS takes, one fewer than the sketch, and at
+# cond(YᵀY) of 4 to 15 they took two to three times as many.
+WELL_CONDITIONED = 3.0
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -76,11 +85,6 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         by_cols = _csr(mine[1] - c0, mine[0], mine[2], c1 - c0)  # (column, row) pairs
     _check_nonempty(by_rows, r0, "row")
     _check_nonempty(by_cols, c0, "column")
-    if method == "altmin-sketch":
-        heavy_u = int((np.diff(by_rows[0]) >= HEAVY_DEGREE * k).sum())
-        heavy_v = int((np.diff(by_cols[0]) >= HEAVY_DEGREE * k).sum())
-        ctx.count("rows-sketch-preconditioned", heavy_u + heavy_v)
-        ctx.count("rows-solved-exactly", (r1 - r0) + (c1 - c0) - heavy_u - heavy_v)
     dev = lambda a: dense.upload(xp, a)  # noqa: E731
     R = tuple(dev(a) for a in by_rows)
     C = tuple(dev(a) for a in by_cols)
@@ -138,9 +142,12 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     for sweep in range(start, max_iters):
         with ctx.timed("sweep"):
             u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
-            v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep)
+            v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep)
             v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
-            u = _solve(xp, method, u, v_full, R, reg, cg_iters, k, seed + 2 * sweep + 1)
+            u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k, seed + 2 * sweep + 1)
+        for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
+            for solver, count in used.items():
+                ctx.count(f"row-solves-{solver}", count)
         train = lsq.row_predictions(xp, u, v_full, R[0], R[1], t_rows) - R[2]
         miss = lsq.predictions(xp, u, v_full, h_rows, h_cols) - h_vals
         sums = np.array([float((train * train).sum()), float(train.size), float((R[2] * R[2]).sum()),
@@ -179,19 +186,36 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 # ------------------------------------------------------------------------------ solving
 def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
+    """One half-sweep: every row of x solved against the whole other factor y. Returns the
+    new x and how many rows each solver took ({solver: rows})."""
     indptr, cols, vals = omega
+    rows = int(indptr.size) - 1
     if method == "als":
-        return lsq.solve_exact(xp, y, indptr, cols, vals, reg)
+        return lsq.solve_exact(xp, y, indptr, cols, vals, reg), {"exact": rows}
     if method == "als-cg":
-        return lsq.solve_cg(xp, x, y, indptr, cols, vals, reg, iters=cg_iters)[0]
+        return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
+                                 cg_iters), {"plain-cg": rows}
     heavy = xp.diff(indptr) >= HEAVY_DEGREE * k
     heavy_rows = xp.nonzero(heavy)[0]
     light_rows = xp.nonzero(~heavy)[0]
     out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows)
-    if heavy_rows.size:
-        start = xp.where(heavy[:, None], x, out)
-        out = lsq.solve_sketch(xp, start, y, indptr, cols, vals, reg, heavy_rows, cg_iters, seed)
-    return out
+    used = {"exact": int(light_rows.size)}
+    if heavy_rows.size == 0:
+        return out, used
+    start = xp.where(heavy[:, None], x, out)
+    if _condition(xp, y) <= WELL_CONDITIONED:
+        used["plain-cg"] = int(heavy_rows.size)
+        return lsq.solve_cg_rows(xp, start, y, indptr, cols, vals, reg, heavy_rows,
+                                 cg_iters), used
+    used["sketch"] = int(heavy_rows.size)
+    return lsq.solve_sketch(xp, start, y, indptr, cols, vals, reg, heavy_rows, cg_iters,
+                            seed), used
+
+
+def _condition(xp, y) -> float:
+    """Condition number of YᵀY (k×k: cheap beside a pass over Ω)."""
+    evals = np.linalg.eigvalsh(_host(xp, y.T @ y))
+    return float(evals[-1] / evals[0]) if evals[0] > 0 else float("inf")
 
 
 # ---------------------------------------------------------------------- initialisation

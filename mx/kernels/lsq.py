@@ -12,7 +12,8 @@ rows, by one of three methods:
   them in batches. This is ALS.
 - ``cg``: a few conjugate-gradient steps on the normal equations, warm-started from the
   current X. Each step applies every row's operator with one gather (the predictions) and one
-  sparse product (O(|Ω| k)), as GPU ALS libraries do.
+  sparse product (O(|Ω| k)), as GPU ALS libraries do; on a GPU one warp per row runs all the
+  steps in registers, one pass over the row's entries per step (``solve_cg_rows``).
 - ``sketch``: CG preconditioned by a sketch, for heavy rows (degree ≫ k). A CountSketch of
   each row's Y_Ωi into s buckets (``sketch_buckets``: about 4k) costs O(|Ω_i| k): the entry
   at position p of the row goes to bucket p mod s with a random sign (``sketch_signs``, a
@@ -182,6 +183,22 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_m
         p = z + beta[:, None] * p
         rz = rz_new
     return x, run
+
+
+def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
+    """``steps`` plain CG steps from x0 for the rows ``rows_subset`` (other rows keep x0), as
+    GPU ALS libraries run them. On a GPU one warp per row does all the steps in registers
+    (``rowsolve.cg_solve``); this is its reference."""
+    out = x0.copy()
+    if rows_subset.size == 0:
+        return out
+    if rowsolve.warp_supported(xp, y):
+        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, rows_subset, steps, out)
+        return out
+    mask = xp.zeros(indptr.size - 1, dtype=y.dtype)
+    mask[rows_subset] = 1
+    x, _ = solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, rows_mask=mask)
+    return xp.where(mask[:, None] > 0, x, x0)
 
 
 def _apply(xp, precond, r):

@@ -47,6 +47,28 @@ __device__ inline void add_outer(const T* v, int ti, int tj, T acc[TILE][TILE]) 
 }
 """
 
+# Entries whose rows of Y a warp loads before using any: more loads in flight hide latency,
+# at UNROLL·KPL registers each (4 entries at KPL 2, 2 at KPL 4).
+_GATHER = r"""
+#define UNROLL (KPL >= 8 ? 1 : 8 / KPL)
+// Rows j[u] of Y (zeros where j[u] < 0), a warp's lane holding components lane + 32t, and
+// their dot products with v (the lane's components of it), summed over the warp. All
+// UNROLL rows' loads are issued before any is used.
+__device__ inline void gather(const T* __restrict__ y, int k, const long long* j, const T* v,
+                              T yj[UNROLL][KPL], T dt[UNROLL]) {
+    const int lane = threadIdx.x % 32;
+    for (int u = 0; u < UNROLL; u++) {
+        dt[u] = 0;
+        for (int t = 0; t < KPL; t++) {
+            const int c = lane + 32 * t;
+            yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
+            dt[u] += v[t] * yj[u][t];
+        }
+    }
+    for (int u = 0; u < UNROLL; u++) dt[u] = warp_sum(dt[u]);
+}
+"""
+
 _SOURCE = r"""
 extern "C" __global__ void __launch_bounds__(256)
 als_rows(const long long* __restrict__ indptr, const long long* __restrict__ cols,
@@ -183,6 +205,64 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
     }
     for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) out[i * k + c] = acc[t]; }
 }
+
+// Plain CG from x0 on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp per
+// row, every vector in registers (lane holds components lane + 32t): one pass over Ω_i for
+// the warm start's residual, one per step.
+extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ y,
+        const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
+        const int k, const int steps, const T reg, T* __restrict__ out)
+{
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= nrows) return;
+    const long long i = rows[w];
+    const long long start = indptr[i], end = indptr[i + 1];
+    T x[KPL], r[KPL], p[KPL], q[KPL];
+    for (int t = 0; t < KPL; t++) {
+        const int c = lane + 32 * t;
+        x[t] = c < k ? x0[i * k + c] : (T)0;
+        r[t] = -reg * x[t];
+    }
+    for (long long e0 = start; e0 < end; e0 += UNROLL) {
+        long long j[UNROLL];
+        T yj[UNROLL][KPL], dt[UNROLL], m[UNROLL];
+        for (int u = 0; u < UNROLL; u++) {
+            const long long e = e0 + u;
+            j[u] = e < end ? cols[e] : -1;
+            m[u] = e < end ? vals[e] : (T)0;
+        }
+        gather(y, k, j, x, yj, dt);
+        for (int u = 0; u < UNROLL; u++)
+            for (int t = 0; t < KPL; t++) r[t] += (m[u] - dt[u]) * yj[u][t];
+    }
+    T rr = 0;
+    for (int t = 0; t < KPL; t++) { p[t] = r[t]; rr += r[t] * r[t]; }
+    rr = warp_sum(rr);
+    for (int step = 0; step < steps; step++) {
+        for (int t = 0; t < KPL; t++) q[t] = reg * p[t];
+        for (long long e0 = start; e0 < end; e0 += UNROLL) {
+            long long j[UNROLL];
+            T yj[UNROLL][KPL], dt[UNROLL];
+            for (int u = 0; u < UNROLL; u++) j[u] = e0 + u < end ? cols[e0 + u] : -1;
+            gather(y, k, j, p, yj, dt);
+            for (int u = 0; u < UNROLL; u++)
+                for (int t = 0; t < KPL; t++) q[t] += dt[u] * yj[u][t];
+        }
+        T pq = 0;
+        for (int t = 0; t < KPL; t++) pq += p[t] * q[t];
+        pq = warp_sum(pq);
+        const T alpha = pq > (T)0 ? rr / pq : (T)0;
+        T rn = 0;
+        for (int t = 0; t < KPL; t++) { x[t] += alpha * p[t]; r[t] -= alpha * q[t]; rn += r[t] * r[t]; }
+        rn = warp_sum(rn);
+        const T beta = rr > (T)0 ? rn / rr : (T)0;
+        for (int t = 0; t < KPL; t++) p[t] = r[t] + beta * p[t];
+        rr = rn;
+    }
+    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) out[i * k + c] = x[t]; }
+}
 """
 # Sketch-preconditioned CG, one thread block (8 warps) per row; the reference is
 # ``lsq.solve_sketch``. Phase 1 reads Y_Ωi once: warp w sums buckets into Z = S·Y_Ωi (32
@@ -194,7 +274,6 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
 # coalesced by a warp.
 _SKETCH_SOURCE = r"""
 #define WARPS 8
-#define UNROLL (8 / KPL)  // entries in flight per warp: 4 at KMAX 64, 2 at 128 (registers)
 __device__ inline T sketch_sign(long long row, long long col, unsigned long long seed) {
     unsigned long long h = ((unsigned long long)row * 0x9E3779B97F4A7C15ULL)
                          ^ ((unsigned long long)col * 0xC2B2AE3D27D4EB4FULL)
@@ -203,23 +282,6 @@ __device__ inline T sketch_sign(long long row, long long col, unsigned long long
     h *= 0x94D049BB133111EBULL;
     h ^= h >> 29;
     return (h >> 63) ? (T)-1 : (T)1;
-}
-
-// Rows j[u] of Y (zeros where j[u] < 0), a warp's lane holding components lane + 32t, and
-// their dot products with v (the lane's components of it), summed over the warp. All
-// UNROLL rows' loads are issued before any is used.
-__device__ inline void gather(const T* __restrict__ y, int k, const long long* j, const T* v,
-                              T yj[UNROLL][KPL], T dt[UNROLL]) {
-    const int lane = threadIdx.x % 32;
-    for (int u = 0; u < UNROLL; u++) {
-        dt[u] = 0;
-        for (int t = 0; t < KPL; t++) {
-            const int c = lane + 32 * t;
-            yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
-            dt[u] += v[t] * yj[u][t];
-        }
-    }
-    for (int u = 0; u < UNROLL; u++) dt[u] = warp_sum(dt[u]);
 }
 
 // out[c] = -(G v)[c] = (P⁻¹ v)[c]; G is symmetric, so G[j][c] keeps the banks apart
@@ -423,7 +485,8 @@ def _warp_kernel(name: str, dtype, k: int):
     kpl = (k + 31) // 32
     module = _MODULES.get(("warp", t, kpl))
     if module is None:
-        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n" + _WARP_SUM + _WARP_SOURCE,
+        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n" + _WARP_SUM + _GATHER
+                                + _WARP_SOURCE,
                                 options=("-std=c++14",))
         _MODULES[("warp", t, kpl)] = module
     return module.get_function(name)
@@ -455,6 +518,16 @@ def normal_apply(xp, p, y, indptr, cols, reg):
                   xp.ascontiguousarray(y, dtype=p.dtype), np.int64(m), np.int32(k),
                   p.dtype.type(reg), out))
     return out
+
+
+def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out):
+    """``steps`` plain CG steps from x0 for the rows ``rows`` (int64 ids), one warp per row,
+    into ``out``."""
+    m, k = int(rows.size), y.shape[1]
+    _warp_launch(_warp_kernel("cg_rows", y.dtype, k), m,
+                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=y.dtype),
+                  xp.ascontiguousarray(y), xp.ascontiguousarray(x0, dtype=y.dtype), _i64(rows),
+                  np.int64(m), np.int32(k), np.int32(steps), y.dtype.type(reg), out))
 
 
 def supported(xp, y) -> bool:
@@ -510,7 +583,7 @@ def _sketch_kernel(dtype, kmax: int):
     if module is None:
         code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {singular_floor(dtype)}\n"
                 f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n#define KPL {kmax // 32}\n"
-                + _WARP_SUM + _ADD_OUTER + _SKETCH_SOURCE)
+                + _WARP_SUM + _GATHER + _ADD_OUTER + _SKETCH_SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[("sketch", name, kmax)] = module
     return module.get_function("sketch_rows")

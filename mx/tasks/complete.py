@@ -86,7 +86,9 @@ def _row_treatment(p: CompleteParams) -> list[str]:
         return [f"every row: {steps} CG steps from the last sweep's value"]
     return [f"rows with >= {altmin.HEAVY_DEGREE * k} observations: a CountSketch of "
             f"{lsq.sketch_buckets(k)} buckets preconditions {steps} CG steps from the last "
-            f"sweep's value; lighter rows solved exactly (counts below)"]
+            f"sweep's value, or, in a half-sweep whose other factor is well conditioned "
+            f"(cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {steps} plain CG steps; lighter "
+            f"rows solved exactly (row-solves counters below)"]
 
 
 def _thin_warning(plan: CompletePlan) -> list[str]:
