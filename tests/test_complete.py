@@ -123,7 +123,7 @@ def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketc
         # error in the norm the solves minimise, that of the predictions on Ω
         err = np.linalg.norm(((got - exact)[rows] * y[cols]).sum(axis=1))
         err0 = np.linalg.norm(((x0 - exact)[rows] * y[cols]).sum(axis=1))
-        assert err < 0.05 * err0, (want, err / err0)
+        assert err < 0.15 * err0, (want, err / err0)
         assert np.allclose(got[m - 5:], exact[m - 5:])
 
 
