@@ -77,7 +77,7 @@ def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
 
 def steps(method: str, asked) -> int:
     """CG steps per half-sweep: as asked, or the method's default (as the complete op)."""
-    return int(asked) or altmin.CG_STEPS.get(method, 1)
+    return int(asked or 0) or altmin.CG_STEPS.get(method, 1)
 
 
 def warm_up(cp, ranks, specs):

@@ -228,16 +228,18 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     width = min(k + 8, m, n)
     counts = sum(_gather(ctx, np.array([float(R[2].size)]), "init-count"))
     scale = (m * n) / max(counts[0], 1.0)  # 1 / observed fraction
-    rows_mat = lsq.csr(xp, R[0], R[1], R[2] * scale, (int(R[0].size) - 1, n))
-    cols_mat = lsq.csr(xp, C[0], C[1], C[2] * scale, (int(C[0].size) - 1, m))
+    rows_shape, cols_shape = (int(R[0].size) - 1, n), (int(C[0].size) - 1, m)
+    rows_vals, cols_vals = R[2] * scale, C[2] * scale
+    rows_mat = lambda x: lsq.spmm(xp, R[0], R[1], rows_vals, x, rows_shape)  # noqa: E731
+    cols_mat = lambda x: lsq.spmm(xp, C[0], C[1], cols_vals, x, cols_shape)  # noqa: E731
     gauss = xp.asarray(np.random.default_rng(seed).standard_normal((n, width)))
-    y = rows_mat @ gauss
+    y = rows_mat(gauss)
     for power in range(2):
         y = _cholesky_qr(ctx, y, ("init-qr", power))
-        z = cols_mat @ _allgather_rows(ctx, y, row_blocks, width, ("init-y", power))
-        y = rows_mat @ _allgather_rows(ctx, z, col_blocks, width, ("init-z", power))
+        z = cols_mat(_allgather_rows(ctx, y, row_blocks, width, ("init-y", power)))
+        y = rows_mat(_allgather_rows(ctx, z, col_blocks, width, ("init-z", power)))
     q = _cholesky_qr(ctx, y, "init-qr-final")
-    bt = cols_mat @ _allgather_rows(ctx, q, row_blocks, width, "init-q")  # this worker's rows of Bᵀ
+    bt = cols_mat(_allgather_rows(ctx, q, row_blocks, width, "init-q"))  # this worker's rows of Bᵀ
     gram = sum(_gather(ctx, _host(xp, bt.T @ bt), "init-gram"))
     evals, evecs = np.linalg.eigh(gram)
     top = np.argsort(evals)[::-1][:k]

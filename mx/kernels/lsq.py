@@ -85,7 +85,14 @@ def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
 
 def rhs(xp, values, y, cols, indptr, shape):
     """Y_Ωiᵀ m_Ωi for every row."""
-    return csr(xp, indptr, cols, values, shape) @ y
+    return spmm(xp, indptr, cols, values, y, shape)
+
+
+def spmm(xp, indptr, cols, values, x, shape):
+    """The CSR matrix (indptr, cols, values) of ``shape`` times the dense x."""
+    if rowsolve.spmm_supported(xp, x):
+        return rowsolve.spmm(xp, indptr, cols, values, x)
+    return csr(xp, indptr, cols, values, shape) @ x
 
 
 def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entries=1 << 24):
@@ -167,12 +174,13 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_m
     z = _apply(xp, precond, r)
     p = z.copy()
     rz = (r * z).sum(axis=1)
+    done = rz * rowsolve.converged(y.dtype)  # rows converged this far take no more steps
     b_norm = xp.sqrt((b * b).sum(axis=1)) + 1e-300
     run = 0
     for run in range(1, iters + 1):
         hp = normal_apply(xp, p, y, rows, cols, indptr, shape, reg)
         php = (p * hp).sum(axis=1)
-        alpha = xp.where(php > 0, rz / xp.where(php > 0, php, 1), 0)
+        alpha = xp.where((php > 0) & (rz > done), rz / xp.where(php > 0, php, 1), 0)
         x += alpha[:, None] * p
         r -= alpha[:, None] * hp
         if tol and float((xp.sqrt((r * r).sum(axis=1)) / b_norm).max()) < tol:
