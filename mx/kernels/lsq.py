@@ -83,11 +83,6 @@ def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
     return csr(xp, indptr, cols, weights, shape) @ y + reg * p
 
 
-def rhs(xp, values, y, cols, indptr, shape):
-    """Y_Ωiᵀ m_Ωi for every row."""
-    return spmm(xp, indptr, cols, values, y, shape)
-
-
 def spmm(xp, indptr, cols, values, x, shape):
     """The CSR matrix (indptr, cols, values) of ``shape`` times the dense x."""
     if rowsolve.spmm_supported(xp, x):
@@ -159,18 +154,22 @@ def _chol_solve(xp, gram, b):
     return xp.matmul(xp.linalg.pinv(gram), b)
 
 
-def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_mask=None,
+def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_subset=None,
              tol=0.0):
     """Batched (preconditioned) CG on every row's normal equations, warm-started at x0.
     ``precond`` is a stack of k×k matrices applied to residuals (rows with none: identity).
-    ``rows_mask`` limits the update to some rows. Returns (x, iterations run)."""
+    ``rows_subset`` limits the update to those rows (the others keep x0). Returns (x,
+    iterations run)."""
     shape = (indptr.size - 1, y.shape[0])
     rows = row_ids(xp, indptr)
-    b = rhs(xp, values, y, cols, indptr, shape)
+    b = spmm(xp, indptr, cols, values, y, shape)  # Y_Ωiᵀ m_Ωi for every row
     x = x0.copy()
     r = b - normal_apply(xp, x, y, rows, cols, indptr, shape, reg)
-    if rows_mask is not None:
-        r = r * rows_mask[:, None]
+    mask = None
+    if rows_subset is not None:
+        mask = xp.zeros(shape[0], dtype=y.dtype)
+        mask[rows_subset] = 1
+        r = r * mask[:, None]
     z = _apply(xp, precond, r)
     p = z.copy()
     rz = (r * z).sum(axis=1)
@@ -190,7 +189,7 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_m
         beta = xp.where(rz > 0, rz_new / xp.where(rz > 0, rz, 1), 0)
         p = z + beta[:, None] * p
         rz = rz_new
-    return x, run
+    return (x if mask is None else xp.where(mask[:, None] > 0, x, x0)), run
 
 
 def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
@@ -203,10 +202,8 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
     if rowsolve.warp_supported(xp, y):
         rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, rows_subset, steps, out)
         return out
-    mask = xp.zeros(indptr.size - 1, dtype=y.dtype)
-    mask[rows_subset] = 1
-    x, _ = solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, rows_mask=mask)
-    return xp.where(mask[:, None] > 0, x, x0)
+    return solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps,
+                    rows_subset=rows_subset)[0]
 
 
 def _apply(xp, precond, r):
@@ -283,13 +280,9 @@ def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=
         if failed.size:
             out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]
         return out
-    m = indptr.size - 1
-    mask = xp.zeros(m, dtype=y.dtype)
-    mask[rows_subset] = 1
     pre = sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed, buckets)
-    solved, _ = solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, precond=pre,
-                         rows_mask=mask)
-    return xp.where(mask[:, None] > 0, solved, x0)
+    return solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, precond=pre,
+                    rows_subset=rows_subset)[0]
 
 
 def _host(xp, a):
