@@ -72,7 +72,8 @@ def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
             "time_to_target_s": (init + reached["seconds"]) if reached else None,
             "sweep_s": float(np.median(sweeps)) if sweeps else None,
             "final_rel_error": history[-1]["holdout_rel_error"] if history else None,
-            "total_s": total, "stopped": reason}
+            "total_s": total, "stopped": reason,
+            "errors": [h["holdout_rel_error"] for h in history]}
 
 
 def steps(method: str, asked) -> int:

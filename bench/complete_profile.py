@@ -84,8 +84,9 @@ def half(cp, x, y, omega, k, seed):
 
 def crossover(cp, k, ratios, steps_list, entries=1 << 24, seed=0):
     """Per row degree, on rows all of that degree: the fused exact solve against the fused
-    sketch-preconditioned CG (each bucket ratio and step count) and plain CG (4 steps, as
-    als-cg): where sketching starts to pay."""
+    sketch-preconditioned CG (each bucket ratio and step count) and the fused plain CG (3
+    steps, as altmin-sketch runs it against a well-conditioned factor; 4, as als-cg): where
+    iterative solves start to pay."""
     rng = cp.random.default_rng(seed)
     n = 200_000
     y = rng.standard_normal((n, k))
@@ -99,7 +100,10 @@ def crossover(cp, k, ratios, steps_list, entries=1 << 24, seed=0):
         every = cp.arange(m)
         row = {"k": k, "degree": degree, "rows": m,
                "exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 2),
-               "cg4_s": timed(cp, lambda: lsq.solve_cg(cp, x0, y, indptr, cols, vals, 0.0, iters=4), 2)}
+               "plain3_s": timed(cp, lambda: lsq.solve_cg_rows(cp, x0, y, indptr, cols, vals, 0.0,
+                                                                every, 3), 2),
+               "plain4_s": timed(cp, lambda: lsq.solve_cg_rows(cp, x0, y, indptr, cols, vals, 0.0,
+                                                                every, 4), 2)}
         for ratio in ratios:
             buckets = lsq.sketch_buckets(k, ratio)
             for steps in steps_list:

@@ -50,7 +50,10 @@ def test_planted_matrix_recovered_by_every_method(tmp_path, rng, request, backen
     want = truth(tmp_path / "O.zarr")
     products = {}
     for method in ("altmin-sketch", "als", "als-cg"):
-        job_id = mx.submit(job(backend, workers, method), base=str(tmp_path))
+        # als-cg's default 4 plain CG steps can stall short of 1e-6 at κ = 30 (the weakness
+        # altmin-sketch exists for); 6 steps solve a rank-6 row exactly
+        params = {"cg_iters": 6} if method == "als-cg" and condition > 1 else {}
+        job_id = mx.submit(job(backend, workers, method, **params), base=str(tmp_path))
         u, v, attrs = factors(tmp_path / f"F-{method}.zarr")
         got = u @ v.T
         assert u.shape == (m, 6) and v.shape == (n, 6)

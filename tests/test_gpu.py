@@ -429,11 +429,15 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
     job = {"resources": {"gpus": min(GPUS, 2)},
            "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
                       "params": {"rank": 8, "method": method, "tol": 1e-9, "max_iters": 60}}]}
-    mx.submit(job, base=str(tmp_path))
+    job_id = mx.submit(job, base=str(tmp_path))
     g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
     got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
     want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
     assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
+    if method == "altmin-sketch":  # rank 8 on a GPU: the fused exact solve for every row
+        log = mx.logs(job_id)
+        assert "row-solves-exact" in log and "row-solves-sketch" not in log, log
+        assert "every row solved exactly: on a GPU" in log, log
 
 
 def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path, rng):
@@ -473,7 +477,7 @@ def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("k", [1, 7, 33, 64, 65, 128])
+@pytest.mark.parametrize("k", [1, 7, 32, 33, 64, 65, 128])
 def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
     """The one-kernel ALS row solve (Gram, Cholesky, solve) against the NumPy batched path,
     on rows of awkward degrees: empty, fewer entries than the rank, heavy, and a subset."""
@@ -528,7 +532,7 @@ def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-7), (np.float32, 2e-3)])
-@pytest.mark.parametrize("k", [1, 7, 33, 64, 65, 128])
+@pytest.mark.parametrize("k", [1, 7, 32, 33, 64, 65, 128])
 def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
     """The one-kernel sketch-preconditioned CG (sketch, its Gram's inverse, CG passes)
     against the NumPy reference, step for step, on heavy rows of awkward degrees, with and

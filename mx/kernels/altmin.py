@@ -29,15 +29,18 @@ import numpy as np
 import zarr
 
 from mx.cluster.comm import GangContext
-from mx.kernels import lsq
+from mx.kernels import lsq, rowsolve
 from mx.storage import dense, sparse
 
 # Rows with at least HEAVY_DEGREE·k observations get sketch-preconditioned CG; lighter rows
-# are solved exactly. On an H100 the fused sketch solve (4k buckets, 3 steps) costs what the
-# fused exact one does at 4k observations for k = 64 and less above, down to half at high
-# degree (bench/complete_profile.py --crossover); the margin to 16k covers the extra sweeps
-# that inexact solves take.
+# are solved exactly. On an H100 the fused sketch solve (8k buckets, 3 steps) costs what the
+# fused exact one does at 8k to 16k observations for k = 48 to 64, and 0.6 to 0.75 of it
+# from 32k; at k = 128 0.6 from 16k (bench/complete_profile.py --crossover).
 HEAVY_DEGREE = 16
+# Where the fused GPU kernels run, the exact one at rank <= 32 (a 32-wide Gram matrix) costs
+# what 3 plain CG steps cost at every degree and less than the sketch (1 to 2.5 times less,
+# same crossover): there no row is heavy, and altmin-sketch is exact ALS.
+FUSED_EXACT_MAX_RANK = 32
 # CG steps per row and half-sweep unless the job says: 3 sketch-preconditioned steps reached
 # a held-out error of 1e-4 in the fewest seconds on planted matrices (k = 64 and 128; 2 steps
 # take more sweeps), and 4 plain steps are what GPU ALS libraries run
@@ -195,7 +198,7 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_iters), {"plain-cg": rows}
-    heavy = xp.diff(indptr) >= HEAVY_DEGREE * k
+    heavy = xp.diff(indptr) >= heavy_degree(xp, y)
     heavy_rows = xp.nonzero(heavy)[0]
     light_rows = xp.nonzero(~heavy)[0]
     out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows)
@@ -210,6 +213,14 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     used["sketch"] = int(heavy_rows.size)
     return lsq.solve_sketch(xp, start, y, indptr, cols, vals, reg, heavy_rows, cg_iters,
                             seed), used
+
+
+def heavy_degree(xp, y) -> float:
+    """Observations from which a row is heavy (solved iteratively) against the factor y."""
+    k = y.shape[1]
+    if k <= FUSED_EXACT_MAX_RANK and rowsolve.supported(xp, y):
+        return float("inf")
+    return HEAVY_DEGREE * k
 
 
 def _condition(xp, y) -> float:

@@ -595,7 +595,9 @@ def supported(xp, y) -> bool:
 
 
 def _kmax(k: int) -> int:
-    return 64 if k <= 64 else 128
+    """The block kernels' padded rank: 32 (the narrowest tile the sketch's warp lanes fill),
+    64 or 128. Padding is work: at k = 16 a 64-wide Gram matrix is 16 times the products."""
+    return 32 if k <= 32 else 64 if k <= 64 else 128
 
 
 def _kernel(dtype, kmax: int):

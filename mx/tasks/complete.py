@@ -58,6 +58,7 @@ class CompletePlan:
     output: object  # not a matrix another step can use as a dense or sparse input
     thin: dict  # rows and columns with fewer observed entries than the rank (none counted
     # for an earlier step's output, unknown when the job is planned)
+    gpus: int = 0  # the job's GPUs (0: CPU workers)
 
     def describe(self) -> list[str]:
         m, n = self.shape
@@ -72,18 +73,21 @@ class CompletePlan:
                 f"{max(map(blocks.length, self.row_blocks))} and "
                 f"{max(map(blocks.length, self.col_blocks))} rows each at most); only k-wide "
                 f"factor blocks move between them",
-                *_row_treatment(p), *_thin_warning(self),
+                *_row_treatment(p, self.gpus), *_thin_warning(self),
                 f"stops when the {which} relative error < {p.tol:g}, after {p.max_iters} sweeps, "
                 f"or when it stops improving; a checkpoint after every sweep" if p.checkpoint else
                 f"stops when the {which} relative error < {p.tol:g} or after {p.max_iters} sweeps"]
 
 
-def _row_treatment(p: CompleteParams) -> list[str]:
+def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
     k, steps = p.rank, cg_steps(p)
     if p.method == "als":
         return ["every row solved exactly (normal equations, Cholesky)"]
     if p.method == "als-cg":
         return [f"every row: {steps} CG steps from the last sweep's value"]
+    if gpus and k <= altmin.FUSED_EXACT_MAX_RANK:
+        return [f"every row solved exactly: on a GPU at rank <= {altmin.FUSED_EXACT_MAX_RANK} "
+                f"the fused exact solve costs no more than CG steps (row-solves counters below)"]
     return [f"rows with >= {altmin.HEAVY_DEGREE * k} observations: a CountSketch of "
             f"{lsq.sketch_buckets(k)} buckets preconditions {steps} CG steps from the last "
             f"sweep's value, or, in a half-sweep whose other factor is well conditioned "
@@ -126,7 +130,7 @@ def plan(inputs: dict, params: CompleteParams, workers: int, what: str, gpus: in
     col_chunk, col_blocks = blocks.aligned(n, workers, max(1, side * side // params.rank), align=1)
     return CompletePlan(shape=(m, n), nnz=obs.nnz, params=params, row_blocks=row_blocks,
                         col_blocks=col_blocks, chunks=(row_chunk, col_chunk), workers=workers,
-                        output=_FactorsInfo(), thin=thin)
+                        output=_FactorsInfo(), thin=thin, gpus=gpus)
 
 
 def create_output(p: CompletePlan, path: str, attributes: dict) -> None:
