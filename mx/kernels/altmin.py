@@ -45,12 +45,13 @@ FUSED_EXACT_MAX_RANK = 32
 # a held-out error of 1e-4 in the fewest seconds on planted matrices (k = 64 and 128; 2 steps
 # take more sweeps), and 4 plain steps are what GPU ALS libraries run
 CG_STEPS = {"altmin-sketch": 3, "als-cg": 4}
-# The sketch's own distortion leaves its preconditioned rows a condition number of about 6 to
-# 9 (4k buckets). Where the other factor is better conditioned than that (cond(YᵀY) at most
-# WELL_CONDITIONED; a heavy row's Gram is then about (d_i/n)·YᵀY, if its columns are sampled
-# evenly) plain CG steps converge faster than preconditioned ones and cost no sketch: on
-# planted matrices they took the sweeps exact ALS takes, one fewer than the sketch, and at
-# cond(YᵀY) of 4 to 15 they took two to three times as many.
+# The sketch's own distortion leaves its preconditioned rows a condition number of about 3 to
+# 4.5 (8k buckets; 6 to 10 with the 4k this threshold was chosen against). Where the other
+# factor is better conditioned than that (cond(YᵀY) at most WELL_CONDITIONED; a heavy row's
+# Gram is then about (d_i/n)·YᵀY, if its columns are sampled evenly) plain CG steps converge
+# as fast as preconditioned ones and cost no sketch: on planted matrices they took the sweeps
+# exact ALS takes, one fewer than the 4k sketch, and at cond(YᵀY) of 4 to 15 they took two
+# to three times as many.
 WELL_CONDITIONED = 3.0
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
