@@ -38,8 +38,8 @@ from mx.storage import dense, sparse
 # from 32k; at k = 128 0.6 from 16k (bench/complete_profile.py --crossover).
 HEAVY_DEGREE = 16
 # Where the fused GPU kernels run, the exact one at rank <= 32 (a 32-wide Gram matrix) costs
-# what 3 plain CG steps cost at every degree and less than the sketch (1 to 2.5 times less,
-# same crossover): there no row is heavy, and altmin-sketch is exact ALS.
+# what 3 plain CG steps cost at every degree, and 1.2 to 2.5 times less than the sketch
+# (same crossover): there no row is heavy, and altmin-sketch is exact ALS.
 FUSED_EXACT_MAX_RANK = 32
 # CG steps per row and half-sweep unless the job says: 3 sketch-preconditioned steps reached
 # a held-out error of 1e-4 in the fewest seconds on planted matrices (k = 64 and 128; 2 steps

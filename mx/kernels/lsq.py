@@ -214,8 +214,9 @@ def _apply(xp, precond, r):
 
 # A row's sketch has about SKETCH_RATIO·k buckets. With 8k, the preconditioned rows' condition
 # number is about 3 to 4.5 (4k: 6 to 10; 16k: 2 to 3). On an H100 at κ = 100, 8k took the
-# sweeps exact ALS takes where 4k took one to three more, for a tenth more per sweep (16k
-# also took ALS's sweeps, but its bucket sums cost up to half as much again per sweep).
+# sweeps exact ALS takes or one more, where 4k took one to three more, for 1.1 to 1.15 times
+# the time a sweep (bench/complete_sketch_size.py). 16k took ALS's sweeps at k = 64 but was
+# the slowest to the target at k = 128: its bucket sums cost a fifth more a sweep than 8k's.
 SKETCH_RATIO = 8
 
 
