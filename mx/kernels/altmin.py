@@ -199,7 +199,7 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_iters), {"plain-cg": rows}
-    heavy = xp.diff(indptr) >= heavy_degree(xp, y)
+    heavy = xp.diff(indptr) >= heavy_degree(k, fused=rowsolve.supported(xp, y))
     heavy_rows = xp.nonzero(heavy)[0]
     light_rows = xp.nonzero(~heavy)[0]
     out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows)
@@ -216,10 +216,10 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
                             seed), used
 
 
-def heavy_degree(xp, y) -> float:
-    """Observations from which a row is heavy (solved iteratively) against the factor y."""
-    k = y.shape[1]
-    if k <= FUSED_EXACT_MAX_RANK and rowsolve.supported(xp, y):
+def heavy_degree(k: int, fused: bool) -> float:
+    """Observations from which a row is heavy (solved iteratively) at rank k; ``fused``: the
+    fused GPU kernels solve the rows. The job's plan states the same rule."""
+    if fused and k <= FUSED_EXACT_MAX_RANK:
         return float("inf")
     return HEAVY_DEGREE * k
 

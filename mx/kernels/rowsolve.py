@@ -10,7 +10,7 @@ then factors G_i in shared memory (Cholesky) and solves. Nothing but x_i is writ
 whose G_i is singular to working precision (fewer observations than the rank, with no
 regularisation) are flagged, and the caller gives those few the minimum-norm solution.
 
-For k ≤ 128: the Gram matrix is padded to KMAX = 64 or 128 (a KMAX² Gram in shared memory,
+For k ≤ 128: the Gram matrix is padded to KMAX = 32, 64 or 128 (a KMAX² Gram in shared memory,
 each of the 256 threads holding (KMAX/16)² of its values); larger ranks use the reference
 path.
 

@@ -85,10 +85,11 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
         return ["every row solved exactly (normal equations, Cholesky)"]
     if p.method == "als-cg":
         return [f"every row: {steps} CG steps from the last sweep's value"]
-    if gpus and k <= altmin.FUSED_EXACT_MAX_RANK:
+    heavy = altmin.heavy_degree(k, fused=gpus > 0)
+    if heavy == float("inf"):
         return [f"every row solved exactly: on a GPU at rank <= {altmin.FUSED_EXACT_MAX_RANK} "
                 f"the fused exact solve costs no more than CG steps (row-solves counters below)"]
-    return [f"rows with >= {altmin.HEAVY_DEGREE * k} observations: a CountSketch of "
+    return [f"rows with >= {int(heavy)} observations: a CountSketch of "
             f"{lsq.sketch_buckets(k)} buckets preconditions {steps} CG steps from the last "
             f"sweep's value, or, in a half-sweep whose other factor is well conditioned "
             f"(cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {steps} plain CG steps; lighter "
