@@ -29,7 +29,7 @@ METHODS = ("altmin-sketch", "als-cg", "als")
 
 
 def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64):
-    """Ω by rows and by columns (CSR arrays on the GPU) and held-out triples."""
+    """Ω by rows and by columns, and the held-out entries by rows (CSR arrays on the GPU)."""
     rng = cp.random.default_rng(seed)
     scale = cp.asarray(np.geomspace(1.0, 1.0 / condition, k) * math.sqrt(m * n / k))
     u = cp.linalg.qr(rng.standard_normal((m, k)))[0] * cp.sqrt(scale)
@@ -52,7 +52,7 @@ def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64):
 
     R = csr(tr, tc, tv, m)
     C = csr(tc, tr, tv, n)
-    return R, C, (rows[held], cols[held], vals[held])
+    return R, C, csr(rows[held], cols[held], vals[held], m)
 
 
 def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
@@ -76,9 +76,10 @@ def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
             "errors": [h["holdout_rel_error"] for h in history]}
 
 
-def steps(method: str, asked) -> int:
-    """CG steps per half-sweep: as asked, or the method's default (as the complete op)."""
-    return int(asked or 0) or altmin.CG_STEPS.get(method, 1)
+def steps(method: str, asked) -> int | None:
+    """CG steps per half-sweep: as asked, or None for the method's defaults (as the complete
+    op: altmin.CG_STEPS)."""
+    return int(asked or 0) or None
 
 
 def warm_up(cp, ranks, specs):
@@ -136,7 +137,7 @@ def main(argv=None):
             result = run_method(cp, R, C, held, (m, n), k, method, args.max_iters,
                                 steps(method, iters or args.cg_iters), args.target)
             result["method"] = spec
-            result.update(case=name, m=m, n=n, k=k, entries=int(R[1].size + held[0].size), condition=cond)
+            result.update(case=name, m=m, n=n, k=k, entries=int(R[1].size + held[1].size), condition=cond)
             rows.append(result)
             print(json.dumps(result), flush=True)
         del R, C, held

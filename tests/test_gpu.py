@@ -630,10 +630,11 @@ def test_sparse_times_dense_matches_scipy(rng, dtype, tol, width):
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("k", [1, 7, 33, 64, 100])
 def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):
-    """x_i·y_j per entry and the CG normal operator, one warp per row, against NumPy."""
+    """Squared errors on the stored entries and the CG normal operator, one warp per row,
+    against NumPy."""
     import cupy
 
-    from mx.kernels import lsq
+    from mx.kernels import lsq, rowsolve
 
     m, n = 257, 1301
     degree = rng.integers(0, 40, size=m)
@@ -644,9 +645,14 @@ def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):
     y = rng.standard_normal((n, k)).astype(dtype)
     g = lambda a: cupy.asarray(a)  # noqa: E731
     rows = lsq.row_ids(np, indptr)
-    want = lsq.predictions(np, x.astype(np.float64), y.astype(np.float64), rows, cols)
-    got = lsq.row_predictions(cupy, g(x), g(y), g(indptr), g(cols)).get()
+    values = rng.standard_normal(cols.size).astype(dtype)
+    miss = lsq.predictions(np, x.astype(np.float64), y.astype(np.float64), rows, cols) - values
+    want = np.bincount(rows, weights=miss * miss, minlength=m)
+    got = rowsolve.row_sq_error(cupy, g(x), g(y), g(indptr), g(cols), g(values)).get()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+    total = lsq.squared_error(cupy, g(x), g(y), g(indptr), g(cols), g(values))
+    assert abs(total - want.sum()) / want.sum() < tol
+    assert abs(lsq.squared_error(np, x, y, indptr, cols, values) - want.sum()) / want.sum() < tol
     reg = 0.3
     want = lsq.normal_apply(np, x.astype(np.float64), y.astype(np.float64), rows, cols, indptr,
                             (m, n), reg)

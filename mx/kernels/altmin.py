@@ -41,10 +41,14 @@ HEAVY_DEGREE = 16
 # what 3 plain CG steps cost at every degree, and 1.2 to 2.5 times less than the sketch
 # (same crossover): there no row is heavy, and altmin-sketch is exact ALS.
 FUSED_EXACT_MAX_RANK = 32
-# CG steps per row and half-sweep unless the job says: 3 sketch-preconditioned steps reached
-# a held-out error of 1e-4 in the fewest seconds on planted matrices (k = 64 and 128; 2 steps
-# take more sweeps), and 4 plain steps are what GPU ALS libraries run
-CG_STEPS = {"altmin-sketch": 3, "als-cg": 4}
+# CG steps per row and half-sweep, by method and row solver, unless the job sets cg_iters.
+# 3 sketch-preconditioned steps reached a held-out error of 1e-4 in the fewest seconds on
+# planted matrices (k = 64 and 128; 2 steps take more sweeps). Against a well-conditioned
+# factor 2 plain steps cut the error at least as fast per second as 3 (H100, planted: at
+# k = 64 and 128, κ = 1, as much a sweep for 0.8 of the time; at k = 64, κ = 2, 10× a sweep
+# against 17× in 0.8 of the time). 4 plain steps are what GPU ALS libraries run.
+CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 2,
+            ("als-cg", "plain-cg"): 4}
 # The sketch's own distortion leaves its preconditioned rows a condition number of about 3 to
 # 4.5 (8k buckets; 6 to 10 with the 4k this threshold was chosen against). Where the other
 # factor is better conditioned than that (cond(YᵀY) at most WELL_CONDITIONED; a heavy row's
@@ -92,15 +96,14 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
     dev = lambda a: dense.upload(xp, a)  # noqa: E731
     R = tuple(dev(a) for a in by_rows)
     C = tuple(dev(a) for a in by_cols)
-    h_rows, h_cols, h_vals = dev(rows[held] - r0), dev(cols[held]), dev(vals[held])
+    H = tuple(dev(a) for a in _csr(rows[held] - r0, cols[held], vals[held], r1 - r0))
 
     state = save = None
     if checkpoint:
         _prepare_checkpoint(ctx, checkpoint, signature, (m, n), k, chunks)
         state = _resume(checkpoint, signature, row_block, col_block)
         save = functools.partial(_save, ctx, checkpoint, signature, row_block, col_block)
-    u, v, history, reason = iterate(ctx, R, C, (h_rows, h_cols, h_vals), (m, n), k, row_blocks,
-                                    col_blocks, method, tol, max_iters, reg, cg_iters, seed,
+    u, v, history, reason = iterate(ctx, R, C, H, (m, n), k, row_blocks, col_blocks, method, tol, max_iters, reg, cg_iters, seed,
                                     state, save)
     ctx.finish()
     with ctx.timed_host("write"):
@@ -121,12 +124,14 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
 def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_iters, reg,
             cg_iters, seed, state=None, save=None):
     """The sweeps, on device arrays already in place: R (this worker's rows of Ω, by rows),
-    C (its columns, by columns), ``held`` (held-out rows, columns, values). Starts from the
-    randomized-SVD estimate, or from ``state`` (a checkpoint); ``save(sweep, history, u, v)``
-    is called after every sweep. Returns (u, v, history, why it stopped)."""
+    C (its columns, by columns), ``held`` (its rows' held-out entries, by rows, as R). Starts
+    from the randomized-SVD estimate, or from ``state`` (a checkpoint); ``save(sweep, history,
+    u, v)`` is called after every sweep. Returns (u, v, history, why it stopped)."""
     xp = ctx.xp
-    h_rows, h_cols, h_vals = held
-    t_rows = lsq.row_ids(xp, R[0])
+    # entries and squared norms of the training and held-out values, summed over the workers
+    t_count, t_norm, h_count, h_norm = sum(_gather(ctx, np.array(
+        [float(R[2].size), float((R[2] * R[2]).sum()), float(held[2].size),
+         float((held[2] * held[2]).sum())]), "norms"))
     if state is None:
         with ctx.timed("init"):
             u, v = _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed)
@@ -152,11 +157,9 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
-        train = lsq.row_predictions(xp, u, v_full, R[0], R[1], t_rows) - R[2]
-        miss = lsq.predictions(xp, u, v_full, h_rows, h_cols) - h_vals
-        sums = np.array([float((train * train).sum()), float(train.size), float((R[2] * R[2]).sum()),
-                         float((miss * miss).sum()), float((h_vals * h_vals).sum()), float(h_vals.size)])
-        t_err, t_count, t_norm, h_err, h_norm, h_count = sum(_gather(ctx, sums, ("metrics", sweep)))
+        errors = np.array([lsq.squared_error(xp, u, v_full, *R),
+                           lsq.squared_error(xp, u, v_full, *held)])
+        t_err, h_err = sum(_gather(ctx, errors, ("metrics", sweep)))
         train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
         # relative error on held-out entries (on the training entries when none are held out)
@@ -190,15 +193,16 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 # ------------------------------------------------------------------------------ solving
 def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
-    """One half-sweep: every row of x solved against the whole other factor y. Returns the
-    new x and how many rows each solver took ({solver: rows})."""
+    """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
+    the job's CG steps, or None for CG_STEPS). Returns the new x and how many rows each solver
+    took ({solver: rows})."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
         return lsq.solve_exact(xp, y, indptr, cols, vals, reg), {"exact": rows}
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
-                                 cg_iters), {"plain-cg": rows}
+                                 cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
     heavy = xp.diff(indptr) >= heavy_degree(k, fused=rowsolve.supported(xp, y))
     heavy_rows = xp.nonzero(heavy)[0]
     light_rows = xp.nonzero(~heavy)[0]
@@ -210,10 +214,16 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     if _condition(xp, y) <= WELL_CONDITIONED:
         used["plain-cg"] = int(heavy_rows.size)
         return lsq.solve_cg_rows(xp, start, y, indptr, cols, vals, reg, heavy_rows,
-                                 cg_iters), used
+                                 cg_steps(method, "plain-cg", cg_iters)), used
     used["sketch"] = int(heavy_rows.size)
-    return lsq.solve_sketch(xp, start, y, indptr, cols, vals, reg, heavy_rows, cg_iters,
-                            seed), used
+    return lsq.solve_sketch(xp, start, y, indptr, cols, vals, reg, heavy_rows,
+                            cg_steps(method, "sketch", cg_iters), seed), used
+
+
+def cg_steps(method: str, solver: str, asked: int | None = None) -> int:
+    """CG steps a row solved by ``solver`` takes under ``method``: the job's cg_iters if it
+    set one, else CG_STEPS."""
+    return asked or CG_STEPS[(method, solver)]
 
 
 def heavy_degree(k: int, fused: bool) -> float:
@@ -244,7 +254,9 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     rows_vals, cols_vals = R[2] * scale, C[2] * scale
     rows_mat = lambda x: lsq.spmm(xp, R[0], R[1], rows_vals, x, rows_shape)  # noqa: E731
     cols_mat = lambda x: lsq.spmm(xp, C[0], C[1], cols_vals, x, cols_shape)  # noqa: E731
-    gauss = xp.asarray(np.random.default_rng(seed).standard_normal((n, width)))
+    # drawn where it is used: 10⁵ × 72 normals cost 0.13 s on the host and its upload 0.04 s,
+    # against 1 ms on an H100 (every worker draws the same ones from the seed)
+    gauss = xp.random.default_rng(seed).standard_normal((n, width))
     y = rows_mat(gauss)
     for power in range(2):
         y = _cholesky_qr(ctx, y, ("init-qr", power))

@@ -66,12 +66,13 @@ def predictions(xp, x, y, rows, cols):
     return out
 
 
-def row_predictions(xp, x, y, indptr, cols, rows=None):
-    """x_i · y_j for every stored entry of a CSR pattern (``rows``: each entry's row, if
-    known); on a GPU one pass over Ω, elsewhere ``predictions``."""
+def squared_error(xp, x, y, indptr, cols, values) -> float:
+    """Σ (x_i·y_j − M_ij)² over the stored entries (i, j) of a CSR pattern: on a GPU one pass
+    over Ω that writes a sum a row, elsewhere ``predictions``."""
     if rowsolve.warp_supported(xp, y):
-        return rowsolve.row_dots(xp, x, y, indptr, cols)
-    return predictions(xp, x, y, row_ids(xp, indptr) if rows is None else rows, cols)
+        return float(rowsolve.row_sq_error(xp, x, y, indptr, cols, values).sum())
+    miss = predictions(xp, x, y, row_ids(xp, indptr), cols) - values
+    return float((miss * miss).sum())
 
 
 def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):

@@ -14,10 +14,10 @@ For k ≤ 128: the Gram matrix is padded to KMAX = 32, 64 or 128 (a KMAX² Gram 
 each of the 256 threads holding (KMAX/16)² of its values); larger ranks use the reference
 path.
 
-The CG path gets warp-per-row kernels: ``row_dots`` (x_i·y_j for every entry, without the
-(entries × k) gathered temporaries of ``lsq.predictions``), ``normal_apply`` (the normal
-operator in one pass: residual weights and the sparse product fused) and ``cg_rows`` (all of
-a row's plain CG steps, its vectors in registers, one pass over the row's entries per step).
+The CG path gets warp-per-row kernels: ``row_sq_error`` (each row's squared error on its
+entries, without the (entries × k) gathered temporaries of ``lsq.predictions``),
+``normal_apply`` (the normal operator in one pass: residual weights and the sparse product
+fused) and ``cg_rows`` (all of a row's plain CG steps, its vectors in registers, one pass over the row's entries per step).
 ``spmm_rows`` is the sparse × dense product of the randomized SVD that starts the sweeps.
 """
 
@@ -162,22 +162,31 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 # One warp per row of Ω (CSR), lane l holding components l, l+32, ... of the row's vector:
 # the row's x_i is read once, each y_j once, coalesced; dot products reduce by shuffles.
 _WARP_SOURCE = r"""
-extern "C" __global__ void row_dots(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ x, const T* __restrict__ y,
-        const long long m, const int k, T* __restrict__ out)
+// Σ over the row's entries of (x_i·y_j − m_ij)², one sum a row: a model's squared error on
+// the stored entries, without writing one prediction per entry
+extern "C" __global__ void row_sq_error(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ x,
+        const T* __restrict__ y, const long long m, const int k, T* __restrict__ out)
 {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x % 32;
     if (i >= m) return;
+    const long long end = indptr[i + 1];
     T xi[KPL];
     for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; xi[t] = c < k ? x[i * k + c] : (T)0; }
-    for (long long e = indptr[i]; e < indptr[i + 1]; e++) {
-        const long long j = cols[e];
-        T d = 0;
-        for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) d += xi[t] * y[j * k + c]; }
-        d = warp_sum(d);
-        if (lane == 0) out[e] = d;
+    T sum = 0;
+    for (long long e0 = indptr[i]; e0 < end; e0 += UNROLL) {
+        long long j[UNROLL];
+        T yj[UNROLL][KPL], dt[UNROLL], mv[UNROLL];
+        for (int u = 0; u < UNROLL; u++) {
+            const long long e = e0 + u;
+            j[u] = e < end ? cols[e] : -1;
+            mv[u] = e < end ? vals[e] : (T)0;
+        }
+        gather(y, k, j, xi, yj, dt);  // past the row's end: a zero row and a zero value
+        for (int u = 0; u < UNROLL; u++) sum += (dt[u] - mv[u]) * (dt[u] - mv[u]);
     }
+    if (lane == 0) out[i] = sum;
 }
 
 extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
@@ -541,13 +550,14 @@ def _warp_launch(fn, m: int, args) -> None:
         fn((blocks,), (threads,), args)
 
 
-def row_dots(xp, x, y, indptr, cols):
-    """x_i · y_j for every stored entry (i, j) of a CSR pattern, in its storage order."""
+def row_sq_error(xp, x, y, indptr, cols, values):
+    """Σ_j (x_i·y_j − M_ij)² over each row's stored entries (i, j) of a CSR pattern."""
     m, k = x.shape[0], x.shape[1]
-    out = xp.empty(int(cols.size), dtype=x.dtype)
-    _warp_launch(_warp_kernel("row_dots", x.dtype, k), m,
-                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(x),
-                  xp.ascontiguousarray(y, dtype=x.dtype), np.int64(m), np.int32(k), out))
+    out = xp.empty(m, dtype=x.dtype)
+    _warp_launch(_warp_kernel("row_sq_error", x.dtype, k), m,
+                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=x.dtype),
+                  xp.ascontiguousarray(x), xp.ascontiguousarray(y, dtype=x.dtype), np.int64(m),
+                  np.int32(k), out))
     return out
 
 

@@ -37,13 +37,9 @@ class CompleteParams(Strict):
     holdout: float = Field(default=0.02, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
     # CG steps per row per half-sweep (als-cg, and altmin-sketch's heavy rows); default
-    # altmin.CG_STEPS[method]
+    # altmin.CG_STEPS
     cg_iters: Optional[int] = Field(default=None, ge=1, le=100)
     checkpoint: bool = True
-
-
-def cg_steps(p: CompleteParams) -> int:
-    return p.cg_iters or altmin.CG_STEPS.get(p.method, 1)
 
 
 @dataclass(frozen=True)
@@ -80,19 +76,21 @@ class CompletePlan:
 
 
 def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
-    k, steps = p.rank, cg_steps(p)
+    k = p.rank
     if p.method == "als":
         return ["every row solved exactly (normal equations, Cholesky)"]
+    plain = altmin.cg_steps(p.method, "plain-cg", p.cg_iters)
     if p.method == "als-cg":
-        return [f"every row: {steps} CG steps from the last sweep's value"]
+        return [f"every row: {plain} CG steps from the last sweep's value"]
     heavy = altmin.heavy_degree(k, fused=gpus > 0)
     if heavy == float("inf"):
         return [f"every row solved exactly: on a GPU at rank <= {altmin.FUSED_EXACT_MAX_RANK} "
                 f"the fused exact solve costs no more than CG steps (row-solves counters below)"]
     return [f"rows with >= {int(heavy)} observations: a CountSketch of "
-            f"{lsq.sketch_buckets(k)} buckets preconditions {steps} CG steps from the last "
+            f"{lsq.sketch_buckets(k)} buckets preconditions "
+            f"{altmin.cg_steps(p.method, 'sketch', p.cg_iters)} CG steps from the last "
             f"sweep's value, or, in a half-sweep whose other factor is well conditioned "
-            f"(cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {steps} plain CG steps; lighter "
+            f"(cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} plain CG steps; lighter "
             f"rows solved exactly (row-solves counters below)"]
 
 
@@ -168,7 +166,7 @@ def build(p: CompletePlan, paths: dict[str, str], output: str, step: str,
                         col_blocks=p.col_blocks, path=paths["observed"], shape=p.shape,
                         rank=prm.rank, method=prm.method, tol=prm.tol, max_iters=prm.max_iters,
                         reg=prm.reg, holdout=prm.holdout, seed=prm.seed,
-                        cg_iters=cg_steps(prm),
+                        cg_iters=prm.cg_iters,
                         out_path=output, checkpoint=ckpt, signature=signature, chunks=p.chunks,
                         ctx=TaskRef(comm_key(gang)))
         placement[key], labels[key] = w, "compute"
