@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mx.cluster.comm import GangContext, LocalComm, Mailroom  # noqa: E402
-from mx.kernels import altmin  # noqa: E402
+from mx.kernels import altmin, lsq  # noqa: E402
 
 METHODS = ("altmin-sketch", "als-cg", "als")
 
@@ -82,6 +82,23 @@ def steps(method: str, asked) -> int | None:
     return int(asked or 0) or None
 
 
+def parse(spec: str, cg_iters=0):
+    """"METHOD[:STEPS][@f64]" → (method, CG steps or None, refine): ``@f64`` runs the method
+    in float64 throughout (lsq.REFINE off)."""
+    name, _, precision = spec.partition("@")
+    method, _, iters = name.partition(":")
+    return method, steps(method, iters or cg_iters), precision != "f64"
+
+
+def run_spec(cp, R, C, held, shape, k, spec, max_iters, cg_iters, target):
+    method, iters, refine = parse(spec, cg_iters)
+    lsq.REFINE = refine
+    try:
+        return run_method(cp, R, C, held, shape, k, method, max_iters, iters, target)
+    finally:
+        lsq.REFINE = True
+
+
 def warm_up(cp, ranks, specs):
     """Compile every kernel the timed runs use (each rank's, both for the sketch and for the
     plain CG that altmin-sketch picks against a well-conditioned factor), untimed: a kernel's
@@ -91,8 +108,7 @@ def warm_up(cp, ranks, specs):
         for cond in (1.0, 100.0):
             R, C, held = planted(cp, n, n, k, 24 * k * n, cond, seed=2)
             for spec in specs:
-                method, _, iters = spec.partition(":")
-                run_method(cp, R, C, held, (n, n), k, method, 2, steps(method, iters), 0.0)
+                run_spec(cp, R, C, held, (n, n), k, spec, 2, 0, 0.0)
 
 
 def main(argv=None):
@@ -109,7 +125,8 @@ def main(argv=None):
                     help="CG steps per half-sweep; default each method's own (altmin.CG_STEPS)")
     ap.add_argument("--target", type=float, default=1e-4)
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="comma-separated; METHOD:N runs it with N CG steps per half-sweep")
+                    help="comma-separated; METHOD:N runs it with N CG steps per half-sweep, "
+                         "METHOD@f64 in float64 throughout (no float32 corrections)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="complete-bench.json")
     args = ap.parse_args(argv)
@@ -130,12 +147,10 @@ def main(argv=None):
         R, C, held = planted(cp, m, n, k, entries, cond, seed=1)
         # one untimed sweep first: the first method timed on a fresh case was seen to pay
         # for the case's first allocations (a third more on its first sweep)
-        first, _, iters = args.methods.split(",")[0].partition(":")
-        run_method(cp, R, C, held, (m, n), k, first, 1, steps(first, iters or args.cg_iters), 0.0)
+        run_spec(cp, R, C, held, (m, n), k, args.methods.split(",")[0], 1, args.cg_iters, 0.0)
         for spec in args.methods.split(","):
-            method, _, iters = spec.partition(":")  # "als-cg:2": that method with 2 CG steps
-            result = run_method(cp, R, C, held, (m, n), k, method, args.max_iters,
-                                steps(method, iters or args.cg_iters), args.target)
+            result = run_spec(cp, R, C, held, (m, n), k, spec, args.max_iters, args.cg_iters,
+                              args.target)
             result["method"] = spec
             result.update(case=name, m=m, n=n, k=k, entries=int(R[1].size + held[1].size), condition=cond)
             rows.append(result)

@@ -1,9 +1,11 @@
 """What a half-sweep's row solves cost on one GPU, part by part, in one run.
 
 On rows all of one degree (random columns): one pass over Ω (the fused operator
-(Y_ΩiᵀY_Ωi) p, in float64 and float32), plain CG with 3 steps (4 passes), the fused exact
-solve, and the fused sketch solve at each bucket ratio with 0 steps (sketch, its Gram and
-inverse, the residual) and with 3. Times are per half-sweep over every row.
+(Y_ΩiᵀY_Ωi) p, in float64 and float32), plain CG with 2 and 3 steps (3 and 4 passes) in
+float64 and refined (float64 residual, float32 steps: ``lsq.REFINE``), the fused exact
+solve in float64, float32 and refined, and the fused sketch solve at each bucket ratio with
+0 steps (sketch, its Gram and inverse, the residual) and with 3. Times are per half-sweep
+over every row.
 
 Usage: python bench/rowsolve_passes.py --n 100000 --degree 3000 --ranks 16,64,128
 """
@@ -44,7 +46,17 @@ def measure(cp, n, degree, k, ratios, seed=0):
            "pass_f32_s": timed(cp, lambda: rowsolve.normal_apply(cp, x32, y32, indptr, cols, 0.0), 3),
            "plain_cg3_s": timed(cp, lambda: rowsolve.cg_solve(cp, y, x, indptr, cols, vals, 0.0,
                                                               rows, 3, out), 3),
-           "exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 1)}
+           "plain_cg2_s": timed(cp, lambda: rowsolve.cg_solve(cp, y, x, indptr, cols, vals, 0.0,
+                                                              rows, 2, out), 3),
+           # float64 residual, the steps on the correction in float32 (lsq.solve_cg_rows)
+           "refined_cg2_s": timed(cp, lambda: lsq.solve_cg_rows(cp, x, y, indptr, cols, vals, 0.0,
+                                                                rows, 2), 3),
+           "refined_cg3_s": timed(cp, lambda: lsq.solve_cg_rows(cp, x, y, indptr, cols, vals, 0.0,
+                                                                rows, 3), 3),
+           "exact_f32_s": timed(cp, lambda: lsq.solve_exact(cp, y32, indptr, cols, vals, 0.0), 1),
+           "exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 1),
+           "refined_exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0,
+                                                                x0=x), 1)}
     for ratio in ratios:
         buckets = lsq.sketch_buckets(k, ratio)
         for steps in (0, 3):

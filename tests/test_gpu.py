@@ -551,14 +551,20 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 17, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    for reg, steps, seed in [(0.0, 1, 3), (0.0, 3, 11), (0.7, 2, 5)]:
-        want = lsq.solve_sketch(np, x0, y, indptr, cols, vals, reg, rows, steps, seed)
-        got = lsq.solve_sketch(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg, g(rows),
-                               steps, seed).get()
-        moved = np.linalg.norm(want[rows] - x0[rows])
-        assert np.linalg.norm(got[rows] - want[rows]) / moved < tol, (reg, steps)
-        others = np.setdiff1d(np.arange(m), rows)
-        assert np.array_equal(got[others], x0[others].astype(dtype))  # rows not asked for stay
+    # float64: the kernel in float64 step for step, and refined (the correction in float32)
+    for refine, tol in [(False, tol), (True, 2e-3)] if dtype == np.float64 else [(True, tol)]:
+        lsq.REFINE = refine
+        try:
+            for reg, steps, seed in [(0.0, 1, 3), (0.0, 3, 11), (0.7, 2, 5)]:
+                want = lsq.solve_sketch(np, x0, y, indptr, cols, vals, reg, rows, steps, seed)
+                got = lsq.solve_sketch(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
+                                       g(rows), steps, seed).get()
+                moved = np.linalg.norm(want[rows] - x0[rows])
+                assert np.linalg.norm(got[rows] - want[rows]) / moved < tol, (refine, reg, steps)
+                others = np.setdiff1d(np.arange(m), rows)
+                assert np.array_equal(got[others], x0[others].astype(dtype))  # the others stay
+        finally:
+            lsq.REFINE = True
     if dtype == np.float64 and k > 1:
         # Y of rank k - 1: every sketch is singular, every row gets the minimum-norm solve
         low = y.copy()
@@ -591,15 +597,58 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
-        want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
-        got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg, g(rows),
-                                steps).get()
-        moved = np.linalg.norm(want[rows] - x0[rows])
-        err = np.linalg.norm(got[rows] - want[rows]) / moved
-        assert err < tol, (reg, steps, err)
-        others = np.setdiff1d(np.arange(m), rows)
-        assert np.array_equal(got[others], x0[others].astype(dtype))
+    # float64: the kernel in float64 step for step, and refined (the correction in float32)
+    for refine, tol in [(False, tol), (True, 2e-3)] if dtype == np.float64 else [(True, tol)]:
+        lsq.REFINE = refine
+        try:
+            for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
+                want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
+                got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
+                                        g(rows), steps).get()
+                moved = np.linalg.norm(want[rows] - x0[rows])
+                err = np.linalg.norm(got[rows] - want[rows]) / moved
+                assert err < tol, (refine, reg, steps, err)
+                others = np.setdiff1d(np.arange(m), rows)
+                assert np.array_equal(got[others], x0[others].astype(dtype))
+        finally:
+            lsq.REFINE = True
+
+
+@pytest.mark.parametrize("solver", ["plain-cg", "exact"])
+@pytest.mark.parametrize("k", [5, 64, 128])
+def test_float64_solves_refined_in_float32_reach_the_float64_solution(rng, k, solver):
+    """Half-sweeps of float64 row solves repeated from their own result: each solves for its
+    correction in float32 from a float64 residual, so they reach the least-squares solution
+    to float64's accuracy, far below float32's; the first exact one is already within
+    float32's."""
+    import cupy
+
+    from mx.kernels import lsq
+
+    m, n, reg = 97, 2003, 0.4
+    degree = rng.integers(8 * k, 8 * k + 200, size=m)  # well-conditioned rows: CG converges
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size)
+    y = rng.standard_normal((n, k)) * np.geomspace(1, 3, k)
+    best = np.empty((m, k))
+    for i in range(m):
+        ys = y[cols[indptr[i]:indptr[i + 1]]]
+        best[i] = np.linalg.solve(ys.T @ ys + reg * np.eye(k), ys.T @ vals[indptr[i]:indptr[i + 1]])
+    g = cupy.asarray
+    start = rng.standard_normal((m, k))
+    x = g(start)
+    rows = g(np.arange(m, dtype=np.int64))
+    rel = lambda a: np.linalg.norm(a - best, axis=1) / np.linalg.norm(best, axis=1)  # noqa: E731
+    for sweep in range(25 if solver == "plain-cg" else 3):
+        if solver == "plain-cg":
+            x = lsq.solve_cg_rows(cupy, x, g(y), g(indptr), g(cols), g(vals), reg, rows, 10)
+        else:
+            x = lsq.solve_exact(cupy, g(y), g(indptr), g(cols), g(vals), reg, x0=x)
+            if sweep == 0:
+                moved = np.linalg.norm(best - start, axis=1) / np.linalg.norm(best, axis=1)
+                assert (rel(x.get()) / moved).max() < 1e-4
+    assert rel(x.get()).max() < 1e-11
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])

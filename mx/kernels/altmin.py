@@ -199,14 +199,14 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
-        return lsq.solve_exact(xp, y, indptr, cols, vals, reg), {"exact": rows}
+        return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
     heavy = xp.diff(indptr) >= heavy_degree(k, fused=rowsolve.supported(xp, y))
     heavy_rows = xp.nonzero(heavy)[0]
     light_rows = xp.nonzero(~heavy)[0]
-    out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows)
+    out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows, x0=x)
     used = {"exact": int(light_rows.size)}
     if heavy_rows.size == 0:
         return out, used

@@ -91,9 +91,30 @@ def spmm(xp, indptr, cols, values, x, shape):
     return csr(xp, indptr, cols, values, shape) @ x
 
 
-def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entries=1 << 24):
-    """Exact row solves by normal equations. On a GPU, one fused kernel per row
-    (``rowsolve``); elsewhere, and for the rows it cannot factor, rows grouped by degree
+# On a GPU, float64 row solves given the last sweep's value x0 (plain CG, and exact solves
+# from x0) solve for their correction to it in float32, from x0's residual in float64
+# (iterative refinement). Each costs a pass over Ω more, and then float32's arithmetic and
+# half the bytes a pass; the residual carries the float64 accuracy, so a sweep's fixed point
+# is float64's. False: float64 throughout (benchmarks compare the two).
+REFINE = True
+
+
+def _refined(xp, y) -> bool:
+    return REFINE and xp is not np and y.dtype == np.float64
+
+
+def _refined_exact(xp, y) -> bool:
+    # At rank <= 32 (a 32-wide Gram tile) the float64 exact kernel costs less than a residual
+    # pass and the float32 one together (H100, k = 16: 85 against 18 + 68 ms a half-sweep);
+    # from 64-wide tiles the float32 Gram pays (k = 64: 259 against 176 ms).
+    return _refined(xp, y) and rowsolve.padded_rank(y.shape[1]) > 32
+
+
+def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entries=1 << 24,
+                x0=None):
+    """Exact row solves by normal equations (of rows ``rows_subset``; other rows of the
+    result are zero). On a GPU, one fused kernel per row (``rowsolve``), refined from x0 when
+    given (``REFINE``); elsewhere, and for the rows it cannot factor, rows grouped by degree
     (padded to the next power of two) so each group is one batched product and one batched
     solve."""
     k = y.shape[1]
@@ -104,7 +125,18 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
     if subset.size == 0:
         return out
     singular = False
-    if rowsolve.supported(xp, y):
+    if rowsolve.supported(xp, y) and x0 is not None and _refined_exact(xp, y):
+        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, subset)
+        delta = xp.zeros((m, k), dtype=np.float32)
+        left = rowsolve.solve(xp, y.astype(np.float32), indptr, cols, None, reg, subset, delta,
+                              rhs=r0.astype(np.float32))
+        out[subset] = x0[subset] + delta[subset]
+        # rows singular in float32 go to the float64 path below, whose floor is float64's
+        subset = left
+        if subset.size == 0:
+            return out
+        singular = True
+    elif rowsolve.supported(xp, y):
         subset = rowsolve.solve(xp, y, indptr, cols, values, reg, subset, out)
         if subset.size == 0:
             return out
@@ -196,11 +228,18 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_s
 def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
     """``steps`` plain CG steps from x0 for the rows ``rows_subset`` (other rows keep x0), as
     GPU ALS libraries run them. On a GPU one warp per row does all the steps in registers
-    (``rowsolve.cg_solve``); this is its reference."""
-    out = x0.copy()
+    (``rowsolve.cg_solve``); this is its reference. In float64 there, the steps solve for
+    the correction to x0 in float32 (``REFINE``)."""
     if rows_subset.size == 0:
-        return out
+        return x0.copy()
+    if rowsolve.warp_supported(xp, y) and _refined(xp, y):
+        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows_subset)
+        delta = xp.zeros(x0.shape, dtype=np.float32)
+        rowsolve.cg_solve(xp, y.astype(np.float32), None, indptr, cols, None, reg, rows_subset,
+                          steps, delta, r0=r0.astype(np.float32))
+        return x0 + delta
     if rowsolve.warp_supported(xp, y):
+        out = x0.copy()
         rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, rows_subset, steps, out)
         return out
     return solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps,
@@ -279,6 +318,16 @@ def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=
     if rows_subset.size == 0:
         return x0.copy()
     buckets = buckets or sketch_buckets(y.shape[1])
+    if rowsolve.supported(xp, y) and _refined(xp, y):
+        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows_subset)
+        delta = xp.zeros(x0.shape, dtype=np.float32)
+        failed = rowsolve.sketch_solve(xp, y.astype(np.float32), None, indptr, cols, None, reg,
+                                       rows_subset, steps, buckets, seed, delta,
+                                       r0=r0.astype(np.float32))
+        out = x0 + delta
+        if failed.size:  # singular in float32: the exact float64 solve
+            out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]
+        return out
     if rowsolve.supported(xp, y):
         out = x0.copy()
         failed = rowsolve.sketch_solve(xp, y, x0, indptr, cols, values, reg, rows_subset,

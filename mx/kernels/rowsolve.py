@@ -72,10 +72,13 @@ __device__ inline void gather(const T* __restrict__ y, int k, const long long* j
 """
 
 _SOURCE = r"""
+// The right-hand side is Y_Ωiᵀ m_i from ``vals``, or, where ``rhs`` is given, rhs_i (row i at
+// i·k: a residual, whose solution is a correction), and then ``vals`` is not read.
 extern "C" __global__ void __launch_bounds__(256)
 als_rows(const long long* __restrict__ indptr, const long long* __restrict__ cols,
-         const T* __restrict__ vals, const T* __restrict__ y, const long long* __restrict__ rows,
-         const int nrows, const int k, const T reg, T* __restrict__ out, int* __restrict__ failed)
+         const T* __restrict__ vals, const T* __restrict__ rhs, const T* __restrict__ y,
+         const long long* __restrict__ rows, const int nrows, const int k, const T reg,
+         T* __restrict__ out, int* __restrict__ failed)
 {
     // ybuf (the chunk of Y rows) and G share memory: G is written only after accumulation
     extern __shared__ unsigned char smem_raw[];
@@ -100,7 +103,8 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
             const int q = t / KMAX, c = t % KMAX;
             ybuf[t] = (q < cnt && c < k) ? y[cols[base + q] * k + c] : (T)0;
         }
-        for (int t = tid; t < CHUNK; t += blockDim.x) mbuf[t] = t < cnt ? vals[base + t] : (T)0;
+        for (int t = tid; t < CHUNK; t += blockDim.x)
+            mbuf[t] = t < cnt && rhs == nullptr ? vals[base + t] : (T)0;
         __syncthreads();
         for (int q = 0; q < cnt; q++) {
             const T* yq = ybuf + q * KMAX;
@@ -112,7 +116,7 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
     for (int a = 0; a < TILE; a++)
         for (int c = 0; c < TILE; c++)
             G[(ti + 16 * a) * KMAX + tj + 16 * c] = acc[a][c] + ((ti + 16 * a == tj + 16 * c) ? reg : (T)0);
-    if (tid < KMAX) b[tid] = bacc;
+    if (tid < KMAX) b[tid] = rhs == nullptr ? bacc : tid < k ? rhs[row * k + tid] : (T)0;
     __syncthreads();
     // Cholesky, lower triangle in place. A pivot that rounding alone could have made (at
     // most PIVOT × the largest diagonal) means G is singular: flagged, solved elsewhere.
@@ -246,25 +250,13 @@ extern "C" __global__ void spmm_rows(const long long* __restrict__ indptr,
     for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < w) out[i * w + c] = acc[t]; }
 }
 
-// Plain CG from x0 on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp per
-// row, every vector in registers (lane holds components lane + 32t): one pass over Ω_i for
-// the warm start's residual, one per step.
-extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ y,
-        const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
-        const int k, const int steps, const T reg, T* __restrict__ out)
+// The lane's components of r = Y_Ωiᵀ(m_i − Y_Ωi x) − reg·x, x's components in the lane's
+// registers: one pass over the row's entries [start, end).
+__device__ inline void residual_pass(const long long* __restrict__ cols,
+        const T* __restrict__ vals, const T* __restrict__ y, long long start, long long end,
+        int k, T reg, const T* x, T* r)
 {
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (w >= nrows) return;
-    const long long i = rows[w];
-    const long long start = indptr[i], end = indptr[i + 1];
-    T x[KPL], r[KPL], p[KPL], q[KPL];
-    for (int t = 0; t < KPL; t++) {
-        const int c = lane + 32 * t;
-        x[t] = c < k ? x0[i * k + c] : (T)0;
-        r[t] = -reg * x[t];
-    }
+    for (int t = 0; t < KPL; t++) r[t] = -reg * x[t];
     for (long long e0 = start; e0 < end; e0 += UNROLL) {
         long long j[UNROLL];
         T yj[UNROLL][KPL], dt[UNROLL], m[UNROLL];
@@ -276,6 +268,50 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         gather(y, k, j, x, yj, dt);
         for (int u = 0; u < UNROLL; u++)
             for (int t = 0; t < KPL; t++) r[t] += (m[u] - dt[u]) * yj[u][t];
+    }
+}
+
+// The warm start's residual (above) for the rows ``rows``, one warp per row, into r_out
+// (row i at i·k): what a CG correction computed in a narrower type starts from.
+extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ y,
+        const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
+        const int k, const T reg, T* __restrict__ r_out)
+{
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= nrows) return;
+    const long long i = rows[w];
+    T x[KPL], r[KPL];
+    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; x[t] = c < k ? x0[i * k + c] : (T)0; }
+    residual_pass(cols, vals, y, indptr[i], indptr[i + 1], k, reg, x, r);
+    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) r_out[i * k + c] = r[t]; }
+}
+
+// Plain CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp per row, every
+// vector in registers (lane holds components lane + 32t), one pass over Ω_i per step. From
+// x0, with one more pass for its residual; or, given that residual r0 (row i at i·k), from
+// zero: the correction to x0 (``vals`` and ``x0`` are then not read).
+extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ y,
+        const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
+        const long long nrows, const int k, const int steps, const T reg, T* __restrict__ out)
+{
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= nrows) return;
+    const long long i = rows[w];
+    const long long start = indptr[i], end = indptr[i + 1];
+    T x[KPL], r[KPL], p[KPL], q[KPL];
+    if (r0 != nullptr) {
+        for (int t = 0; t < KPL; t++) {
+            const int c = lane + 32 * t;
+            x[t] = 0;
+            r[t] = c < k ? r0[i * k + c] : (T)0;
+        }
+    } else {
+        for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; x[t] = c < k ? x0[i * k + c] : (T)0; }
+        residual_pass(cols, vals, y, start, end, k, reg, x, r);
     }
     T rr = 0;
     for (int t = 0; t < KPL; t++) { p[t] = r[t]; rr += r[t] * r[t]; }
@@ -347,7 +383,7 @@ __device__ inline void dot(const T* a, const T* b, T* res) {
 extern "C" __global__ void __launch_bounds__(256)
 sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ cols,
             const T* __restrict__ vals, const T* __restrict__ y, const T* __restrict__ x0,
-            const long long* __restrict__ rows, const int nrows, const int k, const int s,
+            const T* __restrict__ r0, const long long* __restrict__ rows, const int nrows, const int k, const int s,
             const int steps, const T reg, const unsigned long long seed, T* __restrict__ out,
             int* __restrict__ failed)
 {
@@ -368,7 +404,10 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
     const long long start = indptr[row], d = indptr[row + 1] - start;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int ti = tid / 16, tj = tid % 16;
-    for (int c = tid; c < KMAX; c += blockDim.x) xv[c] = c < k ? x0[row * k + c] : (T)0;
+    // given x0's residual r0 (row i at i·k), CG runs from zero for the correction to x0, and
+    // neither vals nor x0 is read
+    for (int c = tid; c < KMAX; c += blockDim.x)
+        xv[c] = c < k && r0 == nullptr ? x0[row * k + c] : (T)0;
     if (tid == 0) bad = 0;
     __syncthreads();
     T xl[KPL], racc[KPL];
@@ -389,7 +428,7 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
                 for (int u = 0; u < UNROLL; u++) {
                     const long long p = p0 + (long long)u * s;
                     j[u] = p < d ? cols[start + p] : -1;
-                    m[u] = p < d ? vals[start + p] : (T)0;
+                    m[u] = p < d && r0 == nullptr ? vals[start + p] : (T)0;
                 }
                 gather(y, k, j, xl, yj, dt);
                 for (int u = 0; u < UNROLL; u++) {
@@ -412,7 +451,7 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
     for (int c = tid; c < KMAX; c += blockDim.x) {
         T sum = 0;
         for (int w = 0; w < WARPS; w++) sum += zbuf[w * KMAX + c];
-        rv[c] = c < k ? sum - reg * xv[c] : (T)0;
+        rv[c] = c >= k ? (T)0 : r0 != nullptr ? r0[row * k + c] : sum - reg * xv[c];
     }
     if (tid == 0) {
         T top = 0;
@@ -572,14 +611,33 @@ def normal_apply(xp, p, y, indptr, cols, reg):
     return out
 
 
-def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out):
-    """``steps`` plain CG steps from x0 for the rows ``rows`` (int64 ids), one warp per row,
-    into ``out``."""
+def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None):
+    """``steps`` plain CG steps for the rows ``rows`` (int64 ids), one warp per row, into
+    ``out``: from x0, or, given x0's residual ``r0`` (``residual``), from zero, which is the
+    correction to x0 (``values`` and ``x0`` are then not read: None will do)."""
     m, k = int(rows.size), y.shape[1]
-    _warp_launch(_warp_kernel("cg_rows", y.dtype, k), m,
+    dtype = y.dtype
+    null = np.uint64(0)  # a null pointer: the array is not read
+    if r0 is None:
+        values, x0, r0 = (xp.ascontiguousarray(values, dtype=dtype),
+                          xp.ascontiguousarray(x0, dtype=dtype), null)
+    else:
+        values, x0, r0 = null, null, xp.ascontiguousarray(r0, dtype=dtype)
+    _warp_launch(_warp_kernel("cg_rows", dtype, k), m,
+                 (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), x0, r0, _i64(rows),
+                  np.int64(m), np.int32(k), np.int32(steps), dtype.type(reg), out))
+
+
+def residual(xp, y, x0, indptr, cols, values, reg, rows):
+    """Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for the rows ``rows`` (int64 ids), one warp per row,
+    one pass over their entries; other rows of the result are zero."""
+    m, k = int(rows.size), y.shape[1]
+    out = xp.zeros((int(indptr.size) - 1, k), dtype=y.dtype)
+    _warp_launch(_warp_kernel("residual_rows", y.dtype, k), m,
                  (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=y.dtype),
                   xp.ascontiguousarray(y), xp.ascontiguousarray(x0, dtype=y.dtype), _i64(rows),
-                  np.int64(m), np.int32(k), np.int32(steps), y.dtype.type(reg), out))
+                  np.int64(m), np.int32(k), y.dtype.type(reg), out))
+    return out
 
 
 def spmm_supported(xp, x) -> bool:
@@ -604,7 +662,7 @@ def supported(xp, y) -> bool:
     return xp is not np and y.shape[1] <= MAX_RANK and y.dtype in (np.float32, np.float64)
 
 
-def _kmax(k: int) -> int:
+def padded_rank(k: int) -> int:
     """The block kernels' padded rank: 32 (the narrowest tile the sketch's warp lanes fill),
     64 or 128. Padding is work: at k = 16 a 64-wide Gram matrix is 16 times the products."""
     return 32 if k <= 32 else 64 if k <= 64 else 128
@@ -624,24 +682,28 @@ def _kernel(dtype, kmax: int):
     return module.get_function("als_rows")
 
 
-def solve(xp, y, indptr, cols, values, reg, rows, out):
+def solve(xp, y, indptr, cols, values, reg, rows, out, rhs=None):
     """Solve the rows ``rows`` (int64 ids) into ``out``; returns the ids of the rows whose
-    Gram matrix was singular (left for the pseudo-inverse of the reference path)."""
+    Gram matrix was singular (left for the pseudo-inverse of the reference path). Given
+    ``rhs`` (a residual, ``residual``), solve with it as the right-hand side, for the
+    correction (``values`` is then not read: None will do)."""
     k = y.shape[1]
     n = int(rows.size)
     failed = xp.zeros(n, dtype=np.int32)
     if n == 0:
         return rows[:0]
     dtype = y.dtype
-    kmax = _kmax(k)
+    kmax = padded_rank(k)
     fn = _kernel(dtype, kmax)
     smem = (kmax * kmax + kmax + CHUNK) * dtype.itemsize
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     y = xp.ascontiguousarray(y)
-    fn((n,), (THREADS,), (_i64(indptr), _i64(cols),
-                          xp.ascontiguousarray(values, dtype=dtype), y, _i64(rows),
-                          np.int32(n), np.int32(k), dtype.type(reg), out, failed),
+    null = np.uint64(0)  # a null pointer: the array is not read
+    values, rhs = ((xp.ascontiguousarray(values, dtype=dtype), null) if rhs is None else
+                   (null, xp.ascontiguousarray(rhs, dtype=dtype)))
+    fn((n,), (THREADS,), (_i64(indptr), _i64(cols), values, rhs, y, _i64(rows), np.int32(n),
+                          np.int32(k), dtype.type(reg), out, failed),
        shared_mem=smem)
     return rows[failed != 0]
 
@@ -661,25 +723,32 @@ def _sketch_kernel(dtype, kmax: int):
     return module.get_function("sketch_rows")
 
 
-def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, seed, out):
-    """``steps`` sketch-preconditioned CG steps from x0 for the rows ``rows`` (int64 ids),
-    with ``buckets`` (a multiple of CHUNK) per row's sketch, into ``out``; returns the ids of
-    the rows whose sketch was singular (their output is not a solution)."""
+def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, seed, out,
+                 r0=None):
+    """``steps`` sketch-preconditioned CG steps for the rows ``rows`` (int64 ids), with
+    ``buckets`` (a multiple of CHUNK) per row's sketch, into ``out``: from x0, or, given x0's
+    residual ``r0`` (``residual``), from zero, for the correction to x0 (``values`` and ``x0``
+    are then not read: None will do). Returns the ids of the rows whose sketch was singular
+    (their output is not a solution)."""
     k = y.shape[1]
     n = int(rows.size)
     if n == 0:
         return rows[:0]
     dtype = y.dtype
-    kmax = _kmax(k)
+    kmax = padded_rank(k)
     fn = _sketch_kernel(dtype, kmax)
     smem = (kmax * kmax + CHUNK * kmax + 6 * kmax) * dtype.itemsize
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     failed = xp.zeros(n, dtype=np.int32)
-    fn((n,), (THREADS,), (_i64(indptr), _i64(cols),
-                          xp.ascontiguousarray(values, dtype=dtype), xp.ascontiguousarray(y),
-                          xp.ascontiguousarray(x0, dtype=dtype), _i64(rows),
-                          np.int32(n), np.int32(k), np.int32(buckets),
+    null = np.uint64(0)  # a null pointer: the array is not read
+    if r0 is None:
+        values, x0, r0 = (xp.ascontiguousarray(values, dtype=dtype),
+                          xp.ascontiguousarray(x0, dtype=dtype), null)
+    else:
+        values, x0, r0 = null, null, xp.ascontiguousarray(r0, dtype=dtype)
+    fn((n,), (THREADS,), (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), x0, r0,
+                          _i64(rows), np.int32(n), np.int32(k), np.int32(buckets),
                           np.int32(steps), dtype.type(reg), np.uint64(seed), out, failed),
        shared_mem=smem)
     return rows[failed != 0]
