@@ -69,6 +69,16 @@ __device__ inline void gather(const T* __restrict__ y, int k, const long long* j
     }
     for (int u = 0; u < UNROLL; u++) dt[u] = warp_sum(dt[u]);
 }
+
+// Columns and values of the UNROLL entries from e0 (past ``end``: column -1, value 0)
+__device__ inline void load_entries(const long long* __restrict__ cols,
+        const T* __restrict__ vals, long long e0, long long end, long long* j, T* m) {
+    for (int u = 0; u < UNROLL; u++) {
+        const long long e = e0 + u;
+        j[u] = e < end ? cols[e] : -1;
+        m[u] = e < end ? vals[e] : (T)0;
+    }
+}
 """
 
 _SOURCE = r"""
@@ -182,11 +192,7 @@ extern "C" __global__ void row_sq_error(const long long* __restrict__ indptr,
     for (long long e0 = indptr[i]; e0 < end; e0 += UNROLL) {
         long long j[UNROLL];
         T yj[UNROLL][KPL], dt[UNROLL], mv[UNROLL];
-        for (int u = 0; u < UNROLL; u++) {
-            const long long e = e0 + u;
-            j[u] = e < end ? cols[e] : -1;
-            mv[u] = e < end ? vals[e] : (T)0;
-        }
+        load_entries(cols, vals, e0, end, j, mv);
         gather(y, k, j, xi, yj, dt);  // past the row's end: a zero row and a zero value
         for (int u = 0; u < UNROLL; u++) sum += (dt[u] - mv[u]) * (dt[u] - mv[u]);
     }
@@ -260,11 +266,7 @@ __device__ inline void residual_pass(const long long* __restrict__ cols,
     for (long long e0 = start; e0 < end; e0 += UNROLL) {
         long long j[UNROLL];
         T yj[UNROLL][KPL], dt[UNROLL], m[UNROLL];
-        for (int u = 0; u < UNROLL; u++) {
-            const long long e = e0 + u;
-            j[u] = e < end ? cols[e] : -1;
-            m[u] = e < end ? vals[e] : (T)0;
-        }
+        load_entries(cols, vals, e0, end, j, m);
         gather(y, k, j, x, yj, dt);
         for (int u = 0; u < UNROLL; u++)
             for (int t = 0; t < KPL; t++) r[t] += (m[u] - dt[u]) * yj[u][t];
