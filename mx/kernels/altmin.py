@@ -40,6 +40,9 @@ HEAVY_DEGREE = 16
 # Where the fused GPU kernels run, the exact one at rank <= 32 (a 32-wide Gram matrix) costs
 # what 3 plain CG steps cost at every degree, and 1.2 to 2.5 times less than the sketch
 # (same crossover): there no row is heavy, and altmin-sketch is exact ALS.
+# Measured before CG steps were refined in float32 (lsq.REFINE): 2 refined plain steps now
+# cost about half the exact solve at k = 16, so heavy rows against a well-conditioned factor
+# would be cheaper as plain CG there (BENCHMARKS.md, twelfth session). Not yet changed.
 FUSED_EXACT_MAX_RANK = 32
 # CG steps per row and half-sweep, by method and row solver, unless the job sets cg_iters.
 # 3 sketch-preconditioned steps reached a held-out error of 1e-4 in the fewest seconds on
@@ -103,8 +106,8 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
         _prepare_checkpoint(ctx, checkpoint, signature, (m, n), k, chunks)
         state = _resume(checkpoint, signature, row_block, col_block)
         save = functools.partial(_save, ctx, checkpoint, signature, row_block, col_block)
-    u, v, history, reason = iterate(ctx, R, C, H, (m, n), k, row_blocks, col_blocks, method, tol, max_iters, reg, cg_iters, seed,
-                                    state, save)
+    u, v, history, reason = iterate(ctx, R, C, H, (m, n), k, row_blocks, col_blocks, method,
+                                    tol, max_iters, reg, cg_iters, seed, state, save)
     ctx.finish()
     with ctx.timed_host("write"):
         group = zarr.open_group(store=out_path, mode="r+")
