@@ -76,18 +76,13 @@ def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
             "errors": [h["holdout_rel_error"] for h in history]}
 
 
-def steps(method: str, asked) -> int | None:
-    """CG steps per half-sweep: as asked, or None for the method's defaults (as the complete
-    op: altmin.CG_STEPS)."""
-    return int(asked or 0) or None
-
-
 def parse(spec: str, cg_iters=0):
-    """"METHOD[:STEPS][@f64]" → (method, CG steps or None, refine): ``@f64`` runs the method
-    in float64 throughout (lsq.REFINE off)."""
+    """"METHOD[:STEPS][@f64]" → (method, CG steps, refine). Steps as the spec or ``cg_iters``
+    asks, else None: the method's defaults, as in the complete op (altmin.CG_STEPS). ``@f64``
+    runs the method in float64 throughout (lsq.REFINE off)."""
     name, _, precision = spec.partition("@")
     method, _, iters = name.partition(":")
-    return method, steps(method, iters or cg_iters), precision != "f64"
+    return method, int(iters or cg_iters or 0) or None, precision != "f64"
 
 
 def run_spec(cp, R, C, held, shape, k, spec, max_iters, cg_iters, target):

@@ -1,6 +1,8 @@
 """GPU paths against the NumPy reference: CuPy kernels, cuBLAS precisions, NCCL shifts across
 GPU actors, ABFT on the GPU. Skipped where no GPU is present (CI); run on a GPU machine."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -531,6 +533,24 @@ def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
         assert err < 1e-6, (i, err)
 
 
+def _precisions(dtype, tol):
+    """(refine, tolerance) pairs a CG solve is checked at against the float64 reference:
+    float64 factors both in float64 step for step (``tol``) and refined, the correction in
+    float32 (float32's 2e-3); float32 factors as they are."""
+    return [(False, tol), (True, 2e-3)] if dtype == np.float64 else [(True, tol)]
+
+
+@contextlib.contextmanager
+def _refine(on: bool):
+    from mx.kernels import lsq
+
+    lsq.REFINE = on
+    try:
+        yield
+    finally:
+        lsq.REFINE = True
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-7), (np.float32, 2e-3)])
 @pytest.mark.parametrize("k", [1, 7, 32, 33, 64, 65, 128])
 def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
@@ -551,10 +571,8 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 17, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    # float64: the kernel in float64 step for step, and refined (the correction in float32)
-    for refine, tol in [(False, tol), (True, 2e-3)] if dtype == np.float64 else [(True, tol)]:
-        lsq.REFINE = refine
-        try:
+    for refine, tol in _precisions(dtype, tol):
+        with _refine(refine):
             for reg, steps, seed in [(0.0, 1, 3), (0.0, 3, 11), (0.7, 2, 5)]:
                 want = lsq.solve_sketch(np, x0, y, indptr, cols, vals, reg, rows, steps, seed)
                 got = lsq.solve_sketch(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
@@ -563,8 +581,6 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
                 assert np.linalg.norm(got[rows] - want[rows]) / moved < tol, (refine, reg, steps)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))  # the others stay
-        finally:
-            lsq.REFINE = True
     if dtype == np.float64 and k > 1:
         # Y of rank k - 1: every sketch is singular, every row gets the minimum-norm solve
         low = y.copy()
@@ -597,10 +613,8 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    # float64: the kernel in float64 step for step, and refined (the correction in float32)
-    for refine, tol in [(False, tol), (True, 2e-3)] if dtype == np.float64 else [(True, tol)]:
-        lsq.REFINE = refine
-        try:
+    for refine, tol in _precisions(dtype, tol):
+        with _refine(refine):
             for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
                 want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
                 got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
@@ -610,8 +624,6 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
                 assert err < tol, (refine, reg, steps, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
-        finally:
-            lsq.REFINE = True
 
 
 @pytest.mark.parametrize("solver", ["plain-cg", "exact"])

@@ -91,9 +91,9 @@ def spmm(xp, indptr, cols, values, x, shape):
     return csr(xp, indptr, cols, values, shape) @ x
 
 
-# On a GPU, float64 row solves given the last sweep's value x0 (plain CG, and exact solves
-# from x0) solve for their correction to it in float32, from x0's residual in float64
-# (iterative refinement). Each costs a pass over Ω more, and then float32's arithmetic and
+# On a GPU, float64 row solves given the last sweep's value x0 (plain CG, sketch-preconditioned
+# CG, and exact solves from rank 33) solve for their correction to it in float32, from x0's
+# residual in float64 (iterative refinement). Each costs a pass over Ω more, and then float32's arithmetic and
 # half the bytes a pass; the residual carries the float64 accuracy, so a sweep's fixed point
 # is float64's. False: float64 throughout (benchmarks compare the two).
 REFINE = True
@@ -101,6 +101,15 @@ REFINE = True
 
 def _refined(xp, y) -> bool:
     return REFINE and xp is not np and y.dtype == np.float64
+
+
+def _correction(xp, y, x0, indptr, cols, values, reg, rows, solve):
+    """The float32 correction to x0 for the rows ``rows``: x0's residual in float64 (one
+    pass), then ``solve(y32, delta, r32)``, a kernel that writes the correction into delta
+    (zero elsewhere) from the float32 residual. Returns (delta, what solve returned)."""
+    r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows)
+    delta = xp.zeros(x0.shape, dtype=np.float32)
+    return delta, solve(y.astype(np.float32), delta, r0.astype(np.float32))
 
 
 def _refined_exact(xp, y) -> bool:
@@ -126,10 +135,9 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
         return out
     singular = False
     if rowsolve.supported(xp, y) and x0 is not None and _refined_exact(xp, y):
-        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, subset)
-        delta = xp.zeros((m, k), dtype=np.float32)
-        left = rowsolve.solve(xp, y.astype(np.float32), indptr, cols, None, reg, subset, delta,
-                              rhs=r0.astype(np.float32))
+        delta, left = _correction(xp, y, x0, indptr, cols, values, reg, subset,
+                                  lambda y32, d, r32: rowsolve.solve(
+                                      xp, y32, indptr, cols, None, reg, subset, d, rhs=r32))
         out[subset] = x0[subset] + delta[subset]
         # rows singular in float32 go to the float64 path below, whose floor is float64's
         subset = left
@@ -233,10 +241,10 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
     if rows_subset.size == 0:
         return x0.copy()
     if rowsolve.warp_supported(xp, y) and _refined(xp, y):
-        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows_subset)
-        delta = xp.zeros(x0.shape, dtype=np.float32)
-        rowsolve.cg_solve(xp, y.astype(np.float32), None, indptr, cols, None, reg, rows_subset,
-                          steps, delta, r0=r0.astype(np.float32))
+        delta, _ = _correction(xp, y, x0, indptr, cols, values, reg, rows_subset,
+                               lambda y32, d, r32: rowsolve.cg_solve(
+                                   xp, y32, None, indptr, cols, None, reg, rows_subset, steps, d,
+                                   r0=r32))
         return x0 + delta
     if rowsolve.warp_supported(xp, y):
         out = x0.copy()
@@ -319,11 +327,10 @@ def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=
         return x0.copy()
     buckets = buckets or sketch_buckets(y.shape[1])
     if rowsolve.supported(xp, y) and _refined(xp, y):
-        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows_subset)
-        delta = xp.zeros(x0.shape, dtype=np.float32)
-        failed = rowsolve.sketch_solve(xp, y.astype(np.float32), None, indptr, cols, None, reg,
-                                       rows_subset, steps, buckets, seed, delta,
-                                       r0=r0.astype(np.float32))
+        delta, failed = _correction(xp, y, x0, indptr, cols, values, reg, rows_subset,
+                                    lambda y32, d, r32: rowsolve.sketch_solve(
+                                        xp, y32, None, indptr, cols, None, reg, rows_subset,
+                                        steps, buckets, seed, d, r0=r32))
         out = x0 + delta
         if failed.size:  # singular in float32: the exact float64 solve
             out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]

@@ -619,15 +619,22 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None):
     correction to x0 (``values`` and ``x0`` are then not read: None will do)."""
     m, k = int(rows.size), y.shape[1]
     dtype = y.dtype
-    null = np.uint64(0)  # a null pointer: the array is not read
-    if r0 is None:
-        values, x0, r0 = (xp.ascontiguousarray(values, dtype=dtype),
-                          xp.ascontiguousarray(x0, dtype=dtype), null)
-    else:
-        values, x0, r0 = null, null, xp.ascontiguousarray(r0, dtype=dtype)
+    values, x0, r0 = _start(xp, dtype, values, x0, r0)
     _warp_launch(_warp_kernel("cg_rows", dtype, k), m,
                  (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), x0, r0, _i64(rows),
                   np.int64(m), np.int32(k), np.int32(steps), dtype.type(reg), out))
+
+
+_NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
+
+
+def _start(xp, dtype, values, x0, r0):
+    """The (values, x0, r0) arguments of a CG kernel: from x0 (its residual computed from the
+    values), or, given x0's residual r0, from zero (values and x0 not read)."""
+    if r0 is None:
+        return (xp.ascontiguousarray(values, dtype=dtype), xp.ascontiguousarray(x0, dtype=dtype),
+                _NULL)
+    return _NULL, _NULL, xp.ascontiguousarray(r0, dtype=dtype)
 
 
 def residual(xp, y, x0, indptr, cols, values, reg, rows):
@@ -701,9 +708,8 @@ def solve(xp, y, indptr, cols, values, reg, rows, out, rhs=None):
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     y = xp.ascontiguousarray(y)
-    null = np.uint64(0)  # a null pointer: the array is not read
-    values, rhs = ((xp.ascontiguousarray(values, dtype=dtype), null) if rhs is None else
-                   (null, xp.ascontiguousarray(rhs, dtype=dtype)))
+    values, rhs = ((xp.ascontiguousarray(values, dtype=dtype), _NULL) if rhs is None else
+                   (_NULL, xp.ascontiguousarray(rhs, dtype=dtype)))
     fn((n,), (THREADS,), (_i64(indptr), _i64(cols), values, rhs, y, _i64(rows), np.int32(n),
                           np.int32(k), dtype.type(reg), out, failed),
        shared_mem=smem)
@@ -743,12 +749,7 @@ def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, see
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     failed = xp.zeros(n, dtype=np.int32)
-    null = np.uint64(0)  # a null pointer: the array is not read
-    if r0 is None:
-        values, x0, r0 = (xp.ascontiguousarray(values, dtype=dtype),
-                          xp.ascontiguousarray(x0, dtype=dtype), null)
-    else:
-        values, x0, r0 = null, null, xp.ascontiguousarray(r0, dtype=dtype)
+    values, x0, r0 = _start(xp, dtype, values, x0, r0)
     fn((n,), (THREADS,), (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), x0, r0,
                           _i64(rows), np.int32(n), np.int32(k), np.int32(buckets),
                           np.int32(steps), dtype.type(reg), np.uint64(seed), out, failed),
