@@ -436,10 +436,10 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
     got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
     want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
     assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
-    if method == "altmin-sketch":  # rank 8 on a GPU: the fused exact solve for every row
+    if method == "altmin-sketch":  # rank 8 on a GPU, κ = 10: the fused exact solve, no sketch
         log = mx.logs(job_id)
         assert "row-solves-exact" in log and "row-solves-sketch" not in log, log
-        assert "every row solved exactly: on a GPU" in log, log
+        assert "on a GPU at rank <= 32 the fused exact solve" in log, log
 
 
 def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path, rng):
@@ -624,6 +624,43 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
                 assert err < tol, (refine, reg, steps, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
+
+
+@pytest.mark.parametrize("k", [16, 48])
+def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rng, k):
+    """altmin-sketch's half-sweep on the GPU against the same on NumPy: against a
+    well-conditioned factor heavy rows get plain CG on both; against an ill-conditioned one
+    the sketch, which on the GPU at rank <= 32 gives way to the fused exact solve of every
+    row."""
+    import cupy
+
+    from mx.kernels import altmin, lsq
+
+    m, n = 61, 4001
+    degree = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=m)
+    degree[-7:] = rng.integers(k, 3 * k, size=7)  # light
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size)
+    g = cupy.asarray
+    for scale in (1.0, 30.0):
+        y = rng.standard_normal((n, k)) * np.geomspace(1, scale, k)
+        reg = float(rng.uniform(0.0, 1.0))
+        exact = lsq.solve_exact(np, y, indptr, cols, vals, reg)
+        x0 = exact + 0.1 * rng.standard_normal((m, k)) * np.abs(exact).mean()
+        want, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), reg, None, k, 0)
+        got, used_gpu = altmin._solve(cupy, "altmin-sketch", g(x0), g(y),
+                                      (g(indptr), g(cols), g(vals)), reg, None, k, 0)
+        heavy = "plain-cg" if scale == 1.0 else "sketch"
+        assert used == {"exact": 7, heavy: m - 7}, used
+        if scale == 30.0 and k <= altmin.FUSED_EXACT_MAX_RANK:
+            assert used_gpu == {"exact": m}, used_gpu
+            want = exact
+        else:
+            assert used_gpu == used, used_gpu
+        # the GPU's steps solve for their correction in float32: far within their progress
+        rel = np.linalg.norm(got.get() - want) / np.linalg.norm(want - x0)
+        assert rel < 2e-3, (scale, rel)
 
 
 @pytest.mark.parametrize("solver", ["plain-cg", "exact"])

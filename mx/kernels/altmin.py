@@ -11,9 +11,10 @@ only factor blocks move between workers, never Ω.
   CholeskyQR across workers). Rows of U that are too heavy are clipped, for incoherence.
 - **Sweeps** then alternate V and U. Row solves are batched: ``exact`` (ALS), ``cg`` (a few
   CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, exact solves on light rows
-  and, on heavy ones, sketch-preconditioned CG, or plain CG where the other factor is so well
-  conditioned that the sketch cannot help (``mx.kernels.lsq``). The log counts the row
-  solves of each kind.
+  and, on heavy ones, plain CG where the other factor is so well conditioned that the sketch
+  cannot help, else sketch-preconditioned CG, or on a GPU at rank <= 32 the exact solve,
+  cheaper there than the sketch (``mx.kernels.lsq``). The log counts the row solves of each
+  kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
 - **Checkpoints:** after every sweep, U and V go to one of two checkpoint slots, the one not
@@ -38,11 +39,10 @@ from mx.storage import dense, sparse
 # from 32k; at k = 128 0.6 from 16k (bench/complete_profile.py --crossover).
 HEAVY_DEGREE = 16
 # Where the fused GPU kernels run, the exact one at rank <= 32 (a 32-wide Gram matrix) costs
-# what 3 plain CG steps cost at every degree, and 1.2 to 2.5 times less than the sketch
-# (same crossover): there no row is heavy, and altmin-sketch is exact ALS.
-# Measured before CG steps were refined in float32 (lsq.REFINE): 2 refined plain steps now
-# cost about half the exact solve at k = 16, so heavy rows against a well-conditioned factor
-# would be cheaper as plain CG there (BENCHMARKS.md, twelfth session). Not yet changed.
+# 1.2 to 2.5 times less than the sketch (same crossover): there heavy rows get the exact solve
+# where they would get the sketch. Plain CG steps refined in float32 (lsq.REFINE) cost about
+# half of it (H100, k = 16: 46 against 85 ms a half-sweep), so heavy rows against a
+# well-conditioned factor still get those.
 FUSED_EXACT_MAX_RANK = 32
 # CG steps per row and half-sweep, by method and row solver, unless the job sets cg_iters.
 # 3 sketch-preconditioned steps reached a held-out error of 1e-4 in the fewest seconds on
@@ -206,15 +206,17 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
-    heavy = xp.diff(indptr) >= heavy_degree(k, fused=rowsolve.supported(xp, y))
+    heavy = xp.diff(indptr) >= heavy_degree(k)
     heavy_rows = xp.nonzero(heavy)[0]
+    plain = bool(heavy_rows.size) and _condition(xp, y) <= WELL_CONDITIONED
+    if not plain and (heavy_rows.size == 0 or
+                      (rowsolve.supported(xp, y) and k <= FUSED_EXACT_MAX_RANK)):
+        return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}
     light_rows = xp.nonzero(~heavy)[0]
     out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows, x0=x)
     used = {"exact": int(light_rows.size)}
-    if heavy_rows.size == 0:
-        return out, used
     start = xp.where(heavy[:, None], x, out)
-    if _condition(xp, y) <= WELL_CONDITIONED:
+    if plain:
         used["plain-cg"] = int(heavy_rows.size)
         return lsq.solve_cg_rows(xp, start, y, indptr, cols, vals, reg, heavy_rows,
                                  cg_steps(method, "plain-cg", cg_iters)), used
@@ -229,11 +231,9 @@ def cg_steps(method: str, solver: str, asked: int | None = None) -> int:
     return asked or CG_STEPS[(method, solver)]
 
 
-def heavy_degree(k: int, fused: bool) -> float:
-    """Observations from which a row is heavy (solved iteratively) at rank k; ``fused``: the
-    fused GPU kernels solve the rows. The job's plan states the same rule."""
-    if fused and k <= FUSED_EXACT_MAX_RANK:
-        return float("inf")
+def heavy_degree(k: int) -> int:
+    """Observations from which a row is heavy (solved iteratively) at rank k. The job's plan
+    states the same rule."""
     return HEAVY_DEGREE * k
 
 

@@ -82,16 +82,16 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
     plain = altmin.cg_steps(p.method, "plain-cg", p.cg_iters)
     if p.method == "als-cg":
         return [f"every row: {plain} CG steps from the last sweep's value"]
-    heavy = altmin.heavy_degree(k, fused=gpus > 0)
-    if heavy == float("inf"):
-        return [f"every row solved exactly: on a GPU at rank <= {altmin.FUSED_EXACT_MAX_RANK} "
-                f"the fused exact solve costs no more than CG steps (row-solves counters below)"]
-    return [f"rows with >= {int(heavy)} observations: a CountSketch of "
-            f"{lsq.sketch_buckets(k)} buckets preconditions "
-            f"{altmin.cg_steps(p.method, 'sketch', p.cg_iters)} CG steps from the last "
-            f"sweep's value, or, in a half-sweep whose other factor is well conditioned "
-            f"(cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} plain CG steps; lighter "
-            f"rows solved exactly (row-solves counters below)"]
+    otherwise = (f"solved exactly (on a GPU at rank <= {altmin.FUSED_EXACT_MAX_RANK} the fused "
+                 f"exact solve costs less than the sketch)"
+                 if gpus > 0 and k <= altmin.FUSED_EXACT_MAX_RANK else
+                 f"a CountSketch of {lsq.sketch_buckets(k)} buckets preconditions "
+                 f"{altmin.cg_steps(p.method, 'sketch', p.cg_iters)} CG steps from the last "
+                 f"sweep's value")
+    return [f"rows with >= {altmin.heavy_degree(k)} observations: in a half-sweep whose other "
+            f"factor is well conditioned (cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} "
+            f"plain CG steps from the last sweep's value; otherwise {otherwise}; lighter rows "
+            f"solved exactly (row-solves counters below)"]
 
 
 def _thin_warning(plan: CompletePlan) -> list[str]:
