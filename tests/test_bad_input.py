@@ -69,6 +69,8 @@ BAD_JOBS = {
                         ["steps[0] (id: c).params.algorithm: ", "'canon'"]),
     "union param": (job(steps=GOOD_STEP + "    params: {memory: 1.5}\n"),
                     ["steps[0] (id: c).params.memory: ", "8GiB", "1.5"]),
+    "infinite memory": (job(steps=GOOD_STEP + "    params: {memory: .inf}\n"),
+                        ["steps[0] (id: c).params.memory: ", "not an amount of memory", "8GiB"]),
     "bad workers": (job("resources: {workers: 0}\n"), ["resources.workers", "greater than or equal to 1"]),
     "string workers": (job("resources: {workers: four}\n"), ["resources.workers", "'four'"]),
     "bad backend": (job("backend: spark\n"), ["backend", "'spark'"]),
@@ -104,6 +106,14 @@ def test_bad_job_files(inputs, case):
     assert_rejected(inputs, result, *needles)
     # the file is named once, at the start; a place in the job is a path of its fields
     assert "job.yaml." not in result.output and ".int" not in result.output, result.output
+
+
+def test_memory_as_a_whole_number_written_with_a_point_is_bytes():
+    """YAML reads 4096.0 and 2.5e+9 as floats: whole numbers of bytes all the same."""
+    from mx.tasks.gemm import GemmParams, parse_bytes
+
+    for text, nbytes in [(4096.0, 4096), (2.5e9, 2_500_000_000), ("0.5GiB", 2**29)]:
+        assert parse_bytes(GemmParams(memory=text).memory, "params.memory") == nbytes
 
 
 def test_a_schema_error_names_the_file_then_the_field(inputs):

@@ -40,7 +40,7 @@ class GemmParams(Strict):
     algorithm: Literal["cannon", "summa", "stream", "auto"] = "auto"
     # memory each worker may use for blocks (e.g. "8GiB"); default: 80% of a GPU's memory,
     # no limit on CPU workers. Past it, auto streams panels from storage (out of core).
-    memory: int | str | None = Field(default=None, description=MEMORY_FORMS)
+    memory: int | float | str | None = Field(default=None, description=MEMORY_FORMS)
     # default: fp32 when both inputs are float32, else fp64
     precision: Literal["fp64", "fp32", "tf32", "bf16"] | None = None
     verify: Literal["none", "abft"] = "none"
@@ -276,10 +276,14 @@ def parse_bytes(value, what: str) -> int:
         number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = text[len(number):]
         try:
-            nbytes = int(float(number) * UNITS[unit])
-        except (ValueError, KeyError):
+            amount = float(number) * UNITS[unit]
+            nbytes = int(amount)
+        except (ValueError, KeyError, OverflowError):  # NaN, an unknown unit, infinity
             raise UserError(f"{what}: {value!r} is not an amount of memory; give "
                             f"{MEMORY_FORMS}") from None
+        if unit in ("", "b") and amount != nbytes:
+            raise UserError(f"{what}: {value!r} is not a whole number of bytes; give "
+                            f"{MEMORY_FORMS}")
     if nbytes <= 0:
         raise UserError(f"{what}: {value!r} must be positive")
     return nbytes

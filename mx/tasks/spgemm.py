@@ -35,7 +35,7 @@ class SpgemmParams(Strict):
     seed: int = Field(default=0, ge=0, le=SEED_MAX)  # NumPy's generators take no negative seed
     replicate_b: bool | None = None  # default: when B fits in a quarter of worker memory
     # per worker; default 80% of a GPU, no limit on CPUs
-    memory: int | str | None = Field(default=None, description=dense_gemm.MEMORY_FORMS)
+    memory: int | float | str | None = Field(default=None, description=dense_gemm.MEMORY_FORMS)
 
 
 @dataclass(frozen=True)
