@@ -281,7 +281,7 @@ def parse_bytes(value, what: str) -> int:
         except (ValueError, KeyError, OverflowError):  # NaN, an unknown unit, infinity
             raise UserError(f"{what}: {value!r} is not an amount of memory; give "
                             f"{MEMORY_FORMS}") from None
-        if unit in ("", "b") and amount != nbytes:
+        if amount != nbytes:  # 1.5 bytes, or 1.0001 kB
             raise UserError(f"{what}: {value!r} is not a whole number of bytes; give "
                             f"{MEMORY_FORMS}")
     if nbytes <= 0:
