@@ -2,7 +2,8 @@
 
 On rows all of one degree (random columns): one pass over Ω (the fused operator
 (Y_ΩiᵀY_Ωi) p, in float64 and float32), plain CG with 2 and 3 steps (3 and 4 passes) in
-float64 and refined (float64 residual, float32 steps: ``lsq.REFINE``), the fused exact
+float64 and refined (float64 residual, float32 steps on Y gathered in float16, and in
+float32: ``lsq.REFINE``, ``lsq.CORRECTION_STORAGE``), the fused exact
 solve in float64, float32 and refined, and the fused sketch solve at each bucket ratio with
 0 steps (sketch, its Gram and inverse, the residual) and with 3. Times are per half-sweep
 over every row.
@@ -33,6 +34,15 @@ def timed(cp, fn, reps):
     return cp.cuda.get_elapsed_time(start, stop) / reps / 1e3
 
 
+def _with_storage(storage, fn):
+    """fn() with the refined CG correction's Y gathered as ``storage``."""
+    keep, lsq.CORRECTION_STORAGE = lsq.CORRECTION_STORAGE, storage
+    try:
+        return fn()
+    finally:
+        lsq.CORRECTION_STORAGE = keep
+
+
 def measure(cp, n, degree, k, ratios, seed=0):
     rng = cp.random.default_rng(seed)
     indptr = cp.arange(n + 1, dtype=cp.int64) * degree
@@ -53,6 +63,9 @@ def measure(cp, n, degree, k, ratios, seed=0):
                                                                 rows, 2), 3),
            "refined_cg3_s": timed(cp, lambda: lsq.solve_cg_rows(cp, x, y, indptr, cols, vals, 0.0,
                                                                 rows, 3), 3),
+           # the same with the correction's Y gathered in float32 instead of float16
+           "refined_cg2_f32_s": timed(cp, lambda: _with_storage(None, lambda: lsq.solve_cg_rows(
+               cp, x, y, indptr, cols, vals, 0.0, rows, 2)), 3),
            "exact_f32_s": timed(cp, lambda: lsq.solve_exact(cp, y32, indptr, cols, vals, 0.0), 1),
            "exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 1),
            "refined_exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0,

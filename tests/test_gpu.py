@@ -551,6 +551,17 @@ def _refine(on: bool):
         lsq.REFINE = True
 
 
+@contextlib.contextmanager
+def _correction_storage(storage):
+    from mx.kernels import lsq
+
+    keep, lsq.CORRECTION_STORAGE = lsq.CORRECTION_STORAGE, storage
+    try:
+        yield
+    finally:
+        lsq.CORRECTION_STORAGE = keep
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-7), (np.float32, 2e-3)])
 @pytest.mark.parametrize("k", [1, 7, 32, 33, 64, 65, 128])
 def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
@@ -613,17 +624,46 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    for refine, tol in _precisions(dtype, tol):
-        with _refine(refine):
+    # refined, the correction's steps gather Y in float16 (lsq.CORRECTION_STORAGE) or float32:
+    # float16's rounding (5e-4) grows through 4 steps on rows with fewer entries than unknowns
+    cases = [(refine, storage, 1e-2 if refine and storage == np.float16 else tol)
+             for refine, tol in _precisions(dtype, tol)
+             for storage in ((np.float16, None) if refine else (None,))]
+    for refine, storage, tol in cases:
+        with _refine(refine), _correction_storage(storage):
             for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
                 want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
                 got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
                                         g(rows), steps).get()
                 moved = np.linalg.norm(want[rows] - x0[rows])
                 err = np.linalg.norm(got[rows] - want[rows]) / moved
-                assert err < tol, (refine, reg, steps, err)
+                assert err < tol, (refine, storage, reg, steps, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6])
+def test_cg_steps_gathering_float16_hold_at_any_magnitude(rng, magnitude):
+    """CG steps that gather Y in float16 scale it into float16's range by a power of two (Y
+    of 1e6 would overflow it, of 1e-6 lose its digits): at any magnitude they agree with the
+    same steps gathering float32, to float16's precision."""
+    import cupy
+
+    from mx.kernels import rowsolve
+
+    m, n, k = 150, 1100, 24
+    degree = rng.integers(3 * k, 10 * k, size=m)
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = cupy.asarray(np.concatenate([[0], np.cumsum(degree)]).astype(np.int64))
+    y = cupy.asarray((rng.standard_normal((n, k)) * magnitude).astype(np.float32))
+    r0 = cupy.asarray((rng.standard_normal((m, k)) * magnitude).astype(np.float32))
+    rows = cupy.arange(m, dtype=np.int64)
+    reg = float(rng.uniform(0.1, 1.0)) * magnitude ** 2
+    got, want = cupy.zeros((m, k), np.float32), cupy.zeros((m, k), np.float32)
+    for storage, out in ((np.float16, got), (None, want)):
+        rowsolve.cg_solve(cupy, y, None, indptr, cupy.asarray(cols), None, reg, rows, 3, out,
+                          r0=r0, storage=storage)
+    assert float(cupy.linalg.norm(got - want) / cupy.linalg.norm(want)) < 5e-3
 
 
 @pytest.mark.parametrize("k", [16, 48])

@@ -112,6 +112,13 @@ def _correction(xp, y, x0, indptr, cols, values, reg, rows, solve):
     return delta, solve(y.astype(np.float32), delta, r0.astype(np.float32))
 
 
+# The refined plain-CG steps gather Y in float16 (``rowsolve.cg_solve``): half float32's bytes
+# a pass. Rounding Y to float16 perturbs the correction's operator by about 1e-3 relative,
+# far below what two or three CG steps leave unsolved, and the next residual, in float64,
+# sees the difference, so a sweep's fixed point is unchanged. None: float32.
+CORRECTION_STORAGE = np.float16
+
+
 def _refined_exact(xp, y) -> bool:
     # At rank <= 32 (a 32-wide Gram tile) the float64 exact kernel costs less than a residual
     # pass and the float32 one together (H100, k = 16: 85 against 18 + 68 ms a half-sweep);
@@ -244,7 +251,7 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
         delta, _ = _correction(xp, y, x0, indptr, cols, values, reg, rows_subset,
                                lambda y32, d, r32: rowsolve.cg_solve(
                                    xp, y32, None, indptr, cols, None, reg, rows_subset, steps, d,
-                                   r0=r32))
+                                   r0=r32, storage=CORRECTION_STORAGE))
         return x0 + delta
     if rowsolve.warp_supported(xp, y):
         out = x0.copy()

@@ -14,11 +14,14 @@ For k ≤ 128: the Gram matrix is padded to KMAX = 32, 64 or 128 (a KMAX² Gram 
 each of the 256 threads holding (KMAX/16)² of its values); larger ranks use the reference
 path.
 
-The CG path gets warp-per-row kernels: ``row_sq_error`` (each row's squared error on its
-entries, without the (entries × k) gathered temporaries of ``lsq.predictions``),
+The CG path gets warp-per-row kernels whose lanes split into groups, each group reading one
+entry's row of Y with vector loads (``_GROUP_HELPERS``): ``row_sq_error`` (each row's squared
+error on its entries, without the (entries × k) gathered temporaries of ``lsq.predictions``),
 ``normal_apply`` (the normal operator in one pass: residual weights and the sparse product
-fused) and ``cg_rows`` (all of a row's plain CG steps, its vectors in registers, one pass over the row's entries per step).
-``spmm_rows`` is the sparse × dense product of the randomized SVD that starts the sweeps.
+fused), ``residual_rows`` and ``cg_rows`` (all of a row's plain CG steps, its vectors in
+registers, one pass over the row's entries per step, Y gathered in float16 where a refined
+correction allows it). ``spmm_rows`` is the sparse × dense product of the randomized SVD
+that starts the sweeps.
 """
 
 from __future__ import annotations
@@ -173,60 +176,203 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 }
 """
 
-# One warp per row of Ω (CSR), lane l holding components l, l+32, ... of the row's vector:
-# the row's x_i is read once, each y_j once, coalesced; dot products reduce by shuffles.
-_WARP_SOURCE = r"""
+# One warp per row of Ω (CSR), split into groups of L lanes: each group takes one entry at a
+# time (G = 32/L entries side by side, U of them in flight per group), lane l of a group
+# holding components lC .. lC + C − 1 of the row's vectors. A row of Y is read with C-wide
+# vector loads from an operand padded to KP = C·L columns (``_operand``); a dot product then
+# costs log2(L) shuffles shared by G entries, where one warp per entry paid five each: on an
+# H100 a pass over 3e8 entries took a fourth (k = 16) to two thirds (k = 64) of the time.
+# Every group holds the row's vectors whole; the sums a group gathered over its entries are
+# added across the groups at the end of a pass. S is the operand's storage type, T the
+# arithmetic's: a float16 operand (scaled by a power of two into range; ``scale`` undoes it
+# on each dot product) halves the bytes a CG correction gathers.
+_GROUP_HELPERS = r"""
+#include <cuda_fp16.h>
+#define G (32 / L)
+__device__ inline T group_sum(T v) {
+    for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+// n sums of each group added over the groups
+__device__ inline void across_groups(T* v, int n) {
+    for (int o = L; o < 32; o <<= 1)
+        for (int c = 0; c < n; c++) v[c] += __shfl_xor_sync(0xffffffff, v[c], o);
+}
+// the lane's C components of row j of the operand (zeros for j < 0), by 16-byte loads
+__device__ inline void load_segment(const S* __restrict__ y, long long j, T* v) {
+    const int l = (threadIdx.x % 32) % L;
+    if (j < 0) { for (int c = 0; c < C; c++) v[c] = 0; return; }
+    const uint4* q = reinterpret_cast<const uint4*>(y + j * KP + l * C);
+    constexpr int PER = 16 / (int)sizeof(S);  // values a load brings
+    for (int a = 0; a < C / PER; a++) {
+        const uint4 w = q[a];
+        const S* s = reinterpret_cast<const S*>(&w);
+        for (int t = 0; t < PER; t++) v[a * PER + t] = (T)TO_T(s[t]);
+    }
+}
+// the lane's C components of row i of an unpadded (m × k) array
+__device__ inline void load_own(const T* __restrict__ a, long long i, int k, T* v) {
+    const int l = (threadIdx.x % 32) % L;
+    for (int c = 0; c < C; c++) { const int col = l * C + c; v[c] = col < k ? a[i * k + col] : (T)0; }
+}
+__device__ inline void store_own(T* __restrict__ a, long long i, int k, const T* v) {
+    const int l = (threadIdx.x % 32) % L;
+    if (threadIdx.x % 32 >= L) return;  // group 0 writes
+    for (int c = 0; c < C; c++) { const int col = l * C + c; if (col < k) a[i * k + col] = v[c]; }
+}
+// The group's U entries of the block of G·U from ``base`` (entry base + uG + g; past ``end``:
+// column -1, value 0), their rows of the operand, and those rows' dot products with v.
+__device__ inline void gather(const long long* __restrict__ cols, const T* __restrict__ vals,
+        const S* __restrict__ y, long long base, long long end, const T* v, T scale,
+        T yj[U][C], T dt[U], T* m) {
+    const int g = (threadIdx.x % 32) / L;
+    long long j[U];
+    for (int u = 0; u < U; u++) {
+        const long long e = base + (long long)u * G + g;
+        j[u] = e < end ? cols[e] : -1;
+        if (m != nullptr) m[u] = e < end ? vals[e] : (T)0;
+    }
+    for (int u = 0; u < U; u++) load_segment(y, j[u], yj[u]);
+    for (int u = 0; u < U; u++) {
+        dt[u] = 0;
+        for (int c = 0; c < C; c++) dt[u] += v[c] * yj[u][c];
+    }
+    for (int o = L / 2; o > 0; o >>= 1)
+        for (int u = 0; u < U; u++) dt[u] += __shfl_xor_sync(0xffffffff, dt[u], o);
+    for (int u = 0; u < U; u++) dt[u] *= scale;
+}
+"""
+
+_GROUP_SOURCE = r"""
 // Σ over the row's entries of (x_i·y_j − m_ij)², one sum a row: a model's squared error on
 // the stored entries, without writing one prediction per entry
 extern "C" __global__ void row_sq_error(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ x,
-        const T* __restrict__ y, const long long m, const int k, T* __restrict__ out)
+        const S* __restrict__ y, const long long m, const int k, T* __restrict__ out)
 {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
     if (i >= m) return;
     const long long end = indptr[i + 1];
-    T xi[KPL];
-    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; xi[t] = c < k ? x[i * k + c] : (T)0; }
+    T xi[C];
+    load_own(x, i, k, xi);
     T sum = 0;
-    for (long long e0 = indptr[i]; e0 < end; e0 += UNROLL) {
-        long long j[UNROLL];
-        T yj[UNROLL][KPL], dt[UNROLL], mv[UNROLL];
-        load_entries(cols, vals, e0, end, j, mv);
-        gather(y, k, j, xi, yj, dt);  // past the row's end: a zero row and a zero value
-        for (int u = 0; u < UNROLL; u++) sum += (dt[u] - mv[u]) * (dt[u] - mv[u]);
+    for (long long base = indptr[i]; base < end; base += G * U) {
+        T yj[U][C], dt[U], mv[U];
+        gather(cols, vals, y, base, end, xi, (T)1, yj, dt, mv);
+        for (int u = 0; u < U; u++) sum += (dt[u] - mv[u]) * (dt[u] - mv[u]);
     }
-    if (lane == 0) out[i] = sum;
+    across_groups(&sum, 1);
+    if (threadIdx.x % 32 == 0) out[i] = sum;
 }
 
 extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ p, const T* __restrict__ y,
+        const long long* __restrict__ cols, const T* __restrict__ p, const S* __restrict__ y,
         const long long m, const int k, const T reg, T* __restrict__ out)
 {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
     if (i >= m) return;
-    T pi[KPL], acc[KPL];
-    for (int t = 0; t < KPL; t++) {
-        const int c = lane + 32 * t;
-        pi[t] = c < k ? p[i * k + c] : (T)0;
-        acc[t] = reg * pi[t];
+    const long long end = indptr[i + 1];
+    T pi[C], acc[C];
+    load_own(p, i, k, pi);
+    for (int c = 0; c < C; c++) acc[c] = 0;
+    for (long long base = indptr[i]; base < end; base += G * U) {
+        T yj[U][C], dt[U];
+        gather(cols, nullptr, y, base, end, pi, (T)1, yj, dt, nullptr);
+        for (int u = 0; u < U; u++)
+            for (int c = 0; c < C; c++) acc[c] += dt[u] * yj[u][c];
     }
-    for (long long e = indptr[i]; e < indptr[i + 1]; e++) {
-        const long long j = cols[e];
-        T yj[KPL];
-        T d = 0;
-        for (int t = 0; t < KPL; t++) {
-            const int c = lane + 32 * t;
-            yj[t] = c < k ? y[j * k + c] : (T)0;
-            d += pi[t] * yj[t];
-        }
-        d = warp_sum(d);
-        for (int t = 0; t < KPL; t++) acc[t] += d * yj[t];
-    }
-    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) out[i * k + c] = acc[t]; }
+    across_groups(acc, C);
+    for (int c = 0; c < C; c++) acc[c] += reg * pi[c];
+    store_own(out, i, k, acc);
 }
 
+// The lane's components of r = Y_Ωiᵀ(m_i − Y_Ωi x) − reg·x, x's components in the lane's
+// registers: one pass over the row's entries [start, end).
+__device__ inline void residual_pass(const long long* __restrict__ cols,
+        const T* __restrict__ vals, const S* __restrict__ y, long long start, long long end,
+        T reg, const T* x, T* r)
+{
+    for (int c = 0; c < C; c++) r[c] = 0;
+    for (long long base = start; base < end; base += G * U) {
+        T yj[U][C], dt[U], mv[U];
+        gather(cols, vals, y, base, end, x, (T)1, yj, dt, mv);
+        for (int u = 0; u < U; u++)
+            for (int c = 0; c < C; c++) r[c] += (mv[u] - dt[u]) * yj[u][c];
+    }
+    across_groups(r, C);
+    for (int c = 0; c < C; c++) r[c] -= reg * x[c];
+}
+
+// The warm start's residual (above) for the rows ``rows``, one warp per row, into r_out
+// (row i at i·k): what a CG correction computed in a narrower type starts from.
+extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
+        const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
+        const int k, const T reg, T* __restrict__ r_out)
+{
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (w >= nrows) return;
+    const long long i = rows[w];
+    T x[C], r[C];
+    load_own(x0, i, k, x);
+    residual_pass(cols, vals, y, indptr[i], indptr[i + 1], reg, x, r);
+    store_own(r_out, i, k, r);
+}
+
+// Plain CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp per row, every
+// vector in registers, one pass over Ω_i per step. From x0, with one more pass for its
+// residual; or, given that residual r0 (row i at i·k), from zero: the correction to x0
+// (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot products
+// back into Y's.
+extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
+        const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
+        const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
+        const long long nrows, const int k, const int steps, const T reg, const T scale,
+        T* __restrict__ out)
+{
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (w >= nrows) return;
+    const long long i = rows[w];
+    const long long start = indptr[i], end = indptr[i + 1];
+    T x[C], r[C], p[C], q[C];
+    if (r0 != nullptr) {
+        for (int c = 0; c < C; c++) x[c] = 0;
+        load_own(r0, i, k, r);
+    } else {
+        load_own(x0, i, k, x);
+        residual_pass(cols, vals, y, start, end, reg, x, r);
+    }
+    T rr = 0;
+    for (int c = 0; c < C; c++) { p[c] = r[c]; rr += r[c] * r[c]; }
+    rr = group_sum(rr);
+    const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
+    for (int step = 0; step < steps; step++) {
+        for (int c = 0; c < C; c++) q[c] = 0;
+        for (long long base = start; base < end; base += G * U) {
+            T yj[U][C], dt[U];
+            gather(cols, nullptr, y, base, end, p, scale, yj, dt, nullptr);
+            for (int u = 0; u < U; u++)
+                for (int c = 0; c < C; c++) q[c] += dt[u] * yj[u][c];
+        }
+        across_groups(q, C);
+        T pq = 0;
+        for (int c = 0; c < C; c++) { q[c] += reg * p[c]; pq += p[c] * q[c]; }
+        pq = group_sum(pq);
+        const T alpha = pq > (T)0 && rr > done ? rr / pq : (T)0;
+        T rn = 0;
+        for (int c = 0; c < C; c++) { x[c] += alpha * p[c]; r[c] -= alpha * q[c]; rn += r[c] * r[c]; }
+        rn = group_sum(rn);
+        const T beta = rr > (T)0 ? rn / rr : (T)0;
+        for (int c = 0; c < C; c++) p[c] = r[c] + beta * p[c];
+        rr = rn;
+    }
+    store_own(out, i, k, x);
+}
+"""
+
+# The sparse × dense product of the randomized SVD: no dot product an entry, so one warp an
+# entry, lane l holding components l, l + 32, ... (KPL of them)
+_SPMM_SOURCE = r"""
 // out_i = Σ_e vals[e] · x[cols[e]] for every row i (a sparse times a dense matrix, w wide),
 // one warp per row, UNROLL rows of x in flight
 extern "C" __global__ void spmm_rows(const long long* __restrict__ indptr,
@@ -254,93 +400,6 @@ extern "C" __global__ void spmm_rows(const long long* __restrict__ indptr,
             for (int t = 0; t < KPL; t++) acc[t] += a[u] * xj[u][t];
     }
     for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < w) out[i * w + c] = acc[t]; }
-}
-
-// The lane's components of r = Y_Ωiᵀ(m_i − Y_Ωi x) − reg·x, x's components in the lane's
-// registers: one pass over the row's entries [start, end).
-__device__ inline void residual_pass(const long long* __restrict__ cols,
-        const T* __restrict__ vals, const T* __restrict__ y, long long start, long long end,
-        int k, T reg, const T* x, T* r)
-{
-    for (int t = 0; t < KPL; t++) r[t] = -reg * x[t];
-    for (long long e0 = start; e0 < end; e0 += UNROLL) {
-        long long j[UNROLL];
-        T yj[UNROLL][KPL], dt[UNROLL], m[UNROLL];
-        load_entries(cols, vals, e0, end, j, m);
-        gather(y, k, j, x, yj, dt);
-        for (int u = 0; u < UNROLL; u++)
-            for (int t = 0; t < KPL; t++) r[t] += (m[u] - dt[u]) * yj[u][t];
-    }
-}
-
-// The warm start's residual (above) for the rows ``rows``, one warp per row, into r_out
-// (row i at i·k): what a CG correction computed in a narrower type starts from.
-extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ y,
-        const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
-        const int k, const T reg, T* __restrict__ r_out)
-{
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (w >= nrows) return;
-    const long long i = rows[w];
-    T x[KPL], r[KPL];
-    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; x[t] = c < k ? x0[i * k + c] : (T)0; }
-    residual_pass(cols, vals, y, indptr[i], indptr[i + 1], k, reg, x, r);
-    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) r_out[i * k + c] = r[t]; }
-}
-
-// Plain CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp per row, every
-// vector in registers (lane holds components lane + 32t), one pass over Ω_i per step. From
-// x0, with one more pass for its residual; or, given that residual r0 (row i at i·k), from
-// zero: the correction to x0 (``vals`` and ``x0`` are then not read).
-extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ y,
-        const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
-        const long long nrows, const int k, const int steps, const T reg, T* __restrict__ out)
-{
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
-    if (w >= nrows) return;
-    const long long i = rows[w];
-    const long long start = indptr[i], end = indptr[i + 1];
-    T x[KPL], r[KPL], p[KPL], q[KPL];
-    if (r0 != nullptr) {
-        for (int t = 0; t < KPL; t++) {
-            const int c = lane + 32 * t;
-            x[t] = 0;
-            r[t] = c < k ? r0[i * k + c] : (T)0;
-        }
-    } else {
-        for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; x[t] = c < k ? x0[i * k + c] : (T)0; }
-        residual_pass(cols, vals, y, start, end, k, reg, x, r);
-    }
-    T rr = 0;
-    for (int t = 0; t < KPL; t++) { p[t] = r[t]; rr += r[t] * r[t]; }
-    rr = warp_sum(rr);
-    const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
-    for (int step = 0; step < steps; step++) {
-        for (int t = 0; t < KPL; t++) q[t] = reg * p[t];
-        for (long long e0 = start; e0 < end; e0 += UNROLL) {
-            long long j[UNROLL];
-            T yj[UNROLL][KPL], dt[UNROLL];
-            for (int u = 0; u < UNROLL; u++) j[u] = e0 + u < end ? cols[e0 + u] : -1;
-            gather(y, k, j, p, yj, dt);
-            for (int u = 0; u < UNROLL; u++)
-                for (int t = 0; t < KPL; t++) q[t] += dt[u] * yj[u][t];
-        }
-        T pq = 0;
-        for (int t = 0; t < KPL; t++) pq += p[t] * q[t];
-        pq = warp_sum(pq);
-        const T alpha = pq > (T)0 && rr > done ? rr / pq : (T)0;
-        T rn = 0;
-        for (int t = 0; t < KPL; t++) { x[t] += alpha * p[t]; r[t] -= alpha * q[t]; rn += r[t] * r[t]; }
-        rn = warp_sum(rn);
-        const T beta = rr > (T)0 ? rn / rr : (T)0;
-        for (int t = 0; t < KPL; t++) p[t] = r[t] + beta * p[t];
-        rr = rn;
-    }
-    for (int t = 0; t < KPL; t++) { const int c = lane + 32 * t; if (c < k) out[i * k + c] = x[t]; }
 }
 """
 # Sketch-preconditioned CG, one thread block (8 warps) per row; the reference is
@@ -559,6 +618,13 @@ def converged(dtype) -> float:
     return singular_floor(dtype) ** 2
 
 
+# A float16 operand's rows are off by float16's rounding (5e-4 relative), so a residual from
+# the exact Y keeps about that part of it out of reach, and where Y_Ωi has fewer rows than
+# columns the steps that chase it divide by noise (a correction 1e9 times too large, seen).
+# CG with such an operand stops once rᵀr has fallen this far: 4e-3 in norm.
+HALF_CONVERGED = 1.6e-5
+
+
 def _i64(x):
     """x as int64, copied only if it is not already (CuPy's astype copies by default)."""
     return x.astype(np.int64, copy=False)
@@ -570,18 +636,95 @@ def warp_supported(xp, y) -> bool:
 
 
 def _warp_kernel(name: str, dtype, k: int):
+    """A kernel of the one-warp-an-entry layout (``spmm_rows``) for k wide vectors."""
     import cupy
 
     t = "double" if dtype == np.float64 else "float"
     kpl = (k + 31) // 32
     module = _MODULES.get(("warp", t, kpl))
     if module is None:
-        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n"
-                                f"#define CONVERGED {converged(dtype)}\n" + _WARP_SUM + _GATHER
-                                + _WARP_SOURCE,
-                                options=("-std=c++14",))
+        module = cupy.RawModule(code=f"#define T {t}\n#define KPL {kpl}\n" + _WARP_SUM + _GATHER
+                                + _SPMM_SOURCE, options=("-std=c++14",))
         _MODULES[("warp", t, kpl)] = module
     return module.get_function(name)
+
+
+# Components a lane holds (C) and entries a group keeps in flight (U), by the operand's
+# storage type: two 16-byte loads a row of float64 or float32, one of float16. Chosen on an
+# H100 over C in 2 to 16 and U in 1 to 8 (BENCHMARKS.md): each was within 10% of the best
+# pair at k = 16, 64, 128 and on 10⁶ rows of 300, except float64 at 32 lanes an entry
+# (k > 64), where two entries in flight took 61 ms a pass against one's 45.
+_GROUP_WIDTH = {np.dtype(np.float64): 4, np.dtype(np.float32): 8, np.dtype(np.float16): 8}
+_GROUP_UNROLL = {np.dtype(np.float64): 2, np.dtype(np.float32): 2, np.dtype(np.float16): 4}
+
+
+def _group_unroll(storage, lanes: int) -> int:
+    return 1 if storage == np.float64 and lanes == 32 else _GROUP_UNROLL[storage]
+_C_TYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float",
+           np.dtype(np.float16): "__half"}
+
+
+def group_layout(storage, k: int) -> tuple[int, int]:
+    """(C, L) of the group kernels for a rank-k operand stored as ``storage``: C components
+    a lane, L = a power of two lanes an entry, C·L ≥ k (the operand's padded width)."""
+    c = _GROUP_WIDTH[np.dtype(storage)]
+    if k > 32 * c:
+        raise ValueError(f"rank {k} is over the {32 * c} a warp's lanes hold at {c} a lane")
+    lanes = 1
+    while c * lanes < k:
+        lanes *= 2
+    return c, lanes
+
+
+def _group_kernel(name: str, dtype, storage, k: int):
+    """A group kernel doing its arithmetic in ``dtype`` on an operand stored as ``storage``."""
+    import cupy
+
+    dtype, storage = np.dtype(dtype), np.dtype(storage)
+    c, lanes = group_layout(storage, k)
+    key = ("group", dtype.name, storage.name, c, lanes)
+    module = _MODULES.get(key)
+    if module is None:
+        to_t = "__half2float" if storage == np.float16 else ""
+        stop = HALF_CONVERGED if storage == np.float16 else converged(dtype)
+        code = (f"#define T {_C_TYPE[dtype]}\n#define S {_C_TYPE[storage]}\n#define TO_T {to_t}\n"
+                f"#define C {c}\n#define L {lanes}\n#define KP {c * lanes}\n"
+                f"#define U {_group_unroll(storage, lanes)}\n#define CONVERGED {stop}\n"
+                + _GROUP_HELPERS + _GROUP_SOURCE)
+        module = cupy.RawModule(code=code, options=("-std=c++14",))
+        _MODULES[key] = module
+    return module.get_function(name)
+
+
+# A float16 operand is scaled by 2^e into [2^13, 2^14) at its largest magnitude: clear of
+# float16's overflow at 65504, and float16's 2^-24 smallest step leaves the small values
+# float32's relative precision down to 1e-8 of the largest.
+_HALF_TOP = 14
+
+
+def _operand(xp, y, storage=None):
+    """Y as the group kernels gather it: C-contiguous, 16-byte aligned, ``storage`` typed
+    (default y's), zero-padded to the layout's C·L columns; and the factor that turns its
+    dot products back into Y's (1 but for float16, whose operand is scaled into range).
+    A float16 operand falls back to float32 where no scale fits float32's range."""
+    storage = np.dtype(storage or y.dtype)
+    m, k = y.shape
+    scale = 1.0
+    if storage == np.float16:
+        top = float(xp.abs(y).max()) if y.size else 0.0
+        shift = _HALF_TOP - int(np.ceil(np.log2(top))) if top > 0 else 0
+        if abs(shift) > 60:  # the 2^-2·shift undoing it would leave float32's range
+            storage, shift = np.dtype(np.float32), 0
+        y = y * (2.0 ** shift) if shift else y
+        scale = 2.0 ** (-2 * shift)
+    c, lanes = group_layout(storage, k)
+    width = c * lanes
+    if (y.dtype == storage and width == k and y.flags.c_contiguous
+            and y.data.ptr % 16 == 0):
+        return y, storage, scale
+    out = xp.zeros((m, width), dtype=storage)
+    out[:, :k] = y
+    return out, storage, scale
 
 
 def _warp_launch(fn, m: int, args) -> None:
@@ -595,10 +738,10 @@ def row_sq_error(xp, x, y, indptr, cols, values):
     """Σ_j (x_i·y_j − M_ij)² over each row's stored entries (i, j) of a CSR pattern."""
     m, k = x.shape[0], x.shape[1]
     out = xp.empty(m, dtype=x.dtype)
-    _warp_launch(_warp_kernel("row_sq_error", x.dtype, k), m,
+    ys, storage, _ = _operand(xp, y.astype(x.dtype, copy=False))
+    _warp_launch(_group_kernel("row_sq_error", x.dtype, storage, k), m,
                  (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=x.dtype),
-                  xp.ascontiguousarray(x), xp.ascontiguousarray(y, dtype=x.dtype), np.int64(m),
-                  np.int32(k), out))
+                  xp.ascontiguousarray(x), ys, np.int64(m), np.int32(k), out))
     return out
 
 
@@ -606,23 +749,27 @@ def normal_apply(xp, p, y, indptr, cols, reg):
     """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, in one pass over Ω."""
     m, k = p.shape[0], p.shape[1]
     out = xp.empty((m, k), dtype=p.dtype)
-    _warp_launch(_warp_kernel("normal_apply", p.dtype, k), m,
-                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(p),
-                  xp.ascontiguousarray(y, dtype=p.dtype), np.int64(m), np.int32(k),
-                  p.dtype.type(reg), out))
+    ys, storage, _ = _operand(xp, y.astype(p.dtype, copy=False))
+    _warp_launch(_group_kernel("normal_apply", p.dtype, storage, k), m,
+                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(p), ys, np.int64(m),
+                  np.int32(k), p.dtype.type(reg), out))
     return out
 
 
-def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None):
+def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None):
     """``steps`` plain CG steps for the rows ``rows`` (int64 ids), one warp per row, into
     ``out``: from x0, or, given x0's residual ``r0`` (``residual``), from zero, which is the
-    correction to x0 (``values`` and ``x0`` are then not read: None will do)."""
+    correction to x0 (``values`` and ``x0`` are then not read: None will do). The arithmetic
+    is in y's type; ``storage`` (default the same) is the type Y is gathered in: float16
+    moves half float32's bytes, at float16's precision in the operator (a correction's
+    solve can afford it: the next residual, in float64, sees the difference)."""
     m, k = int(rows.size), y.shape[1]
     dtype = y.dtype
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
-    _warp_launch(_warp_kernel("cg_rows", dtype, k), m,
-                 (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), x0, r0, _i64(rows),
-                  np.int64(m), np.int32(k), np.int32(steps), dtype.type(reg), out))
+    ys, storage, scale = _operand(xp, y, storage)
+    _warp_launch(_group_kernel("cg_rows", dtype, storage, k), m,
+                 (_i64(indptr), _i64(cols), values, ys, x0, r0, _i64(rows), np.int64(m),
+                  np.int32(k), np.int32(steps), dtype.type(reg), dtype.type(scale), out))
 
 
 _NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
@@ -642,10 +789,11 @@ def residual(xp, y, x0, indptr, cols, values, reg, rows):
     one pass over their entries; other rows of the result are zero."""
     m, k = int(rows.size), y.shape[1]
     out = xp.zeros((int(indptr.size) - 1, k), dtype=y.dtype)
-    _warp_launch(_warp_kernel("residual_rows", y.dtype, k), m,
-                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=y.dtype),
-                  xp.ascontiguousarray(y), xp.ascontiguousarray(x0, dtype=y.dtype), _i64(rows),
-                  np.int64(m), np.int32(k), y.dtype.type(reg), out))
+    ys, storage, _ = _operand(xp, y)
+    _warp_launch(_group_kernel("residual_rows", y.dtype, storage, k), m,
+                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=y.dtype), ys,
+                  xp.ascontiguousarray(x0, dtype=y.dtype), _i64(rows), np.int64(m), np.int32(k),
+                  y.dtype.type(reg), out))
     return out
 
 
