@@ -240,5 +240,4 @@ def test_non_finite_weights_or_results_are_never_committed(tmp_path, rng):
     with pytest.raises(JobFailed, match="NaN or infinite values; nothing is committed"):
         mx.submit(job("local", 1, diffuse_step("a", 16, 16, model="huge.safetensors", steps=2)),
                   base=str(tmp_path))
-    assert not os.path.exists(tmp_path / "out/a.zarr") and not os.path.exists(tmp_path / "out/a.png")
-    assert not [e for e in os.listdir(tmp_path / "out") if e.startswith(".") and "lock" not in e]
+    assert not os.path.exists(tmp_path / "out")  # nor the folder made for them

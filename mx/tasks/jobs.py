@@ -4,7 +4,8 @@
 records it and runs it in this process, or in a detached process with ``detach=True``.
 ``run`` starts the backend (workers), and for each step creates its output under a temporary
 name, executes the step's graph, and commits the output only when every block is written.
-A failure or a cancel removes the temporary output, stops every worker, and records why.
+A failure or a cancel removes the temporary output and the folders made for it, stops every
+worker, and records why.
 An MPI job run outside an MPI launch starts its ranks with mpiexec; inside one, rank 0 is
 the driver described here and the other ranks follow (``_follow``).
 """
@@ -275,10 +276,12 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     backend = None
     tmp = None
     locked = []
+    made: list[str] = []  # folders this job creates for its outputs
     state, error = "failed", None
     try:
         job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
         job_plan = planning.plan_job(job, folder, rec["name"], job_id)
+        made = [f for sp in job_plan.steps for f in commit.missing_folders(sp.output)]
         for sp in job_plan.steps:
             commit.lock(sp.output, job_id, pid)
             locked.append(sp.output)
@@ -331,6 +334,8 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
             commit.abort(tmp)
         for output in locked:
             commit.unlock(output, job_id)
+        if state != "succeeded":
+            commit.remove_empty(made)
         for step in rec["steps"]:
             if step["state"] == "running":
                 step["state"] = state
@@ -439,6 +444,8 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
     rec = record.update(job_id, record.load(job_id), pid=os.getpid(), launcher=True)
     job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
+    outputs = [spec.resolve_path(step.output, rec["base"]) for step in job.steps]
+    made = [f for output in outputs for f in commit.missing_folders(output)]
     workers = job.resources.worker_count()
     launcher = mpiexec()
     cmd = [launcher, "-n", str(workers)]
@@ -493,11 +500,10 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     else:
         state, error = "failed", record.failure(job_id) or _mpiexec_failure(job_id, code)
         line = f"failed: {error}"
-    folder = rec["base"]
-    for step in job.steps:  # the ranks may have ended before removing their temporaries
-        output = spec.resolve_path(step.output, folder)
+    for output in outputs:  # the ranks may have ended before removing their temporaries
         commit.abort(commit.temp_path(output, job_id))
         commit.unlock(output, job_id)  # and before giving their outputs back
+    commit.remove_empty(made)
     for step in rec["steps"]:
         if step["state"] in ("queued", "running"):
             step["state"] = state if step["state"] == "running" else "not run"
