@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 import mx
-from conftest import leftovers, mx_cli, read_dense, rel_error, write_dense
+from conftest import leftovers, mx_cli, read_dense, rel_error, wait_for, write_dense
 from mx.storage import sparse
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -135,6 +135,51 @@ def test_killed_rank_ends_the_job_with_no_output(tmp_path):
         all(mx.status(job_id)["steps"][int(p[1])]["state"] == "succeeded"
             for p in os.listdir(tmp_path) if p.startswith("C") and p.endswith(".zarr"))
     assert not leftovers(tmp_path)
+
+
+def test_ctrl_c_on_a_foreground_mpi_submit_cancels_the_job(tmp_path):
+    """Ctrl-C in the terminal of `mx submit` reaches its process group, and mpiexec passes the
+    SIGINT on to the ranks: the rank that caught it inside a task marked the job failed
+    ("KeyboardInterrupt"). It is a cancel, as on Ray: the job and its running step read
+    cancelled, the exit code is 1, the ranks end, and no unfinished output is left."""
+    from mx.storage.commit import alive
+    from mx.tasks import record
+
+    n = 2200
+    for name, seed in (("A", 1), ("B", 2)):
+        mx_cli("data", "random", tmp_path / f"{name}.zarr", "--shape", f"{n},{n}", "--seed", seed,
+               check=True)
+    steps = "".join(f"  - {{id: c{t}, op: gemm, inputs: {{a: A.zarr, b: B.zarr}}, "
+                    f"output: out/C{t}.zarr}}\n" for t in range(8))
+    (tmp_path / "job.yaml").write_text(f"backend: mpi\nresources: {{workers: 2}}\nsteps:\n{steps}")
+    # a session of its own: its process group stands for the terminal's foreground group
+    submit = subprocess.Popen([sys.executable, "-m", "mx.cli.main", "submit", "-q",
+                               str(tmp_path / "job.yaml")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        job_id = wait_for(lambda: record.all_ids() and record.all_ids()[0], "the job's record", 60)
+        wait_for(lambda: "running" in [s["state"] for s in mx.status(job_id)["steps"]],
+                 "a step to run", 120, poll=0.02)
+        os.killpg(submit.pid, signal.SIGINT)
+        out, err = submit.communicate(timeout=120)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 1, err
+    assert err.strip().splitlines()[-1] == f"mx: error: job {job_id} was cancelled", err
+    rec = mx.status(job_id)
+    states = [s["state"] for s in rec["steps"]]
+    assert rec["state"] == "cancelled" and "cancelled" in states and "failed" not in states, rec
+    assert "KeyboardInterrupt" not in rec["error"], rec
+    ranks = [int(line.split("pid")[1].split()[0]) for line in mx.logs(job_id).splitlines()
+             if line.split(" ", 1)[-1].startswith("rank ") and ": pid " in line]
+    assert len(ranks) == 2
+    wait_for(lambda: not [pid for pid in ranks if alive(pid)], "the ranks to end", 30)
+    committed = [f"C{t}.zarr" for t, state in enumerate(states) if state == "succeeded"]
+    if committed:
+        assert sorted(os.listdir(tmp_path / "out")) == committed
+    else:
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("workers", [1, 3, 4])

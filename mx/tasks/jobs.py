@@ -317,6 +317,9 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
         # Ray's driver turns SIGTERM into SystemExit; either way the job stops here
         state, error = "cancelled", "cancelled by request" if cancelled() else f"stopped: {exc!r}"
         log(f"job {job_id}: cancelled; no output of the unfinished step was committed")
+    except KeyboardInterrupt:  # Ctrl-C: the user stopped the job, as a cancel does
+        state, error = "cancelled", "interrupted"
+        log(f"job {job_id}: interrupted; no output of the unfinished step was committed")
     except (JobFailed, UserError) as exc:
         error = str(exc)
         log(f"job {job_id}: failed: {error}")
@@ -326,8 +329,6 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
         error = f"{type(exc).__name__}: {first_line(exc)} (`mx logs {job_id}` has the traceback)"
         log(f"job {job_id}: failed: {error}")
         log.detail(traceback.format_exc())
-        if isinstance(exc, KeyboardInterrupt):
-            state, error = "cancelled", "interrupted"
     finally:
         _restore_terminate(previous)
         if tmp is not None:
@@ -365,8 +366,9 @@ def _abort_ranks() -> None:
 
 def _follow(job_id: str) -> str:
     """An MPI rank other than 0: plan as the driver does, run its share of every step. A
-    failure here marks the job failed, removes the step's temporary output and ends all
-    ranks (the driver may be blocked waiting for this one)."""
+    failure here marks the job failed (an interrupt asks for a cancel instead), removes the
+    step's temporary output and ends all ranks (the driver may be blocked waiting for this
+    one)."""
     from mx.cluster.mpi import MpiBackend
 
     rec = record.load(job_id)
@@ -383,6 +385,14 @@ def _follow(job_id: str) -> str:
             backend.run(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output))
         backend.stop()
         return "succeeded"
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank (mpiexec passes the SIGINT on): a cancel, as on Ray, not a
+        # failure, whichever rank ends the gang first
+        record.request_cancel(job_id)
+        if tmp is not None:
+            commit.abort(tmp)
+        _abort_ranks()
+        raise
     except BaseException as exc:
         rank = backend.rank if backend is not None else "?"
         reason = str(exc) if isinstance(exc, (JobFailed, UserError)) else \
@@ -443,6 +453,7 @@ MPI_CANCEL_GRACE_S = 3.0
 def _launch_mpi(job_id: str, echo, progress) -> str:
     """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
     rec = record.update(job_id, record.load(job_id), pid=os.getpid(), launcher=True)
+    resumed = rec.get("resumed", 0)
     job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
     outputs = [spec.resolve_path(step.output, rec["base"]) for step in job.steps]
     made = [f for output in outputs for f in commit.missing_folders(output)]
@@ -476,9 +487,10 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
                 proc.terminate()
         return code is not None
 
+    interrupted = False
     previous = _catch_terminate()  # `mx cancel` past its timeout: SIGTERM this launcher
     try:
-        _relay(job_id, echo, progress, ended)
+        interrupted = _relay_through_interrupts(job_id, echo, progress, ended)
     except JobCancelled:
         record.request_cancel(job_id)
         proc.terminate()
@@ -490,26 +502,48 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     finally:
         _restore_terminate(previous)
     rec = record.load(job_id)
+    if rec.get("resumed", 0) != resumed:
+        return rec["state"]  # resumed since: the record and the temporaries are the new run's
     state = rec.get("state")
+    if state != "succeeded":
+        # every rank has ended, so nothing writes any more: what they left goes now, also where
+        # rank 0 recorded the end (an interrupted rank's zarr I/O thread, or another rank, may
+        # have written into the temporary after rank 0 removed it)
+        for output in outputs:
+            commit.abort(commit.temp_path(output, job_id))
+            commit.unlock(output, job_id)
+        commit.remove_empty(made)
     if state in record.FINAL:
         return state
     # the driver never recorded an end: the ranks were ended for a cancel, or one died or failed
     if record.cancel_requested(job_id):
-        state, error = "cancelled", "cancelled by request"
+        state, error = "cancelled", "interrupted" if interrupted else "cancelled by request"
         line = "cancelled; no output of the unfinished step was committed"
     else:
         state, error = "failed", record.failure(job_id) or _mpiexec_failure(job_id, code)
         line = f"failed: {error}"
-    for output in outputs:  # the ranks may have ended before removing their temporaries
-        commit.abort(commit.temp_path(output, job_id))
-        commit.unlock(output, job_id)  # and before giving their outputs back
-    commit.remove_empty(made)
     for step in rec["steps"]:
         if step["state"] in ("queued", "running"):
             step["state"] = state if step["state"] == "running" else "not run"
     record.update(job_id, rec, state=state, error=error, ended=record.now())
     record.Log(job_id, echo)(f"job {job_id}: {line}")
     return state
+
+
+def _relay_through_interrupts(job_id: str, echo, progress, ended: Callable[[], bool]) -> bool:
+    """``_relay`` until ``ended()``, where Ctrl-C asks for a cancel and goes on waiting; returns
+    whether it did. mpiexec passes the SIGINT on to the ranks, which stop as for a cancel
+    (``ended`` ends them after a grace): a SIGTERM on top of it would land in rank 0 while it
+    records the cancel."""
+    interrupted = False
+    while True:
+        try:
+            _relay(job_id, echo, progress, ended)
+            return interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+            record.request_cancel(job_id)
+            echo = progress = None  # what ran is shown; a new _relay would show it again
 
 
 def _relay(job_id: str, echo, progress, ended: Callable[[], bool], poll: float = 0.3) -> str:
