@@ -69,6 +69,30 @@ def test_srun_style_entry_point(tmp_path, rng):
     assert proc.returncode != 0 and "this MPI launch has 3 ranks" in proc.stderr
 
 
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_a_launch_with_the_wrong_number_of_ranks_is_bad_input(tmp_path, rng, ranks):
+    """`mpiexec -n N mx run job.yaml` with N other than the job's workers was a job that ran
+    and failed: exit 1, a failed job record, and the error among MPI_Abort's lines. It is bad
+    input: exit 2, one line (said by every rank) that names both counts and the fix, and
+    nothing written."""
+    write_dense(tmp_path / "A.zarr", rng.standard_normal((30, 20)))
+    write_dense(tmp_path / "B.zarr", rng.standard_normal((20, 10)))
+    (tmp_path / "job.yaml").write_text(
+        "backend: mpi\nresources: {workers: 4}\nsteps:\n"
+        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: out/C.zarr}\n")
+    proc = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mx.cli.main", "run",
+                           str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = set(proc.stderr.strip().splitlines())
+    assert line.startswith("mx: error: resources.workers: the job has 4 workers but this MPI "
+                           f"launch has {ranks} rank"), line
+    assert "mpiexec -n 4" in line and f"set resources.workers to {ranks}" in line, line
+    assert not (tmp_path / "out").exists()
+    from mx.tasks import record
+
+    assert record.all_ids() == []
+
+
 def test_failing_rank_ends_the_job_with_no_output(tmp_path, rng):
     write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
     write_dense(tmp_path / "B.zarr", rng.random((90, 70)))

@@ -149,6 +149,11 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     if job.backend == "ray":
         planning.check_ray_capacity(job.resources, job_plan.workers,
                                     address or job.resources.cluster_address())
+    if job.backend == "mpi":
+        from mx.cluster import mpi
+
+        if mpi.launched():  # `mx run job.yaml` under mpiexec or srun: its ranks are the workers
+            mpi.check_launch(job_plan.workers)
     cluster = (address or job.resources.cluster_address()) \
         if job.backend == "ray" and jobs_api else None
     job_id = record.new_id(name)
