@@ -146,6 +146,7 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
                         f"backend is {job.backend}; drop --address or use backend: ray")
     name = spec.job_name(job, job_file)
     job_plan = planning.plan_job(job, folder, name, address=address)
+    planning.check_models(job_plan)
     if job.backend == "ray":
         planning.check_ray_capacity(job.resources, job_plan.workers,
                                     address or job.resources.cluster_address())
