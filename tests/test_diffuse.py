@@ -222,6 +222,35 @@ def test_the_preview_never_replaces_what_mx_did_not_write(tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a.zarr", "b.png"]
 
 
+def test_non_finite_weights_are_bad_input_refused_before_anything_is_written(tmp_path, rng):
+    """Weights holding NaN or infinite values failed the job when its worker loaded them
+    (exit 1), after the job was recorded and its output's temporary made. `mx submit` now
+    reads the checkpoint first: one line naming the step, the file and the tensor, exit 2,
+    no job record and no output folder."""
+    from click.testing import CliRunner
+    import yaml
+
+    from mx.cli.main import cli
+
+    small_checkpoint(tmp_path / "m.safetensors", rng)
+    tensors, meta = safetensors.read(str(tmp_path / "m.safetensors"))
+    half = {name: t.astype(np.float16) for name, t in tensors.items()}  # F16, as many ship
+    half["final_layer.linear.weight"][1, 2:4] = [np.inf, -np.inf]
+    model = tmp_path / "inf.safetensors"
+    safetensors.write(str(model), half, meta)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(
+        job("local", 1, diffuse_step("a", 16, 16, model="inf.safetensors", steps=2))))
+    result = CliRunner().invoke(cli, ["submit", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"mx: error: steps[0] (id: a).inputs.model: {model}: tensor final_layer.linear.weight "
+        f"holds 2 NaN or infinite values; the checkpoint is damaged (or saved from a diverged "
+        f"training run): use another one"), result.output
+    assert not (tmp_path / "out").exists()
+    home = os.environ["MX_HOME"]
+    assert not os.path.exists(os.path.join(home, "jobs")) or not os.listdir(os.path.join(home, "jobs"))
+
+
 def test_non_finite_weights_or_results_are_never_committed(tmp_path, rng):
     from mx.errors import JobFailed
 
@@ -230,7 +259,7 @@ def test_non_finite_weights_or_results_are_never_committed(tmp_path, rng):
     bad = {**tensors, "blocks.0.attn.qkv.weight": tensors["blocks.0.attn.qkv.weight"].copy()}
     bad["blocks.0.attn.qkv.weight"][3, 5] = np.nan
     safetensors.write(str(tmp_path / "nan.safetensors"), bad, meta)
-    with pytest.raises(JobFailed, match=r"nan.safetensors: tensor blocks.0.attn.qkv.weight holds "
+    with pytest.raises(UserError, match=r"nan.safetensors: tensor blocks.0.attn.qkv.weight holds "
                                         r"1 NaN or infinite value"):
         mx.submit(job("local", 1, diffuse_step("a", 16, 16, model="nan.safetensors", steps=2)),
                   base=str(tmp_path))
@@ -240,5 +269,4 @@ def test_non_finite_weights_or_results_are_never_committed(tmp_path, rng):
     with pytest.raises(JobFailed, match="NaN or infinite values; nothing is committed"):
         mx.submit(job("local", 1, diffuse_step("a", 16, 16, model="huge.safetensors", steps=2)),
                   base=str(tmp_path))
-    assert not os.path.exists(tmp_path / "out/a.zarr") and not os.path.exists(tmp_path / "out/a.png")
-    assert not [e for e in os.listdir(tmp_path / "out") if e.startswith(".") and "lock" not in e]
+    assert not os.path.exists(tmp_path / "out")  # nor the folder made for them

@@ -81,8 +81,25 @@ def test_failure_on_local_backend_too(tmp_path, rng):
     corrupt_a_chunk(tmp_path / "A.zarr")
     with pytest.raises(JobFailed):
         mx.submit(JOB.format(name="lf", backend="local", workers=4), base=str(tmp_path))
-    assert not (tmp_path / "out" / "C.zarr").exists()
-    assert not leftovers(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the folder the job made for its output included
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_failed_job_removes_the_folders_it_made_for_its_output(tmp_path, rng, request, backend):
+    """A failed job left behind the empty folders it had made for its output: an output that
+    was not there before the job is not there after it, and neither are its new folders. The
+    folder that was there before stays, empty as it was."""
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
+    write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
+    corrupt_a_chunk(tmp_path / "A.zarr")
+    (tmp_path / "kept").mkdir()
+    job = JOB.format(name="made", backend=backend, workers=2).replace("out/C.zarr",
+                                                                       "kept/new/deeper/C.zarr")
+    with pytest.raises(JobFailed):
+        mx.submit(job, base=str(tmp_path))
+    assert os.listdir(tmp_path / "kept") == []
 
 
 @pytest.mark.parametrize("backend", ["ray", "local"])
@@ -97,8 +114,7 @@ def test_cancel_a_detached_job(tmp_path, backend):
     assert "cancelled" in proc.stdout
     rec = mx.status(job_id)
     assert rec["state"] == "cancelled", rec
-    assert not (tmp_path / "out" / "C.zarr").exists()
-    assert not leftovers(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the folder the job made for its output included
     pid = rec["pid"]
     wait_for(lambda: not _alive(pid), "the runner to exit", 30)
     assert "cancelled" in mx.logs(job_id)

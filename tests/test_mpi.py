@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 import mx
-from conftest import leftovers, mx_cli, read_dense, rel_error, write_dense
+from conftest import leftovers, mx_cli, read_dense, rel_error, wait_for, write_dense
 from mx.storage import sparse
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -69,20 +69,46 @@ def test_srun_style_entry_point(tmp_path, rng):
     assert proc.returncode != 0 and "this MPI launch has 3 ranks" in proc.stderr
 
 
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_a_launch_with_the_wrong_number_of_ranks_is_bad_input(tmp_path, rng, ranks):
+    """`mpiexec -n N mx run job.yaml` with N other than the job's workers was a job that ran
+    and failed: exit 1, a failed job record, and the error among MPI_Abort's lines. It is bad
+    input: exit 2, one line (said by every rank) that names both counts and the fix, and
+    nothing written."""
+    write_dense(tmp_path / "A.zarr", rng.standard_normal((30, 20)))
+    write_dense(tmp_path / "B.zarr", rng.standard_normal((20, 10)))
+    (tmp_path / "job.yaml").write_text(
+        "backend: mpi\nresources: {workers: 4}\nsteps:\n"
+        "  - {id: c, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: out/C.zarr}\n")
+    proc = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, "-m", "mx.cli.main", "run",
+                           str(tmp_path / "job.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = set(proc.stderr.strip().splitlines())
+    assert line.startswith("mx: error: resources.workers: the job has 4 workers but this MPI "
+                           f"launch has {ranks} rank"), line
+    assert "mpiexec -n 4" in line and f"set resources.workers to {ranks}" in line, line
+    assert not (tmp_path / "out").exists()
+    from mx.tasks import record
+
+    assert record.all_ids() == []
+
+
 def test_failing_rank_ends_the_job_with_no_output(tmp_path, rng):
     write_dense(tmp_path / "A.zarr", rng.random((120, 90)), chunks=(40, 90))
     write_dense(tmp_path / "B.zarr", rng.random((90, 70)))
     with open(tmp_path / "A.zarr" / "c" / "2" / "0", "wb") as f:
         f.write(b"garbage")  # only the rank reading rows 80.. fails
     job = {"backend": "mpi", "resources": {"workers": 4},
-           "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"}, "output": "C.zarr"}]}
+           "steps": [{"id": "c", "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+                      "output": "out/C.zarr"}]}
     echoed = []
     with pytest.raises(mx.errors.JobFailed if hasattr(mx, "errors") else Exception) as err:
         mx.submit(job, base=str(tmp_path), echo=echoed.append)
     assert "rank" in str(err.value) and "\n" not in str(err.value), str(err.value)
     # the ranks' tracebacks are in the log, not in what the relay echoes
     assert not [line for line in echoed if 'File "' in line], echoed
-    assert not (tmp_path / "C.zarr").exists() and not leftovers(tmp_path)
+    # nor the folder made for the output (whichever of rank 0 and the launcher removes it)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_a_failing_rank_under_an_outside_launcher_settles_the_status(tmp_path, rng):
@@ -133,6 +159,51 @@ def test_killed_rank_ends_the_job_with_no_output(tmp_path):
         all(mx.status(job_id)["steps"][int(p[1])]["state"] == "succeeded"
             for p in os.listdir(tmp_path) if p.startswith("C") and p.endswith(".zarr"))
     assert not leftovers(tmp_path)
+
+
+def test_ctrl_c_on_a_foreground_mpi_submit_cancels_the_job(tmp_path):
+    """Ctrl-C in the terminal of `mx submit` reaches its process group, and mpiexec passes the
+    SIGINT on to the ranks: the rank that caught it inside a task marked the job failed
+    ("KeyboardInterrupt"). It is a cancel, as on Ray: the job and its running step read
+    cancelled, the exit code is 1, the ranks end, and no unfinished output is left."""
+    from mx.storage.commit import alive
+    from mx.tasks import record
+
+    n = 2200
+    for name, seed in (("A", 1), ("B", 2)):
+        mx_cli("data", "random", tmp_path / f"{name}.zarr", "--shape", f"{n},{n}", "--seed", seed,
+               check=True)
+    steps = "".join(f"  - {{id: c{t}, op: gemm, inputs: {{a: A.zarr, b: B.zarr}}, "
+                    f"output: out/C{t}.zarr}}\n" for t in range(8))
+    (tmp_path / "job.yaml").write_text(f"backend: mpi\nresources: {{workers: 2}}\nsteps:\n{steps}")
+    # a session of its own: its process group stands for the terminal's foreground group
+    submit = subprocess.Popen([sys.executable, "-m", "mx.cli.main", "submit", "-q",
+                               str(tmp_path / "job.yaml")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        job_id = wait_for(lambda: record.all_ids() and record.all_ids()[0], "the job's record", 60)
+        wait_for(lambda: "running" in [s["state"] for s in mx.status(job_id)["steps"]],
+                 "a step to run", 120, poll=0.02)
+        os.killpg(submit.pid, signal.SIGINT)
+        out, err = submit.communicate(timeout=120)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 1, err
+    assert err.strip().splitlines()[-1] == f"mx: error: job {job_id} was cancelled", err
+    rec = mx.status(job_id)
+    states = [s["state"] for s in rec["steps"]]
+    assert rec["state"] == "cancelled" and "cancelled" in states and "failed" not in states, rec
+    assert "KeyboardInterrupt" not in rec["error"], rec
+    ranks = [int(line.split("pid")[1].split()[0]) for line in mx.logs(job_id).splitlines()
+             if line.split(" ", 1)[-1].startswith("rank ") and ": pid " in line]
+    assert len(ranks) == 2
+    wait_for(lambda: not [pid for pid in ranks if alive(pid)], "the ranks to end", 30)
+    committed = [f"C{t}.zarr" for t, state in enumerate(states) if state == "succeeded"]
+    if committed:
+        assert sorted(os.listdir(tmp_path / "out")) == committed
+    else:
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("workers", [1, 3, 4])

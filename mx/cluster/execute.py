@@ -49,8 +49,8 @@ def run(key: Key, node, values: dict, worker: int, label: str | None,
     start_wall, start = time.time(), time.perf_counter()
     try:
         value = node(values)
-    except JobCancelled:
-        raise  # a cancel (SIGTERM in an MPI rank) stops the task; it is no task failure
+    except (JobCancelled, KeyboardInterrupt):
+        raise  # a cancel (SIGTERM in an MPI rank, Ctrl-C) stops the task; it is no task failure
     except BaseException as exc:
         raise TaskError(key, worker, exc) from exc
     info = {"key": key, "worker": worker, "label": label, "start": start_wall,

@@ -50,6 +50,23 @@ def launched() -> bool:
     return False
 
 
+def check_launch(workers: int) -> None:
+    """Refuse an MPI launch whose number of ranks is not the job's number of workers (each
+    rank runs one worker): bad input, in the launch command or the job file."""
+    from mpi4py import MPI
+
+    size = MPI.COMM_WORLD.Get_size()
+    if size != workers:
+        raise UserError(f"resources.workers: the job has {_count(workers, 'worker')} but this "
+                        f"MPI launch has {_count(size, 'rank')}, and each rank runs one worker; "
+                        f"launch {_count(workers, 'rank')} (mpiexec -n {workers}, srun -n "
+                        f"{workers}) or set resources.workers to {size}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cuda_aware() -> tuple[bool, str]:
     """Whether the loaded MPI library takes device pointers, and how that was found out."""
     import ctypes
@@ -171,11 +188,8 @@ class MpiBackend:
 
         self.MPI = MPI
         self.world = MPI.COMM_WORLD
+        check_launch(workers)
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
-        if self.size != workers:
-            raise UserError(f"resources.workers is {workers} but this MPI launch has {self.size} "
-                            f"ranks; launch {workers} ranks (mpiexec -n {workers}, srun -n "
-                            f"{workers}) or change workers")
         self.is_driver = self.rank == 0
         self.gpu = gpus > 0
         self.job_id = job_id

@@ -2,12 +2,14 @@
 
 A job's output is first created as ``<dir>/.<name>.mx-tmp-<job>``; only when every block is
 written does ``commit`` rename it to ``<dir>/<name>``. A failed or cancelled job removes its
-temporary; one killed outright leaves a dot-named temporary that never looks like the output
-(``sweep_stale`` removes such leftovers). An existing output is replaced only after the new
-one is complete, and only if mx wrote it: mx never overwrites a file it did not create. A job
-replaces an mx output only if an earlier run of a job of the same name wrote it, or if its step
-says ``overwrite: true`` (``check_writable``): a job never silently replaces another job's
-result or a dataset from ``mx data``.
+temporary, and the folders it made for its outputs where they are empty (an output that was
+not there before the job is not there after it); one killed outright leaves a dot-named
+temporary that never looks like the output (``sweep_stale`` removes such leftovers). An
+existing output is replaced only after the new one is complete, and only if mx wrote it: mx
+never overwrites a file it did not create. A job replaces an mx output only if an earlier run
+of a job of the same name wrote it, or if its step says ``overwrite: true``
+(``check_writable``): a job never silently replaces another job's result or a dataset from
+``mx data``.
 
 While a job runs it holds ``<dir>/.<name>.mx-lock`` (its id, host and pid) for each output, so
 a second job writing the same output is refused rather than racing it for the temporaries,
@@ -190,6 +192,27 @@ def abort(tmp: str) -> None:
     """Remove a temporary output after a failure or a cancel."""
     if os.path.lexists(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def missing_folders(output: str) -> list[str]:
+    """The folders above ``output`` that do not exist yet, deepest first: the ones that writing
+    it creates, which a job that ends without committing it removes again (``remove_empty``)."""
+    folders = []
+    probe = os.path.dirname(os.path.abspath(output))
+    while not os.path.lexists(probe):
+        folders.append(probe)
+        probe = os.path.dirname(probe)
+    return folders
+
+
+def remove_empty(folders: list[str]) -> None:
+    """Remove those of ``folders`` that are empty, children before their parents. Only rmdir:
+    a folder that holds anything (a committed output, a checkpoint, a user's file) stays."""
+    for folder in sorted(set(folders), key=len, reverse=True):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty, or already gone
 
 
 def sweep_stale(output: str, live_jobs: set[str]) -> list[str]:

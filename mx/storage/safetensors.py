@@ -3,12 +3,15 @@
 A file is an 8-byte little-endian header length, a JSON header mapping each tensor name to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (plus an optional ``__metadata__`` of
 strings), then the raw little-endian bytes. NumPy has no bfloat16, so BF16 tensors are
-widened to float32 on read (exactly: bf16 is float32's top half).
+widened to float32 on read (exactly: bf16 is float32's top half). A float tensor that holds
+NaN or infinite values is refused as it is read: such a checkpoint is damaged, or saved from
+a diverged training run, and would only make a non-finite result.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -53,28 +56,49 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read()
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: tensor '{name}' has a malformed header entry") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if dtype == "BF16":
-            raw = np.frombuffer(data, dtype="<u2", count=count, offset=begin)
-            array = (raw.astype(np.uint32) << 16).view(np.float32)
-        elif dtype in DTYPES:
-            width = np.dtype(DTYPES[dtype]).itemsize
-            if end - begin != count * width or end > len(data):
-                raise UserError(f"{path}: tensor '{name}' says {dtype} {shape} but holds "
-                                f"{end - begin} bytes; the file is truncated or corrupt")
-            array = np.frombuffer(data, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<"),
-                                  count=count, offset=begin)
-        else:
-            raise UserError(f"{path}: tensor '{name}' has dtype {dtype}, which mx cannot read; "
-                            f"save it as F32, F16 or BF16")
-        tensors[name] = array.reshape(shape)
+    tensors = {name: _tensor(path, name, entry, data) for name, entry in header.items()}
     return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def check(path: str) -> None:
+    """Read every tensor of a file as ``read`` does, and keep none: the file is mapped, not
+    copied, so a checkpoint can be checked before a job runs at the cost of one read."""
+    header, _, start = read_header(path)
+    if os.path.getsize(path) <= start:
+        data = np.empty(0, np.uint8)  # nothing to map; every tensor's size check fails
+    else:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
+    for name, entry in header.items():
+        _tensor(path, name, entry, data)
+
+
+def _tensor(path: str, name: str, entry, data) -> np.ndarray:
+    """One tensor from its header entry and the file's data (bytes or a memory map)."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: tensor '{name}' has a malformed header entry") from None
+    if dtype != "BF16" and dtype not in DTYPES:
+        raise UserError(f"{path}: tensor '{name}' has dtype {dtype}, which mx cannot read; "
+                        f"save it as F32, F16 or BF16")
+    count = int(np.prod(shape, dtype=np.int64))
+    width = 2 if dtype == "BF16" else np.dtype(DTYPES[dtype]).itemsize
+    if end - begin != count * width or end > len(data):
+        raise UserError(f"{path}: tensor '{name}' says {dtype} {shape} but holds "
+                        f"{end - begin} bytes; the file is truncated or corrupt")
+    if dtype == "BF16":
+        raw = np.frombuffer(data, dtype="<u2", count=count, offset=begin)
+        array = (raw.astype(np.uint32) << 16).view(np.float32)
+    else:
+        array = np.frombuffer(data, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<"),
+                              count=count, offset=begin)
+    if array.dtype.kind == "f":
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise UserError(f"{path}: tensor {name} holds {bad} NaN or infinite "
+                            f"value{'s' if bad > 1 else ''}; the checkpoint is damaged (or "
+                            f"saved from a diverged training run): use another one")
+    return array.reshape(shape)
 
 
 def write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

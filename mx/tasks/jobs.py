@@ -4,7 +4,8 @@
 records it and runs it in this process, or in a detached process with ``detach=True``.
 ``run`` starts the backend (workers), and for each step creates its output under a temporary
 name, executes the step's graph, and commits the output only when every block is written.
-A failure or a cancel removes the temporary output, stops every worker, and records why.
+A failure or a cancel removes the temporary output and the folders made for it, stops every
+worker, and records why.
 An MPI job run outside an MPI launch starts its ranks with mpiexec; inside one, rank 0 is
 the driver described here and the other ranks follow (``_follow``).
 """
@@ -145,9 +146,15 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
                         f"backend is {job.backend}; drop --address or use backend: ray")
     name = spec.job_name(job, job_file)
     job_plan = planning.plan_job(job, folder, name, address=address)
+    planning.check_models(job_plan)
     if job.backend == "ray":
         planning.check_ray_capacity(job.resources, job_plan.workers,
                                     address or job.resources.cluster_address())
+    if job.backend == "mpi":
+        from mx.cluster import mpi
+
+        if mpi.launched():  # `mx run job.yaml` under mpiexec or srun: its ranks are the workers
+            mpi.check_launch(job_plan.workers)
     cluster = (address or job.resources.cluster_address()) \
         if job.backend == "ray" and jobs_api else None
     job_id = record.new_id(name)
@@ -275,10 +282,12 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
     backend = None
     tmp = None
     locked = []
+    made: list[str] = []  # folders this job creates for its outputs
     state, error = "failed", None
     try:
         job, folder = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml"), rec["base"]
         job_plan = planning.plan_job(job, folder, rec["name"], job_id)
+        made = [f for sp in job_plan.steps for f in commit.missing_folders(sp.output)]
         for sp in job_plan.steps:
             commit.lock(sp.output, job_id, pid)
             locked.append(sp.output)
@@ -314,6 +323,9 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
         # Ray's driver turns SIGTERM into SystemExit; either way the job stops here
         state, error = "cancelled", "cancelled by request" if cancelled() else f"stopped: {exc!r}"
         log(f"job {job_id}: cancelled; no output of the unfinished step was committed")
+    except KeyboardInterrupt:  # Ctrl-C: the user stopped the job, as a cancel does
+        state, error = "cancelled", "interrupted"
+        log(f"job {job_id}: interrupted; no output of the unfinished step was committed")
     except (JobFailed, UserError) as exc:
         error = str(exc)
         log(f"job {job_id}: failed: {error}")
@@ -323,14 +335,14 @@ def _drive(job_id: str, echo, progress, dashboard: bool) -> str:
         error = f"{type(exc).__name__}: {first_line(exc)} (`mx logs {job_id}` has the traceback)"
         log(f"job {job_id}: failed: {error}")
         log.detail(traceback.format_exc())
-        if isinstance(exc, KeyboardInterrupt):
-            state, error = "cancelled", "interrupted"
     finally:
         _restore_terminate(previous)
         if tmp is not None:
             commit.abort(tmp)
         for output in locked:
             commit.unlock(output, job_id)
+        if state != "succeeded":
+            commit.remove_empty(made)
         for step in rec["steps"]:
             if step["state"] == "running":
                 step["state"] = state
@@ -360,8 +372,9 @@ def _abort_ranks() -> None:
 
 def _follow(job_id: str) -> str:
     """An MPI rank other than 0: plan as the driver does, run its share of every step. A
-    failure here marks the job failed, removes the step's temporary output and ends all
-    ranks (the driver may be blocked waiting for this one)."""
+    failure here marks the job failed (an interrupt asks for a cancel instead), removes the
+    step's temporary output and ends all ranks (the driver may be blocked waiting for this
+    one)."""
     from mx.cluster.mpi import MpiBackend
 
     rec = record.load(job_id)
@@ -378,6 +391,14 @@ def _follow(job_id: str) -> str:
             backend.run(sp.op.build(sp.plan, sp.inputs, tmp, sp.step.id, sp.output))
         backend.stop()
         return "succeeded"
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank (mpiexec passes the SIGINT on): a cancel, as on Ray, not a
+        # failure, whichever rank ends the gang first
+        record.request_cancel(job_id)
+        if tmp is not None:
+            commit.abort(tmp)
+        _abort_ranks()
+        raise
     except BaseException as exc:
         rank = backend.rank if backend is not None else "?"
         reason = str(exc) if isinstance(exc, (JobFailed, UserError)) else \
@@ -438,7 +459,10 @@ MPI_CANCEL_GRACE_S = 3.0
 def _launch_mpi(job_id: str, echo, progress) -> str:
     """Start the ranks with mpiexec, relay the log and progress, and clean up if they die."""
     rec = record.update(job_id, record.load(job_id), pid=os.getpid(), launcher=True)
+    resumed = rec.get("resumed", 0)
     job = spec.parse(open(record.path(job_id, "job.yaml")).read(), "job.yaml")
+    outputs = [spec.resolve_path(step.output, rec["base"]) for step in job.steps]
+    made = [f for output in outputs for f in commit.missing_folders(output)]
     workers = job.resources.worker_count()
     launcher = mpiexec()
     cmd = [launcher, "-n", str(workers)]
@@ -469,9 +493,10 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
                 proc.terminate()
         return code is not None
 
+    interrupted = False
     previous = _catch_terminate()  # `mx cancel` past its timeout: SIGTERM this launcher
     try:
-        _relay(job_id, echo, progress, ended)
+        interrupted = _relay_through_interrupts(job_id, echo, progress, ended)
     except JobCancelled:
         record.request_cancel(job_id)
         proc.terminate()
@@ -483,27 +508,48 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     finally:
         _restore_terminate(previous)
     rec = record.load(job_id)
+    if rec.get("resumed", 0) != resumed:
+        return rec["state"]  # resumed since: the record and the temporaries are the new run's
     state = rec.get("state")
+    if state != "succeeded":
+        # every rank has ended, so nothing writes any more: what they left goes now, also where
+        # rank 0 recorded the end (an interrupted rank's zarr I/O thread, or another rank, may
+        # have written into the temporary after rank 0 removed it)
+        for output in outputs:
+            commit.abort(commit.temp_path(output, job_id))
+            commit.unlock(output, job_id)
+        commit.remove_empty(made)
     if state in record.FINAL:
         return state
     # the driver never recorded an end: the ranks were ended for a cancel, or one died or failed
     if record.cancel_requested(job_id):
-        state, error = "cancelled", "cancelled by request"
+        state, error = "cancelled", "interrupted" if interrupted else "cancelled by request"
         line = "cancelled; no output of the unfinished step was committed"
     else:
         state, error = "failed", record.failure(job_id) or _mpiexec_failure(job_id, code)
         line = f"failed: {error}"
-    folder = rec["base"]
-    for step in job.steps:  # the ranks may have ended before removing their temporaries
-        output = spec.resolve_path(step.output, folder)
-        commit.abort(commit.temp_path(output, job_id))
-        commit.unlock(output, job_id)  # and before giving their outputs back
     for step in rec["steps"]:
         if step["state"] in ("queued", "running"):
             step["state"] = state if step["state"] == "running" else "not run"
     record.update(job_id, rec, state=state, error=error, ended=record.now())
     record.Log(job_id, echo)(f"job {job_id}: {line}")
     return state
+
+
+def _relay_through_interrupts(job_id: str, echo, progress, ended: Callable[[], bool]) -> bool:
+    """``_relay`` until ``ended()``, where Ctrl-C asks for a cancel and goes on waiting; returns
+    whether it did. mpiexec passes the SIGINT on to the ranks, which stop as for a cancel
+    (``ended`` ends them after a grace): a SIGTERM on top of it would land in rank 0 while it
+    records the cancel."""
+    interrupted = False
+    while True:
+        try:
+            _relay(job_id, echo, progress, ended)
+            return interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+            record.request_cancel(job_id)
+            echo = progress = None  # what ran is shown; a new _relay would show it again
 
 
 def _relay(job_id: str, echo, progress, ended: Callable[[], bool], poll: float = 0.3) -> str:

@@ -134,6 +134,16 @@ def plan_job(job: spec.Job, base: str, job_name: str, job_id: str | None = None,
     return JobPlan(job=job, base=base, workers=workers, steps=steps)
 
 
+def check_models(job_plan: JobPlan) -> None:
+    """Refuse model weights that are not finite, when the job is submitted. This reads whole
+    checkpoints, so it is kept out of ``plan_job``, which runs again in the job's runner and
+    in each of its MPI ranks."""
+    for sp in job_plan.steps:
+        for name, kind in sp.op.inputs.items():
+            if kind == "model":
+                dit.check_weights(sp.inputs[name], f"{sp.what}.inputs.{name}")
+
+
 def step_where(index: int, step: spec.Step) -> str:
     """A step as errors name it: its place in the job and its id."""
     return f"steps[{index}] (id: {step.id})"
