@@ -73,7 +73,9 @@ def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
             "sweep_s": float(np.median(sweeps)) if sweeps else None,
             "final_rel_error": history[-1]["holdout_rel_error"] if history else None,
             "total_s": total, "stopped": reason,
-            "errors": [h["holdout_rel_error"] for h in history]}
+            "errors": [h["holdout_rel_error"] for h in history],
+            "sweep_times_s": sweeps,
+            "row_solves": {name: n for name, n in ctx.counters.items() if name.startswith("row-solves-")}}
 
 
 def parse(spec: str, cg_iters=0):
