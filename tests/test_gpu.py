@@ -540,6 +540,17 @@ def _precisions(dtype, tol):
     return [(False, tol), (True, 2e-3)] if dtype == np.float64 else [(True, tol)]
 
 
+def _cases(dtype, tol):
+    """(refine, storage, tolerance) triples a CG solve is checked at: ``_precisions``, and
+    refined ones with the correction's steps gathering Y in float16 (lsq.CORRECTION_STORAGE)
+    and in float32. There float16's rounding (5e-4) grows through the steps, and its steps
+    stop at 4e-3 of the starting residual (rowsolve.HALF_CONVERGED), which the reference
+    passes on rows with fewer entries than unknowns: 3e-2 (1.1e-2 seen, at k = 7)."""
+    return [(refine, storage, 3e-2 if refine and storage == np.float16 else tol)
+            for refine, tol in _precisions(dtype, tol)
+            for storage in ((np.float16, None) if refine else (None,))]
+
+
 @contextlib.contextmanager
 def _refine(on: bool):
     from mx.kernels import lsq
@@ -582,14 +593,15 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 17, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    for refine, tol in _precisions(dtype, tol):
-        with _refine(refine):
+    for refine, storage, tol in _cases(dtype, tol):
+        with _refine(refine), _correction_storage(storage):
             for reg, steps, seed in [(0.0, 1, 3), (0.0, 3, 11), (0.7, 2, 5)]:
                 want = lsq.solve_sketch(np, x0, y, indptr, cols, vals, reg, rows, steps, seed)
                 got = lsq.solve_sketch(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
                                        g(rows), steps, seed).get()
                 moved = np.linalg.norm(want[rows] - x0[rows])
-                assert np.linalg.norm(got[rows] - want[rows]) / moved < tol, (refine, reg, steps)
+                err = np.linalg.norm(got[rows] - want[rows]) / moved
+                assert err < tol, (refine, storage, reg, steps, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))  # the others stay
     if dtype == np.float64 and k > 1:
@@ -624,12 +636,7 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
-    # refined, the correction's steps gather Y in float16 (lsq.CORRECTION_STORAGE) or float32:
-    # float16's rounding (5e-4) grows through 4 steps on rows with fewer entries than unknowns
-    cases = [(refine, storage, 1e-2 if refine and storage == np.float16 else tol)
-             for refine, tol in _precisions(dtype, tol)
-             for storage in ((np.float16, None) if refine else (None,))]
-    for refine, storage, tol in cases:
+    for refine, storage, tol in _cases(dtype, tol):
         with _refine(refine), _correction_storage(storage):
             for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
                 want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)

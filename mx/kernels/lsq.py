@@ -112,8 +112,8 @@ def _correction(xp, y, x0, indptr, cols, values, reg, rows, solve):
     return delta, solve(y.astype(np.float32), delta, r0.astype(np.float32))
 
 
-# The refined plain-CG steps gather Y in float16 (``rowsolve.cg_solve``): half float32's bytes
-# a pass. Rounding Y to float16 perturbs the correction's operator by about 1e-3 relative,
+# The refined plain and sketched CG steps gather Y in float16 (``rowsolve.cg_solve``,
+# ``rowsolve.sketch_solve``): half float32's bytes a pass. Rounding Y to float16 perturbs the correction's operator by about 1e-3 relative,
 # far below what two or three CG steps leave unsolved, and the next residual, in float64,
 # sees the difference, so a sweep's fixed point is unchanged. None: float32.
 CORRECTION_STORAGE = np.float16
@@ -337,7 +337,8 @@ def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=
         delta, failed = _correction(xp, y, x0, indptr, cols, values, reg, rows_subset,
                                     lambda y32, d, r32: rowsolve.sketch_solve(
                                         xp, y32, None, indptr, cols, None, reg, rows_subset,
-                                        steps, buckets, seed, d, r0=r32))
+                                        steps, buckets, seed, d, r0=r32,
+                                        storage=CORRECTION_STORAGE))
         out = x0 + delta
         if failed.size:  # singular in float32: the exact float64 solve
             out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]

@@ -177,7 +177,7 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 """
 
 # One warp per row of Ω (CSR), split into groups of L lanes: each group takes one entry at a
-# time (G = 32/L entries side by side, U of them in flight per group), lane l of a group
+# time (32/L entries side by side, U of them in flight per group), lane l of a group
 # holding components lC .. lC + C − 1 of the row's vectors. A row of Y is read with C-wide
 # vector loads from an operand padded to KP = C·L columns (``_operand``); a dot product then
 # costs log2(L) shuffles shared by G entries, where one warp per entry paid five each: on an
@@ -188,7 +188,7 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 # on each dot product) halves the bytes a CG correction gathers.
 _GROUP_HELPERS = r"""
 #include <cuda_fp16.h>
-#define G (32 / L)
+#define GROUPS (32 / L)
 __device__ inline T group_sum(T v) {
     for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -228,7 +228,7 @@ __device__ inline void gather(const long long* __restrict__ cols, const T* __res
     const int g = (threadIdx.x % 32) / L;
     long long j[U];
     for (int u = 0; u < U; u++) {
-        const long long e = base + (long long)u * G + g;
+        const long long e = base + (long long)u * GROUPS + g;
         j[u] = e < end ? cols[e] : -1;
         if (m != nullptr) m[u] = e < end ? vals[e] : (T)0;
     }
@@ -256,7 +256,7 @@ extern "C" __global__ void row_sq_error(const long long* __restrict__ indptr,
     T xi[C];
     load_own(x, i, k, xi);
     T sum = 0;
-    for (long long base = indptr[i]; base < end; base += G * U) {
+    for (long long base = indptr[i]; base < end; base += GROUPS * U) {
         T yj[U][C], dt[U], mv[U];
         gather(cols, vals, y, base, end, xi, (T)1, yj, dt, mv);
         for (int u = 0; u < U; u++) sum += (dt[u] - mv[u]) * (dt[u] - mv[u]);
@@ -275,7 +275,7 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
     T pi[C], acc[C];
     load_own(p, i, k, pi);
     for (int c = 0; c < C; c++) acc[c] = 0;
-    for (long long base = indptr[i]; base < end; base += G * U) {
+    for (long long base = indptr[i]; base < end; base += GROUPS * U) {
         T yj[U][C], dt[U];
         gather(cols, nullptr, y, base, end, pi, (T)1, yj, dt, nullptr);
         for (int u = 0; u < U; u++)
@@ -293,7 +293,7 @@ __device__ inline void residual_pass(const long long* __restrict__ cols,
         T reg, const T* x, T* r)
 {
     for (int c = 0; c < C; c++) r[c] = 0;
-    for (long long base = start; base < end; base += G * U) {
+    for (long long base = start; base < end; base += GROUPS * U) {
         T yj[U][C], dt[U], mv[U];
         gather(cols, vals, y, base, end, x, (T)1, yj, dt, mv);
         for (int u = 0; u < U; u++)
@@ -348,7 +348,7 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
     const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
     for (int step = 0; step < steps; step++) {
         for (int c = 0; c < C; c++) q[c] = 0;
-        for (long long base = start; base < end; base += G * U) {
+        for (long long base = start; base < end; base += GROUPS * U) {
             T yj[U][C], dt[U];
             gather(cols, nullptr, y, base, end, p, scale, yj, dt, nullptr);
             for (int u = 0; u < U; u++)
@@ -443,7 +443,8 @@ __device__ inline void dot(const T* a, const T* b, T* res) {
 
 extern "C" __global__ void __launch_bounds__(256)
 sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ cols,
-            const T* __restrict__ vals, const T* __restrict__ y, const T* __restrict__ x0,
+            const T* __restrict__ vals, const T* __restrict__ y, const S* __restrict__ yg,
+            const T scale, const T* __restrict__ x0,
             const T* __restrict__ r0, const long long* __restrict__ rows, const int nrows, const int k, const int s,
             const int steps, const T reg, const unsigned long long seed, T* __restrict__ out,
             int* __restrict__ failed)
@@ -491,7 +492,17 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
                     j[u] = p < d ? cols[start + p] : -1;
                     m[u] = p < d && r0 == nullptr ? vals[start + p] : (T)0;
                 }
-                gather(y, k, j, xl, yj, dt);
+                if (r0 == nullptr) {
+                    gather(y, k, j, xl, yj, dt);
+                } else {  // from zero: no residual to form, so no dot products
+                    for (int u = 0; u < UNROLL; u++) {
+                        dt[u] = 0;
+                        for (int t = 0; t < KPL; t++) {
+                            const int c = lane + 32 * t;
+                            yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
+                        }
+                    }
+                }
                 for (int u = 0; u < UNROLL; u++) {
                     const T w = m[u] - dt[u];
                     const T sg = j[u] >= 0 ? sketch_sign(row, j[u], seed) : (T)0;
@@ -556,21 +567,22 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
     for (int c = tid; c < KMAX; c += blockDim.x) pv[c] = zv[c];
     __syncthreads();
     const T done = scal[0] * (T)CONVERGED;  // a row converged this far takes no more steps
+    // each step's pass reads the lane-group operand yg (``_GROUP_HELPERS``): warp w takes
+    // every WARPS-th block of GROUPS·U entries
+    const int l = lane % L;
     for (int step = 0; step < steps; step++) {
-        T pl[KPL], qacc[KPL];
-        for (int t = 0; t < KPL; t++) { pl[t] = pv[lane + 32 * t]; qacc[t] = 0; }
-        for (long long e0 = start + warp; e0 < start + d; e0 += UNROLL * WARPS) {
-            long long j[UNROLL];
-            T yj[UNROLL][KPL], dt[UNROLL];
-            for (int u = 0; u < UNROLL; u++) {
-                const long long e = e0 + u * WARPS;
-                j[u] = e < start + d ? cols[e] : -1;
-            }
-            gather(y, k, j, pl, yj, dt);
-            for (int u = 0; u < UNROLL; u++)
-                for (int t = 0; t < KPL; t++) qacc[t] += dt[u] * yj[u][t];
+        T pl[C], qacc[C];
+        for (int c = 0; c < C; c++) { pl[c] = pv[l * C + c]; qacc[c] = 0; }
+        for (long long base = start + (long long)warp * GROUPS * U; base < start + d;
+             base += (long long)WARPS * GROUPS * U) {
+            T yj[U][C], dt[U];
+            gather(cols, nullptr, yg, base, start + d, pl, scale, yj, dt, nullptr);
+            for (int u = 0; u < U; u++)
+                for (int c = 0; c < C; c++) qacc[c] += dt[u] * yj[u][c];
         }
-        for (int t = 0; t < KPL; t++) zbuf[warp * KMAX + lane + 32 * t] = qacc[t];
+        across_groups(qacc, C);
+        if (lane < L)
+            for (int c = 0; c < C; c++) zbuf[warp * KMAX + l * C + c] = qacc[c];
         __syncthreads();
         for (int c = tid; c < KMAX; c += blockDim.x) {
             T sum = 0;
@@ -864,42 +876,54 @@ def solve(xp, y, indptr, cols, values, reg, rows, out, rhs=None):
     return rows[failed != 0]
 
 
-def _sketch_kernel(dtype, kmax: int):
+def _sketch_kernel(dtype, kmax: int, storage, k: int):
+    """The sketch kernel for rank k (padded to kmax) in ``dtype``, its CG steps gathering an
+    operand stored as ``storage`` in lane groups."""
     import cupy
 
     name = "double" if dtype == np.float64 else "float"
-    module = _MODULES.get(("sketch", name, kmax))
+    storage = np.dtype(storage)
+    c, lanes = group_layout(storage, k)
+    key = ("sketch", name, kmax, storage.name, c, lanes)
+    module = _MODULES.get(key)
     if module is None:
+        stop = HALF_CONVERGED if storage == np.float16 else converged(dtype)
+        to_t = "__half2float" if storage == np.float16 else ""
         code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {singular_floor(dtype)}\n"
                 f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n#define KPL {kmax // 32}\n"
-                f"#define CONVERGED {converged(dtype)}\n"
-                + _WARP_SUM + _GATHER + _ADD_OUTER + _SKETCH_SOURCE)
+                f"#define CONVERGED {stop}\n#define S {_C_TYPE[storage]}\n#define TO_T {to_t}\n"
+                f"#define C {c}\n#define L {lanes}\n#define KP {c * lanes}\n"
+                f"#define U {_group_unroll(storage, lanes)}\n"
+                + _WARP_SUM + _GATHER + _GROUP_HELPERS + _ADD_OUTER + _SKETCH_SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
-        _MODULES[("sketch", name, kmax)] = module
+        _MODULES[key] = module
     return module.get_function("sketch_rows")
 
 
 def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, seed, out,
-                 r0=None):
+                 r0=None, storage=None):
     """``steps`` sketch-preconditioned CG steps for the rows ``rows`` (int64 ids), with
     ``buckets`` (a multiple of CHUNK) per row's sketch, into ``out``: from x0, or, given x0's
     residual ``r0`` (``residual``), from zero, for the correction to x0 (``values`` and ``x0``
-    are then not read: None will do). Returns the ids of the rows whose sketch was singular
-    (their output is not a solution)."""
+    are then not read: None will do). The CG steps gather Y as ``storage`` (``cg_solve``).
+    Returns the ids of the rows whose sketch was singular (their output is not a
+    solution)."""
     k = y.shape[1]
     n = int(rows.size)
     if n == 0:
         return rows[:0]
     dtype = y.dtype
     kmax = padded_rank(k)
-    fn = _sketch_kernel(dtype, kmax)
+    ys, storage, scale = _operand(xp, y, storage)
+    fn = _sketch_kernel(dtype, kmax, storage, k)
     smem = (kmax * kmax + CHUNK * kmax + 6 * kmax) * dtype.itemsize
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     failed = xp.zeros(n, dtype=np.int32)
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
-    fn((n,), (THREADS,), (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), x0, r0,
-                          _i64(rows), np.int32(n), np.int32(k), np.int32(buckets),
+    fn((n,), (THREADS,), (_i64(indptr), _i64(cols), values, xp.ascontiguousarray(y), ys,
+                          dtype.type(scale), x0, r0, _i64(rows), np.int32(n), np.int32(k),
+                          np.int32(buckets),
                           np.int32(steps), dtype.type(reg), np.uint64(seed), out, failed),
        shared_mem=smem)
     return rows[failed != 0]
