@@ -3,10 +3,10 @@
 On rows all of one degree (random columns): one pass over Ω (the fused operator
 (Y_ΩiᵀY_Ωi) p, in float64 and float32), plain CG with 2 and 3 steps (3 and 4 passes) in
 float64 and refined (float64 residual, float32 steps on Y gathered in float16, and in
-float32: ``lsq.REFINE``, ``lsq.CORRECTION_STORAGE``), the fused exact
-solve in float64, float32 and refined, and the fused sketch solve at each bucket ratio with
-0 steps (sketch, its Gram and inverse, the residual) and with 3. Times are per half-sweep
-over every row.
+float32: ``lsq.REFINE``, ``lsq.CORRECTION_STORAGE``), refined sketched CG (3 steps), the
+fused exact solve in float64, float32 and refined, and the fused float64 sketch solve at
+each bucket ratio with 0 steps (sketch, its Gram and inverse, the residual) and with 3.
+Times are per half-sweep over every row.
 
 Usage: python bench/rowsolve_passes.py --n 100000 --degree 3000 --ranks 16,64,128
 """
@@ -66,6 +66,8 @@ def measure(cp, n, degree, k, ratios, seed=0):
            # the same with the correction's Y gathered in float32 instead of float16
            "refined_cg2_f32_s": timed(cp, lambda: _with_storage(None, lambda: lsq.solve_cg_rows(
                cp, x, y, indptr, cols, vals, 0.0, rows, 2)), 3),
+           "refined_sketch3_s": timed(cp, lambda: lsq.solve_sketch(cp, x, y, indptr, cols, vals,
+                                                                  0.0, rows, 3), 3),
            "exact_f32_s": timed(cp, lambda: lsq.solve_exact(cp, y32, indptr, cols, vals, 0.0), 1),
            "exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0), 1),
            "refined_exact_s": timed(cp, lambda: lsq.solve_exact(cp, y, indptr, cols, vals, 0.0,

@@ -12,9 +12,9 @@ only factor blocks move between workers, never Ω.
 - **Sweeps** then alternate V and U. Row solves are batched: ``exact`` (ALS), ``cg`` (a few
   CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, exact solves on light rows
   and, on heavy ones, plain CG where the other factor is so well conditioned that the sketch
-  cannot help, else sketch-preconditioned CG, or on a GPU at rank <= 32 the exact solve,
-  cheaper there than the sketch (``mx.kernels.lsq``). The log counts the row solves of each
-  kind.
+  cannot help, else sketch-preconditioned CG (on a GPU at rank <= 32 only on rows of 64k
+  observations or more: below that the exact solve is cheaper there) (``mx.kernels.lsq``).
+  The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
 - **Checkpoints:** after every sweep, U and V go to one of two checkpoint slots, the one not
@@ -38,12 +38,16 @@ from mx.storage import dense, sparse
 # fused exact one does at 8k to 16k observations for k = 48 to 64, and 0.6 to 0.75 of it
 # from 32k; at k = 128 0.6 from 16k (bench/complete_profile.py --crossover).
 HEAVY_DEGREE = 16
-# Where the fused GPU kernels run, the exact one at rank <= 32 (a 32-wide Gram matrix) costs
-# 1.2 to 2.5 times less than the sketch (same crossover): there heavy rows get the exact solve
-# where they would get the sketch. Plain CG steps refined in float32 (lsq.REFINE) cost about
-# half of it (H100, k = 16: 46 against 85 ms a half-sweep), so heavy rows against a
-# well-conditioned factor still get those.
+# Where the fused GPU kernels run at rank <= 32 (a 32-wide Gram matrix), the exact solve is
+# cheap enough that the sketch pays only on rows well past 16k observations: there rows get
+# the sketch from SMALL_RANK_SKETCH_DEGREE·k on, and the exact solve below it. H100, one
+# half-sweep over every row (bench/rowsolve_passes.py, refined): 10⁵ rows of 3000 (187k at
+# k = 16) took 35 ms sketched against 85 exact, and at k = 32 (94k) 50 against 89; 10⁶ rows
+# of 300 (19k at k = 16) took 109 against 99, and there the sketch took 11 sweeps to 1e-4
+# where exact solves took 9 (κ = 100). Plain CG steps cost a fourth of the exact solve (10
+# against 85 ms), so heavy rows against a well-conditioned factor get those from 16k.
 FUSED_EXACT_MAX_RANK = 32
+SMALL_RANK_SKETCH_DEGREE = 64
 # CG steps per row and half-sweep, by method and row solver, unless the job sets cg_iters.
 # 3 sketch-preconditioned steps reached a held-out error of 1e-4 in the fewest seconds on
 # planted matrices (k = 64 and 128; 2 steps take more sweeps). Against a well-conditioned
@@ -206,11 +210,13 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
-    heavy = xp.diff(indptr) >= heavy_degree(k)
+    degree = xp.diff(indptr)
+    heavy = degree >= heavy_degree(k)
+    plain = bool(heavy.any()) and _condition(xp, y) <= WELL_CONDITIONED
+    if not plain:
+        heavy = degree >= sketch_degree(xp, y, k)
     heavy_rows = xp.nonzero(heavy)[0]
-    plain = bool(heavy_rows.size) and _condition(xp, y) <= WELL_CONDITIONED
-    if not plain and (heavy_rows.size == 0 or
-                      (rowsolve.supported(xp, y) and k <= FUSED_EXACT_MAX_RANK)):
+    if heavy_rows.size == 0:
         return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}
     light_rows = xp.nonzero(~heavy)[0]
     out = lsq.solve_exact(xp, y, indptr, cols, vals, reg, rows_subset=light_rows, x0=x)
@@ -235,6 +241,15 @@ def heavy_degree(k: int) -> int:
     """Observations from which a row is heavy (solved iteratively) at rank k. The job's plan
     states the same rule."""
     return HEAVY_DEGREE * k
+
+
+def sketch_degree(xp, y, k: int) -> int:
+    """Observations from which a row gets the sketch (where plain CG would not do):
+    heavy_degree(k), but SMALL_RANK_SKETCH_DEGREE·k where the fused exact solve runs at rank
+    <= FUSED_EXACT_MAX_RANK. The job's plan states the same rule."""
+    if rowsolve.supported(xp, y) and k <= FUSED_EXACT_MAX_RANK:
+        return SMALL_RANK_SKETCH_DEGREE * k
+    return heavy_degree(k)
 
 
 def _condition(xp, y) -> float:

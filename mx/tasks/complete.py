@@ -82,12 +82,13 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
     plain = altmin.cg_steps(p.method, "plain-cg", p.cg_iters)
     if p.method == "als-cg":
         return [f"every row: {plain} CG steps from the last sweep's value"]
-    otherwise = (f"solved exactly (on a GPU at rank <= {altmin.FUSED_EXACT_MAX_RANK} the fused "
-                 f"exact solve costs less than the sketch)"
-                 if gpus > 0 and k <= altmin.FUSED_EXACT_MAX_RANK else
-                 f"a CountSketch of {lsq.sketch_buckets(k)} buckets preconditions "
+    otherwise = (f"a CountSketch of {lsq.sketch_buckets(k)} buckets preconditions "
                  f"{altmin.cg_steps(p.method, 'sketch', p.cg_iters)} CG steps from the last "
                  f"sweep's value")
+    if gpus > 0 and k <= altmin.FUSED_EXACT_MAX_RANK:
+        otherwise += (f" for rows with >= {altmin.SMALL_RANK_SKETCH_DEGREE * k} observations, "
+                      f"and rows below that are solved exactly (on a GPU at rank <= "
+                      f"{altmin.FUSED_EXACT_MAX_RANK} the fused exact solve costs less there)")
     return [f"rows with >= {altmin.heavy_degree(k)} observations: in a half-sweep whose other "
             f"factor is well conditioned (cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} "
             f"plain CG steps from the last sweep's value; otherwise {otherwise}; lighter rows "
