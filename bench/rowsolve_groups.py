@@ -21,8 +21,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mx.kernels import rowsolve  # noqa: E402
+from rowsolve_passes import timed  # noqa: E402
 
 # (rows, degree, k, columns drawn from): the planted cases of bench/complete.py and a
 # MovieLens-like one (138k rows of 144 entries over 30k columns)
@@ -31,18 +33,6 @@ CASES = [(100_000, 3000, 16, 100_000), (100_000, 3000, 64, 100_000),
          (138_493, 144, 64, 30_000)]
 GRID = {np.float64: ((2, 4, 8), (1, 2, 4)), np.float32: ((4, 8, 16), (1, 2, 4)),
         np.float16: ((8, 16), (2, 4, 8))}
-
-
-def timed(cp, fn, reps=5):
-    fn()  # compiles
-    cp.cuda.runtime.deviceSynchronize()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    start.record()
-    for _ in range(reps):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return cp.cuda.get_elapsed_time(start, stop) / reps
 
 
 def measure(cp, n, degree, k, span):
@@ -66,7 +56,7 @@ def measure(cp, n, degree, k, span):
                 continue
             rowsolve._GROUP_WIDTH[np.dtype(storage)], rowsolve._GROUP_UNROLL[np.dtype(storage)] = c, u
             rowsolve._MODULES.clear()
-            row[f"{np.dtype(storage).name}_C{c}_U{u}_ms"] = timed(cp, passes[storage])
+            row[f"{np.dtype(storage).name}_C{c}_U{u}_ms"] = timed(cp, passes[storage], 5)
         rowsolve._GROUP_WIDTH[np.dtype(storage)], rowsolve._GROUP_UNROLL[np.dtype(storage)] = keep
         rowsolve._MODULES.clear()
     return row
