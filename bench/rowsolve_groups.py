@@ -5,7 +5,7 @@ holding C components of a row of Y, each group keeping U entries in flight. This
 pass over every row, for each C and U: the float64 residual pass (``rowsolve.residual``),
 and one CG step on the correction gathering Y in float32 and in float16
 (``rowsolve.cg_solve``). Rows all of one degree, columns uniform. Float64 at 32 lanes an
-entry (k > 64) keeps one entry in flight whatever U (``rowsolve._group_unroll``).
+entry (k > 64) keeps one entry in flight whatever U (``rowsolve._group_defines``).
 
 Usage: python bench/rowsolve_groups.py [--out rowsolve-groups.json]
 """

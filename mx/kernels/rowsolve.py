@@ -72,16 +72,6 @@ __device__ inline void gather(const T* __restrict__ y, int k, const long long* j
     }
     for (int u = 0; u < UNROLL; u++) dt[u] = warp_sum(dt[u]);
 }
-
-// Columns and values of the UNROLL entries from e0 (past ``end``: column -1, value 0)
-__device__ inline void load_entries(const long long* __restrict__ cols,
-        const T* __restrict__ vals, long long e0, long long end, long long* j, T* m) {
-    for (int u = 0; u < UNROLL; u++) {
-        const long long e = e0 + u;
-        j[u] = e < end ? cols[e] : -1;
-        m[u] = e < end ? vals[e] : (T)0;
-    }
-}
 """
 
 _SOURCE = r"""
@@ -180,7 +170,7 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 # time (32/L entries side by side, U of them in flight per group), lane l of a group
 # holding components lC .. lC + C − 1 of the row's vectors. A row of Y is read with C-wide
 # vector loads from an operand padded to KP = C·L columns (``_operand``); a dot product then
-# costs log2(L) shuffles shared by G entries, where one warp per entry paid five each: on an
+# costs log2(L) shuffles shared by 32/L entries, where one warp per entry paid five each: on an
 # H100 a pass over 3e8 entries took a fourth (k = 16) to two thirds (k = 64) of the time.
 # Every group holds the row's vectors whole; the sums a group gathered over its entries are
 # added across the groups at the end of a pass. S is the operand's storage type, T the
@@ -220,8 +210,9 @@ __device__ inline void store_own(T* __restrict__ a, long long i, int k, const T*
     if (threadIdx.x % 32 >= L) return;  // group 0 writes
     for (int c = 0; c < C; c++) { const int col = l * C + c; if (col < k) a[i * k + col] = v[c]; }
 }
-// The group's U entries of the block of G·U from ``base`` (entry base + uG + g; past ``end``:
-// column -1, value 0), their rows of the operand, and those rows' dot products with v.
+// The group's U entries of the block of GROUPS·U from ``base`` (entry base + u·GROUPS + g;
+// past ``end``: column -1, value 0), their rows of the operand (scaled), and those rows' dot
+// products with v (times ``scale``).
 __device__ inline void gather(const long long* __restrict__ cols, const T* __restrict__ vals,
         const S* __restrict__ y, long long base, long long end, const T* v, T scale,
         T yj[U][C], T dt[U], T* m) {
@@ -668,10 +659,6 @@ def _warp_kernel(name: str, dtype, k: int):
 # (k > 64), where two entries in flight took 61 ms a pass against one's 45.
 _GROUP_WIDTH = {np.dtype(np.float64): 4, np.dtype(np.float32): 8, np.dtype(np.float16): 8}
 _GROUP_UNROLL = {np.dtype(np.float64): 2, np.dtype(np.float32): 2, np.dtype(np.float16): 4}
-
-
-def _group_unroll(storage, lanes: int) -> int:
-    return 1 if storage == np.float64 and lanes == 32 else _GROUP_UNROLL[storage]
 _C_TYPE = {np.dtype(np.float64): "double", np.dtype(np.float32): "float",
            np.dtype(np.float16): "__half"}
 
@@ -688,23 +675,30 @@ def group_layout(storage, k: int) -> tuple[int, int]:
     return c, lanes
 
 
+def _group_defines(dtype, storage, k: int) -> tuple[tuple, str]:
+    """(a cache key, the #defines) of ``_GROUP_HELPERS`` for an operand of rank k stored as
+    ``storage``, arithmetic in ``dtype``, and of CG's stop (``CONVERGED``) with it."""
+    dtype, storage = np.dtype(dtype), np.dtype(storage)
+    c, lanes = group_layout(storage, k)
+    # float64 at 32 lanes an entry: one entry in flight (see _GROUP_WIDTH)
+    unroll = 1 if storage == np.float64 and lanes == 32 else _GROUP_UNROLL[storage]
+    half = storage == np.float16
+    code = (f"#define S {_C_TYPE[storage]}\n#define TO_T {'__half2float' if half else ''}\n"
+            f"#define C {c}\n#define L {lanes}\n#define KP {c * lanes}\n#define U {unroll}\n"
+            f"#define CONVERGED {HALF_CONVERGED if half else converged(dtype)}\n")
+    return (dtype.name, storage.name, c, lanes), code
+
+
 def _group_kernel(name: str, dtype, storage, k: int):
     """A group kernel doing its arithmetic in ``dtype`` on an operand stored as ``storage``."""
     import cupy
 
-    dtype, storage = np.dtype(dtype), np.dtype(storage)
-    c, lanes = group_layout(storage, k)
-    key = ("group", dtype.name, storage.name, c, lanes)
-    module = _MODULES.get(key)
+    key, defines = _group_defines(dtype, storage, k)
+    module = _MODULES.get(("group",) + key)
     if module is None:
-        to_t = "__half2float" if storage == np.float16 else ""
-        stop = HALF_CONVERGED if storage == np.float16 else converged(dtype)
-        code = (f"#define T {_C_TYPE[dtype]}\n#define S {_C_TYPE[storage]}\n#define TO_T {to_t}\n"
-                f"#define C {c}\n#define L {lanes}\n#define KP {c * lanes}\n"
-                f"#define U {_group_unroll(storage, lanes)}\n#define CONVERGED {stop}\n"
-                + _GROUP_HELPERS + _GROUP_SOURCE)
+        code = f"#define T {_C_TYPE[np.dtype(dtype)]}\n" + defines + _GROUP_HELPERS + _GROUP_SOURCE
         module = cupy.RawModule(code=code, options=("-std=c++14",))
-        _MODULES[key] = module
+        _MODULES[("group",) + key] = module
     return module.get_function(name)
 
 
@@ -882,19 +876,13 @@ def _sketch_kernel(dtype, kmax: int, storage, k: int):
     import cupy
 
     name = "double" if dtype == np.float64 else "float"
-    storage = np.dtype(storage)
-    c, lanes = group_layout(storage, k)
-    key = ("sketch", name, kmax, storage.name, c, lanes)
+    group, defines = _group_defines(dtype, storage, k)
+    key = ("sketch", kmax) + group
     module = _MODULES.get(key)
     if module is None:
-        stop = HALF_CONVERGED if storage == np.float16 else converged(dtype)
-        to_t = "__half2float" if storage == np.float16 else ""
         code = (f"#define T {name}\n#define CHUNK {CHUNK}\n#define PIVOT {singular_floor(dtype)}\n"
                 f"#define KMAX {kmax}\n#define TILE {kmax // 16}\n#define KPL {kmax // 32}\n"
-                f"#define CONVERGED {stop}\n#define S {_C_TYPE[storage]}\n#define TO_T {to_t}\n"
-                f"#define C {c}\n#define L {lanes}\n#define KP {c * lanes}\n"
-                f"#define U {_group_unroll(storage, lanes)}\n"
-                + _WARP_SUM + _GATHER + _GROUP_HELPERS + _ADD_OUTER + _SKETCH_SOURCE)
+                + defines + _WARP_SUM + _GATHER + _GROUP_HELPERS + _ADD_OUTER + _SKETCH_SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
         _MODULES[key] = module
     return module.get_function("sketch_rows")
