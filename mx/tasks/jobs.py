@@ -144,7 +144,7 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     if address is not None and job.backend != "ray":
         raise UserError(f"--address {address}: sends a job to a Ray cluster, but this job's "
                         f"backend is {job.backend}; drop --address or use backend: ray")
-    name = spec.job_name(job, job_file)
+    name = spec.job_name(job, job_file, folder)
     job_plan = planning.plan_job(job, folder, name, address=address)
     planning.check_models(job_plan)
     if job.backend == "ray":
