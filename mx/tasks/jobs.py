@@ -147,6 +147,7 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     name = spec.job_name(job, job_file, folder)
     job_plan = planning.plan_job(job, folder, name, address=address)
     planning.check_models(job_plan)
+    planning.check_memory(job_plan, address)
     if job.backend == "ray":
         planning.check_ray_capacity(job.resources, job_plan.workers,
                                     address or job.resources.cluster_address())
