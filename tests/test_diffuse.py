@@ -270,3 +270,39 @@ def test_non_finite_weights_or_results_are_never_committed(tmp_path, rng):
         mx.submit(job("local", 1, diffuse_step("a", 16, 16, model="huge.safetensors", steps=2)),
                   base=str(tmp_path))
     assert not os.path.exists(tmp_path / "out")  # nor the folder made for them
+
+
+def test_an_image_too_large_for_memory_is_refused_when_submitted(tmp_path):
+    """A diffuse image too large for its workers' memory failed only at run time (a
+    MemoryError in the worker, or the OOM killer). It is now bad input when the job is
+    submitted: one line naming the size, the patches and the fix, nothing written."""
+    from mx.tasks import plan as planning, spec
+
+    huge = 2**20  # terabytes of activations: no machine has that memory
+    with pytest.raises(UserError, match=rf"steps\[0\] \(id: a\).params: height {huge} × width "
+                                        rf"{huge} in 1 patch\(es\) needs about .* TiB per worker, "
+                                        rf"but .* is there \(this machine's .* shared by 1 "
+                                        rf"worker\(s\)\); use fewer pixels \(height, width\)"):
+        mx.submit(job("local", 1, diffuse_step("a", huge, huge, steps=1)), base=str(tmp_path))
+
+    # declared memory: 64² in one patch needs more than 48 MiB, in four pcpp patches less
+    step = diffuse_step("b", 64, 64, steps=2)
+    step["params"]["memory"] = "48MiB"
+    with pytest.raises(UserError, match=r"height 64 × width 64 in 1 patch\(es\) needs about "
+                                        r".* MiB per worker, but 48.00 MiB is there "
+                                        r"\(params.memory\); use fewer pixels \(height, width\), "
+                                        r"or more patches and workers \(params.parallel.patches"):
+        mx.submit(job("local", 4, step), base=str(tmp_path))
+    assert not os.path.exists(tmp_path / "out")
+    home = os.environ["MX_HOME"]
+    assert not os.path.exists(os.path.join(home, "jobs")) or not os.listdir(os.path.join(home, "jobs"))
+    step = diffuse_step("b", 64, 64, "pcpp", steps=2, patches=4, warmup=1)
+    step["params"]["memory"] = "48MiB"
+    mx.submit(job("local", 4, step), base=str(tmp_path))
+    assert image.read(str(tmp_path / "out/b.zarr"))[0].shape == (3, 64, 64)
+
+    # a cluster's memory cannot be seen from here: without params.memory there is no check
+    remote = spec.validate(spec.Job, {**job("ray", 1, diffuse_step("a", huge, huge)),
+                                      "resources": {"address": "http://10.0.0.1:8265"}})
+    assert not planning.runs_here(remote, None)
+    assert planning.runs_here(spec.validate(spec.Job, job("local", 1, diffuse_step("a", 8, 8))), None)

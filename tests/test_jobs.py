@@ -3,6 +3,7 @@ leave no committed output and never damage an existing one."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -386,3 +387,38 @@ def test_wait_and_cancel_return_a_lost_or_rank_failed_job_as_status_does(tmp_pat
             assert got["error"] == (mark or "its runner ended without recording an end")
         if not mark:  # a failed job is not cancelled (UserError); a lost one is, as it stands
             assert mx.cancel(job_id, timeout=5)["state"] == "lost"
+
+
+def test_unnamed_jobs_replace_only_their_own_outputs(tmp_path, rng):
+    """Every unnamed job (a dict, YAML text without name:) was named "job": two different ones
+    replaced each other's outputs without a word. A rerun of one, with other params, still
+    replaces its own."""
+    from mx.errors import UserError
+
+    a, b = rng.random((11, 7)), rng.random((7, 5))
+    write_dense(tmp_path / "A.zarr", a)
+    write_dense(tmp_path / "B.zarr", b)
+
+    def job(step_id, **params):
+        return {"backend": "local", "resources": {"workers": 1},
+                "steps": [{"id": step_id, "op": "gemm", "inputs": {"a": "A.zarr", "b": "B.zarr"},
+                           "output": "out/C.zarr", "params": params}]}
+
+    first = mx.submit(job("c"), base=str(tmp_path))
+    assert re.fullmatch(r"job-[0-9a-f]{8}", mx.status(first)["name"]), first
+    again = mx.submit(job("c", algorithm="summa"), base=str(tmp_path))
+    assert mx.status(again)["name"] == mx.status(first)["name"]
+    with pytest.raises(UserError, match=r"out/C.zarr was written by step 'c' of job job-.*"
+                                        r"overwrite: true"):
+        mx.submit(job("other"), base=str(tmp_path))
+    text = "{backend: local, steps: [{id: c2, op: gemm, inputs: {a: A.zarr, b: B.zarr}, output: out/C.zarr}]}"
+    with pytest.raises(UserError, match="overwrite: true"):
+        mx.submit(text, base=str(tmp_path))
+    attrs = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]
+    assert attrs["job"] == again
+    overwrite = job("other")
+    overwrite["steps"][0]["overwrite"] = True
+    replaced = mx.submit(overwrite, base=str(tmp_path))
+    attrs = json.load(open(tmp_path / "out/C.zarr/zarr.json"))["attributes"]["mx"]
+    assert attrs["job"] == replaced and attrs["job_name"] != mx.status(first)["name"]
+    assert rel_error(read_dense(tmp_path / "out/C.zarr"), a @ b) < 1e-12

@@ -136,7 +136,10 @@ def test_a_failing_rank_under_an_outside_launcher_settles_the_status(tmp_path, r
     assert not (tmp_path / "C.zarr").exists() and not leftovers(tmp_path)
 
 
-def test_killed_rank_ends_the_job_with_no_output(tmp_path):
+@pytest.mark.parametrize("rank,sig", [(2, signal.SIGKILL), (0, signal.SIGSEGV)])
+def test_killed_rank_ends_the_job_with_no_output(tmp_path, rank, sig):
+    """...and the job's error names the rank and how it died: it said "mpiexec exited with
+    code 9", whose report names a PID that is not the dead rank's."""
     n = 2200
     for name, seed in (("A", 1), ("B", 2)):
         mx_cli("data", "random", tmp_path / f"{name}.zarr", "--shape", f"{n},{n}", "--seed", seed, check=True)
@@ -148,13 +151,16 @@ def test_killed_rank_ends_the_job_with_no_output(tmp_path):
     deadline = time.monotonic() + 120
     while pid is None and time.monotonic() < deadline:
         for line in mx.logs(job_id).splitlines():
-            if "rank 2: pid" in line:
+            if f"rank {rank}: pid" in line:
                 pid = int(line.split("pid")[1].split()[0])
         time.sleep(0.05)
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
     rec = mx.wait(job_id, timeout=120)
     assert rec["state"] == "failed", rec
+    hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+    assert rec["error"] == f"rank {rank} of 4 was killed by {sig.name}{hint}", rec["error"]
+    assert f"failed: rank {rank} of 4 was killed by {sig.name}" in mx.logs(job_id)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("C")] or \
         all(mx.status(job_id)["steps"][int(p[1])]["state"] == "succeeded"
             for p in os.listdir(tmp_path) if p.startswith("C") and p.endswith(".zarr"))

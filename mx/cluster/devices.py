@@ -41,6 +41,15 @@ def gpu_memory() -> int | None:
     return int(cupy.cuda.runtime.getDeviceProperties(0)["totalGlobalMem"])
 
 
+def host_memory() -> int:
+    """Bytes of physical memory of this machine. All of it, not what is free now: a check
+    against it refuses only work that could never fit, not work that another process's
+    memory happens to crowd out."""
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def select_gpu(ray_gpu_ids: list) -> int:
     """Make this process use its assigned GPU. Ray masks the others with CUDA_VISIBLE_DEVICES
     (then the GPU is device 0), unless RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES is set (then

@@ -144,9 +144,10 @@ def prepare(source: Any, base: str | None = None, address: str | None = None,
     if address is not None and job.backend != "ray":
         raise UserError(f"--address {address}: sends a job to a Ray cluster, but this job's "
                         f"backend is {job.backend}; drop --address or use backend: ray")
-    name = spec.job_name(job, job_file)
+    name = spec.job_name(job, job_file, folder)
     job_plan = planning.plan_job(job, folder, name, address=address)
     planning.check_models(job_plan)
+    planning.check_memory(job_plan, address)
     if job.backend == "ray":
         planning.check_ray_capacity(job.resources, job_plan.workers,
                                     address or job.resources.cluster_address())
@@ -423,6 +424,29 @@ def mpiexec() -> str:
     return found
 
 
+RANK_ENDS = "rank-ends"  # the rank guards' lines, in the job's record folder
+
+
+def _rank_failure(job_id: str, code) -> str:
+    """Why the ranks of a job that recorded no end failed: a rank killed by a signal (it could
+    not say why; what the others marked then is their echo of it), else what a rank marked,
+    else how a rank exited, else what mpiexec said."""
+    ends = _rank_ends(job_id)
+    killed = [line for line in ends if " was killed by " in line]
+    return (killed[0] if killed else None) or record.failure(job_id) or \
+        (ends[0] if ends else None) or _mpiexec_failure(job_id, code)
+
+
+def _rank_ends(job_id: str) -> list[str]:
+    """The guards' lines (``mx.cluster.rankguard``) on ranks that ended badly, the first
+    to end first."""
+    try:
+        with open(record.path(job_id, RANK_ENDS)) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def _mpiexec_failure(job_id: str, code) -> str:
     """Why mpiexec failed before any rank could say: its output's known refusals named."""
     out = record.path(job_id, "mpi.out")
@@ -470,7 +494,12 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
     if "Open MPI" in version or "OpenRTE" in version:
         # Open MPI pins each rank to one core by default; a rank decodes chunks on many threads
         cmd += ["--bind-to", "none"]
-    cmd += [sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id]
+    # each rank under a guard that records how it ended, if badly (``_rank_failure``)
+    ends = record.path(job_id, RANK_ENDS)
+    if os.path.exists(ends):
+        os.remove(ends)  # a resumed job's: its ranks are not this run's
+    cmd += [sys.executable, "-m", "mx.cluster.rankguard", ends, "--",
+            sys.executable, "-m", "mx.cli.main", "run", "--job-id", job_id]
     with open(record.path(job_id, "mpi.out"), "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 env={**os.environ, "MX_HOME": record.home()},
@@ -526,7 +555,7 @@ def _launch_mpi(job_id: str, echo, progress) -> str:
         state, error = "cancelled", "interrupted" if interrupted else "cancelled by request"
         line = "cancelled; no output of the unfinished step was committed"
     else:
-        state, error = "failed", record.failure(job_id) or _mpiexec_failure(job_id, code)
+        state, error = "failed", _rank_failure(job_id, code)
         line = f"failed: {error}"
     for step in rec["steps"]:
         if step["state"] in ("queued", "running"):

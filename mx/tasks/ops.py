@@ -13,6 +13,9 @@ An op is plain data plus three functions (and two optional ones):
 - ``publish(output)`` (optional): files derived from the committed output, made after the
   commit (``diffuse``'s PNG beside its Zarr array), with ``check_publish(output, what)``
   refusing beforehand paths it may not write.
+- ``check_memory(plan, backend, gpus, here, what)`` (optional): refuse, when the job is
+  submitted, work that cannot fit its workers' memory; ``here`` says whether the job runs on
+  this machine (so its memory is the workers').
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Op:
     build: Callable[..., Any]
     publish: Callable[[str], Any] | None = None  # run on the output once committed
     check_publish: Callable[[str, str], None] | None = None  # at plan time: may publish write?
+    check_memory: Callable[..., None] | None = None  # at submit time: does the work fit?
 
 
 def registry() -> dict[str, Op]:

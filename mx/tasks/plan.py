@@ -144,6 +144,33 @@ def check_models(job_plan: JobPlan) -> None:
                 dit.check_weights(sp.inputs[name], f"{sp.what}.inputs.{name}")
 
 
+def check_memory(job_plan: JobPlan, address: str | None) -> None:
+    """Refuse, when the job is submitted, steps whose work cannot fit the memory of their
+    workers (the ops that can tell: ``Op.check_memory``). Only at submit time: the runner of
+    a job sent to a cluster plans it again on a machine that is not where its workers are."""
+    job = job_plan.job
+    here = runs_here(job, address)
+    for sp in job_plan.steps:
+        if sp.op.check_memory is not None:
+            sp.op.check_memory(sp.plan, job.backend, job.resources.gpus, here, sp.what)
+
+
+def runs_here(job: spec.Job, address: str | None) -> bool:
+    """Whether the job's workers run on this machine: the local backend, a local Ray that mx
+    starts for the job, or MPI ranks that `mx submit` starts with mpiexec. Not a Ray cluster
+    (an address, or a Ray this process already joined, which may be one), nor ranks started
+    by srun or mpiexec, which may be spread over nodes."""
+    if job.backend == "local":
+        return True
+    if job.backend == "mpi":
+        from mx.cluster import mpi
+
+        return not mpi.launched()
+    ray = sys.modules.get("ray")
+    joined = ray is not None and ray.is_initialized()
+    return (address or job.resources.cluster_address()) is None and not joined
+
+
 def step_where(index: int, step: spec.Step) -> str:
     """A step as errors name it: its place in the job and its id."""
     return f"steps[{index}] (id: {step.id})"

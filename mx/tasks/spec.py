@@ -2,7 +2,7 @@
 
 A job file is YAML::
 
-    name: gemm-demo                # optional
+    name: gemm-demo                # optional (default: the file's name; see ``job_name``)
     backend: ray                   # ray (default) | local | mpi
     resources: {workers: 4, gpus: 0, address: null}   # address: a Ray cluster (Jobs API)
     max_retries: 1                 # per step, when a worker process dies; a step may override
@@ -20,6 +20,8 @@ shapes) belong to each op and run in ``mx.tasks.plan``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import types
@@ -238,11 +240,23 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
 
 
-def job_name(job: Job, job_file: str | None) -> str:
-    """The job's name: ``name``, else the job file's name, else "job"."""
+def job_name(job: Job, job_file: str | None, base: str) -> str:
+    """The job's name: ``name``, else the job file's name, else "job-" and a hash of what the
+    job's steps write (``pipeline_hash``)."""
     if job.name:
         return job.name
-    return slug(os.path.splitext(os.path.basename(job_file))[0]) if job_file else "job"
+    if job_file:
+        return slug(os.path.splitext(os.path.basename(job_file))[0])
+    return f"job-{pipeline_hash(job, base)}"
+
+
+def pipeline_hash(job: Job, base: str) -> str:
+    """A short hash of each step's id, op and resolved output path. A job may replace only the
+    outputs its own name wrote, so unnamed jobs must not share one name (each would replace
+    the others' results), yet a rerun with other params must keep its name (and so may
+    replace its own output): params are left out."""
+    steps = [[step.id, step.op, resolve_path(step.output, base)] for step in job.steps]
+    return hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:8]
 
 
 def step_ref(value: str) -> str | None:
