@@ -160,6 +160,8 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
             v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep)
             v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
+            if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
+                u, v, v_full = _balance(ctx, u, v, v_full, ("balance", sweep))
             u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k, seed + 2 * sweep + 1)
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
@@ -261,8 +263,14 @@ def _condition(xp, y) -> float:
 # ---------------------------------------------------------------------- initialisation
 def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     """Top-k subspaces of the rescaled observed matrix by a randomized SVD (sparse products
-    only); returns this worker's rows of U·Σ^½, clipped for incoherence, and of V·Σ^½ (the
-    warm start of the first V solve, for the methods that take one)."""
+    only); returns this worker's rows of U·s, clipped for incoherence, and of V·Σ/s (the
+    warm start of the first V solve, for the methods that take one), s² the geometric mean
+    of Σ. The first V solve is against U's orthonormal basis, as the paper's: an exact solve
+    gets the same product from any basis, and an iterative one converges fastest against
+    this one. The estimate's Σ is spread by sampling noise: with U·Σ^½, cond(YᵀY) = σ₁/σ_k
+    was past WELL_CONDITIONED on a planted κ = 1 matrix (10⁶ rows of 300, k = 16), and the
+    first half-sweep cost what two later sweeps do. ``_balance`` then splits the product's
+    scale evenly between the factors."""
     xp = ctx.xp
     m, n = shape
     width = min(k + 8, m, n)
@@ -296,9 +304,10 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     evals, evecs = np.linalg.eigh(gram)
     top = np.argsort(evals)[::-1][:k]
     sigma = np.sqrt(np.maximum(evals[top], 0))
-    u = q @ xp.asarray(evecs[:, top] * np.sqrt(sigma)[None, :])  # U·Σ^½ of the estimate
-    # M ≈ Q·B with B = E Σ Wᵀ (Bᵀ = bt): V·Σ^½ = W Σ^½ = Bᵀ E Σ^-½
-    v = bt @ xp.asarray(evecs[:, top] / np.sqrt(np.maximum(sigma, 1e-300))[None, :])
+    s = float(np.exp(0.5 * np.mean(np.log(np.maximum(sigma, 1e-300)))))
+    u = q @ xp.asarray(evecs[:, top] * s)  # U·s of the estimate
+    # M ≈ Q·B with B = E Σ Wᵀ (Bᵀ = bt): V·Σ/s = W Σ / s = Bᵀ E / s
+    v = bt @ xp.asarray(evecs[:, top] / s)
     # clip rows heavier than twice the root-mean-square row norm (incoherence)
     norms = xp.sqrt((u * u).sum(axis=1))
     total = sum(_gather(ctx, np.array([float((norms * norms).sum())]), "init-norm"))
@@ -306,6 +315,26 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     factor = xp.minimum(1.0, limit / xp.maximum(norms, 1e-300))
     ctx.count("init-rows-clipped", int((factor < 1).sum()))
     return u * factor[:, None], v
+
+
+def _balance(ctx, u, v, v_full, tag):
+    """u, v (this worker's rows) and v_full times k×k matrices that leave U·Vᵀ as it is and
+    make UᵀU = VᵀV = S, the product's singular values: each factor then carries the square
+    root of its scale, and cond(YᵀY) is σ₁/σ_k in either half-sweep. From the Cholesky
+    factors R_u, R_v of the two Gram matrices and the SVD R_u R_vᵀ = P S Qᵀ: U R_u⁻¹ P S^½
+    and V R_v⁻¹ Q S^½. Left as they are where a Gram matrix is singular."""
+    xp = ctx.xp
+    gu = sum(_gather(ctx, _host(xp, u.T @ u), tag))
+    gv = _host(xp, v_full.T @ v_full)
+    try:
+        ru = np.linalg.cholesky(gu + 1e-14 * np.trace(gu) * np.eye(len(gu))).T
+        rv = np.linalg.cholesky(gv + 1e-14 * np.trace(gv) * np.eye(len(gv))).T
+    except np.linalg.LinAlgError:
+        return u, v, v_full
+    p, s, qt = np.linalg.svd(ru @ rv.T)
+    tu = xp.asarray(np.linalg.solve(ru, p) * np.sqrt(s)[None, :])
+    tv = xp.asarray(np.linalg.solve(rv, qt.T) * np.sqrt(s)[None, :])
+    return u @ tu, v @ tv, v_full @ tv
 
 
 def _cholesky_qr(ctx, y, tag):
