@@ -9,6 +9,7 @@ only factor blocks move between workers, never Ω.
 - **Initialisation** is as in the paper: the top-k subspace of the rescaled observed matrix,
   from a randomized SVD that only multiplies the sparse matrix (two power iterations,
   CholeskyQR across workers). Rows of U that are too heavy are clipped, for incoherence.
+  The first V solve is against U's orthonormal basis; the two factors are then balanced.
 - **Sweeps** then alternate V and U. Row solves are batched: ``exact`` (ALS), ``cg`` (a few
   CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, exact solves on light rows
   and, on heavy ones, plain CG where the other factor is so well conditioned that the sketch
