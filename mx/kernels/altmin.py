@@ -269,9 +269,9 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     of Σ. The first V solve is against U's orthonormal basis, as the paper's: an exact solve
     gets the same product from any basis, and an iterative one converges fastest against
     this one. The estimate's Σ is spread by sampling noise: with U·Σ^½, cond(YᵀY) = σ₁/σ_k
-    was past WELL_CONDITIONED on a planted κ = 1 matrix (10⁶ rows of 300, k = 16), and the
-    first half-sweep cost what two later sweeps do. ``_balance`` then splits the product's
-    scale evenly between the factors."""
+    was past WELL_CONDITIONED on a planted κ = 1 matrix (10⁶ rows of 300, k = 16): its first
+    half-sweep was solved exactly, and the first sweep cost what two later ones do.
+    ``_balance`` then splits the product's scale evenly between the factors."""
     xp = ctx.xp
     m, n = shape
     width = min(k + 8, m, n)
