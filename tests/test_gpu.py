@@ -552,25 +552,16 @@ def _cases(dtype, tol):
 
 
 @contextlib.contextmanager
-def _refine(on: bool):
+def _lsq_settings(refine: bool, storage):
+    """lsq.REFINE and lsq.CORRECTION_STORAGE as given inside the block, as they were after."""
     from mx.kernels import lsq
 
-    lsq.REFINE = on
+    keep = lsq.REFINE, lsq.CORRECTION_STORAGE
+    lsq.REFINE, lsq.CORRECTION_STORAGE = refine, storage
     try:
         yield
     finally:
-        lsq.REFINE = True
-
-
-@contextlib.contextmanager
-def _correction_storage(storage):
-    from mx.kernels import lsq
-
-    keep, lsq.CORRECTION_STORAGE = lsq.CORRECTION_STORAGE, storage
-    try:
-        yield
-    finally:
-        lsq.CORRECTION_STORAGE = keep
+        lsq.REFINE, lsq.CORRECTION_STORAGE = keep
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-7), (np.float32, 2e-3)])
@@ -594,7 +585,7 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
     rows = np.sort(rng.choice(m, m - 17, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
     for refine, storage, tol in _cases(dtype, tol):
-        with _refine(refine), _correction_storage(storage):
+        with _lsq_settings(refine, storage):
             for reg, steps, seed in [(0.0, 1, 3), (0.0, 3, 11), (0.7, 2, 5)]:
                 want = lsq.solve_sketch(np, x0, y, indptr, cols, vals, reg, rows, steps, seed)
                 got = lsq.solve_sketch(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
@@ -637,7 +628,7 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
     for refine, storage, tol in _cases(dtype, tol):
-        with _refine(refine), _correction_storage(storage):
+        with _lsq_settings(refine, storage):
             for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
                 want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
                 got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,

@@ -56,19 +56,26 @@ __device__ inline void add_outer(const T* v, int ti, int tj, T acc[TILE][TILE]) 
 # at UNROLL·KPL registers each (4 entries at KPL 2, 2 at KPL 4).
 _GATHER = r"""
 #define UNROLL (KPL >= 8 ? 1 : 8 / KPL)
-// Rows j[u] of Y (zeros where j[u] < 0), a warp's lane holding components lane + 32t, and
-// their dot products with v (the lane's components of it), summed over the warp. All
+// Rows j[u] of Y (zeros where j[u] < 0), a warp's lane holding components lane + 32t. All
 // UNROLL rows' loads are issued before any is used.
-__device__ inline void gather(const T* __restrict__ y, int k, const long long* j, const T* v,
-                              T yj[UNROLL][KPL], T dt[UNROLL]) {
+__device__ inline void load_rows(const T* __restrict__ y, int k, const long long* j,
+                                 T yj[UNROLL][KPL]) {
     const int lane = threadIdx.x % 32;
-    for (int u = 0; u < UNROLL; u++) {
-        dt[u] = 0;
+    for (int u = 0; u < UNROLL; u++)
         for (int t = 0; t < KPL; t++) {
             const int c = lane + 32 * t;
             yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
-            dt[u] += v[t] * yj[u][t];
         }
+}
+
+// The rows (``load_rows``) and their dot products with v (the lane's components of it),
+// summed over the warp.
+__device__ inline void gather(const T* __restrict__ y, int k, const long long* j, const T* v,
+                              T yj[UNROLL][KPL], T dt[UNROLL]) {
+    load_rows(y, k, j, yj);
+    for (int u = 0; u < UNROLL; u++) {
+        dt[u] = 0;
+        for (int t = 0; t < KPL; t++) dt[u] += v[t] * yj[u][t];
     }
     for (int u = 0; u < UNROLL; u++) dt[u] = warp_sum(dt[u]);
 }
@@ -377,16 +384,14 @@ extern "C" __global__ void spmm_rows(const long long* __restrict__ indptr,
     T acc[KPL];
     for (int t = 0; t < KPL; t++) acc[t] = 0;
     for (long long e0 = indptr[i]; e0 < end; e0 += UNROLL) {
+        long long j[UNROLL];
         T xj[UNROLL][KPL], a[UNROLL];
         for (int u = 0; u < UNROLL; u++) {
             const long long e = e0 + u;
-            const long long j = e < end ? cols[e] : -1;
+            j[u] = e < end ? cols[e] : -1;
             a[u] = e < end ? vals[e] : (T)0;
-            for (int t = 0; t < KPL; t++) {
-                const int c = lane + 32 * t;
-                xj[u][t] = (j >= 0 && c < w) ? x[j * w + c] : (T)0;
-            }
         }
+        load_rows(x, w, j, xj);
         for (int u = 0; u < UNROLL; u++)
             for (int t = 0; t < KPL; t++) acc[t] += a[u] * xj[u][t];
     }
@@ -486,13 +491,8 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
                 if (r0 == nullptr) {
                     gather(y, k, j, xl, yj, dt);
                 } else {  // from zero: no residual to form, so no dot products
-                    for (int u = 0; u < UNROLL; u++) {
-                        dt[u] = 0;
-                        for (int t = 0; t < KPL; t++) {
-                            const int c = lane + 32 * t;
-                            yj[u][t] = (j[u] >= 0 && c < k) ? y[j[u] * k + c] : (T)0;
-                        }
-                    }
+                    load_rows(y, k, j, yj);
+                    for (int u = 0; u < UNROLL; u++) dt[u] = 0;
                 }
                 for (int u = 0; u < UNROLL; u++) {
                     const T w = m[u] - dt[u];
