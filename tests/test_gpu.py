@@ -442,6 +442,32 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
         assert "rows below that are solved exactly (on a GPU at rank <= 32" in log, log
 
 
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("condition,heavy", [(1.0, "plain-cg"), (30.0, "sketch")])
+def test_completion_over_nccl_solves_heavy_rows_iteratively(tmp_path, ray_session, condition,
+                                                            heavy):
+    """Two GPU actors, factor blocks all-gathered over NCCL, with rows heavy enough for the
+    iterative solvers: plain CG against a well-conditioned factor, the sketch otherwise (rank 4:
+    from 64k = 256 observations, so the ~256 a row are split between it and exact solves)."""
+    import zarr
+    from mx.storage import generate
+
+    rng = np.random.default_rng()
+    m, n = int(rng.integers(2900, 3100)), int(rng.integers(500, 530))
+    generate.lowrank(str(tmp_path / "O.zarr"), (m, n), 4, 0.5, condition=condition,
+                     seed=int(rng.integers(1 << 30)))
+    job = {"resources": {"gpus": 2, "workers": 2},
+           "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
+                      "params": {"rank": 4, "tol": 1e-9, "max_iters": 80}}]}
+    job_id = mx.submit(job, base=str(tmp_path))
+    g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
+    got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
+    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
+    assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
+    log = mx.logs(job_id)
+    assert f"row-solves-{heavy}" in log and "gang transport nccl" in log, log
+
+
 def test_a_gpu_job_on_the_head_runs_and_cancel_gives_the_gpu_back(head, tmp_path, rng):
     """Through `mx cluster up`: a gemm on the GPU through the Jobs API, then a long
     out-of-core gemm cancelled mid-run; afterwards the head's GPUs are all free again."""
