@@ -48,7 +48,12 @@ def csr(xp, indptr, indices, values, shape):
 
 def row_ids(xp, indptr):
     """The row of every stored entry."""
-    return xp.repeat(xp.arange(indptr.size - 1), xp.diff(indptr).astype(np.int64))
+    if xp is np:
+        return np.repeat(np.arange(indptr.size - 1), np.diff(indptr).astype(np.int64))
+    # CuPy's repeat takes no device array of counts: the row of entry p is the number of row
+    # ends at or before p
+    first, end = int(indptr[0]), int(indptr[-1])
+    return xp.searchsorted(indptr[1:], xp.arange(first, end, dtype=indptr.dtype), side="right")
 
 
 # entries whose factor rows are gathered at once (bounds the (entries × k) temporaries)
