@@ -130,6 +130,36 @@ def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketc
         assert np.allclose(got[m - 5:], exact[m - 5:])
 
 
+def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypatch):
+    """Where light rows are iterated (on a GPU; here the NumPy reference of its CG), a
+    well-conditioned half-sweep gives them the light-row steps from the last sweep's value,
+    heavy rows their own; against an ill-conditioned factor they are solved exactly again."""
+    from mx.kernels import altmin
+
+    monkeypatch.setattr(altmin, "light_rows_iterative", lambda xp, y: True)
+    k, m, n = int(rng.integers(8, 14)), 41, 3001
+    degree = rng.integers(2 * k, altmin.HEAVY_DEGREE * k, size=m)  # light
+    degree[:6] = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=6)  # heavy
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size)
+    rows = lsq.row_ids(np, indptr)
+    for scale, want in [(1.0, {"plain-cg": m}), (30.0, {"exact": m - 6, "sketch": 6})]:
+        y = rng.standard_normal((n, k)) * np.geomspace(1, scale, k)
+        exact = lsq.solve_exact(np, y, indptr, cols, vals, 0.0)
+        x0 = exact + 0.3 * rng.standard_normal((m, k)) * np.abs(exact).mean()
+        got, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), 0.0, None, k, 0)
+        assert used == want, used
+        err = np.linalg.norm(((got - exact)[rows] * y[cols]).sum(axis=1))
+        err0 = np.linalg.norm(((x0 - exact)[rows] * y[cols]).sum(axis=1))
+        assert err < 0.2 * err0, (want, err / err0)
+        if scale == 1.0:  # the light rows took exactly the light-row steps of plain CG
+            light = np.arange(6, m)
+            steps = altmin.cg_steps("altmin-sketch", "plain-cg-light")
+            ref = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, 0.0, light, steps)
+            assert np.allclose(got[light], ref[light], rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
 def test_noise_regularisation_and_history(tmp_path):
     generate.lowrank(str(tmp_path / "O.zarr"), (211, 173), 4, 0.4, noise=0.01, seed=3)
     mx.submit(job("local", 2, "altmin-sketch", rank=4, reg=0.1, holdout=0.1, tol=1e-4),

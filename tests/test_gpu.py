@@ -2,6 +2,7 @@
 GPU actors, ABFT on the GPU. Skipped where no GPU is present (CI); run on a GPU machine."""
 
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -440,6 +441,29 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
         log = mx.logs(job_id)
         assert "row-solves-exact" in log and "row-solves-sketch" not in log, log
         assert "rows below that are solved exactly (on a GPU at rank <= 32" in log, log
+
+
+def test_completion_on_a_gpu_iterates_light_rows_against_a_well_conditioned_factor(tmp_path,
+                                                                                  ray_session):
+    """Rows and columns of about 12k observations (light) get plain CG steps on a GPU where the
+    other factor is well conditioned, and the answer is the planted matrix all the same."""
+    import zarr
+    from mx.storage import generate
+
+    rng = np.random.default_rng()
+    m, n = int(rng.integers(1400, 1600)), int(rng.integers(1150, 1250))
+    generate.lowrank(str(tmp_path / "O.zarr"), (m, n), 8, 0.08, seed=int(rng.integers(1 << 30)))
+    job = {"resources": {"gpus": 1},
+           "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
+                      "params": {"rank": 8, "tol": 1e-9, "max_iters": 80}}]}
+    job_id = mx.submit(job, base=str(tmp_path))
+    g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
+    got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
+    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
+    assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
+    log = mx.logs(job_id)
+    assert "row-solves-plain-cg" in log and not re.search(r"row-solves-exact [1-9]", log), log
+    assert "lighter rows get 4 plain CG steps" in log, log
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")

@@ -17,7 +17,7 @@ from dask.task_spec import Task, TaskRef
 from pydantic import ConfigDict, Field
 
 from mx.errors import UserError
-from mx.kernels import altmin, lsq
+from mx.kernels import altmin, lsq, rowsolve
 from mx.storage import dense, sparse
 from mx.tasks import blocks
 from mx.tasks.graph import StepGraph, comm_key
@@ -89,10 +89,16 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
         otherwise += (f" for rows with >= {altmin.SMALL_RANK_SKETCH_DEGREE * k} observations, "
                       f"and rows below that are solved exactly (on a GPU at rank <= "
                       f"{altmin.FUSED_EXACT_MAX_RANK} the fused exact solve costs less there)")
+    lighter = "lighter rows solved exactly"
+    if gpus > 0 and k <= rowsolve.WARP_MAX_RANK:
+        lighter = (f"lighter rows get {altmin.cg_steps(p.method, 'plain-cg-light', p.cg_iters)} "
+                   f"plain CG steps from the last sweep's value in a well-conditioned "
+                   f"half-sweep (on a GPU they cost a fraction of the exact solve), and are "
+                   f"solved exactly otherwise")
     return [f"rows with >= {altmin.heavy_degree(k)} observations: in a half-sweep whose other "
             f"factor is well conditioned (cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} "
-            f"plain CG steps from the last sweep's value; otherwise {otherwise}; lighter rows "
-            f"solved exactly (row-solves counters below)"]
+            f"plain CG steps from the last sweep's value; otherwise {otherwise}; {lighter} "
+            f"(row-solves counters below)"]
 
 
 def _thin_warning(plan: CompletePlan) -> list[str]:
