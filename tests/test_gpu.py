@@ -423,72 +423,60 @@ def test_gemm_on_mpi_ranks_with_gpus(tmp_path, rng):
     assert "gang transport: " in mx.logs(job_id) and "MPI" in mx.logs(job_id)
 
 
-@pytest.mark.parametrize("method", ["altmin-sketch", "als", "als-cg"])
-def test_completion_on_gpu_actors(tmp_path, ray_session, method):
+def complete_planted(tmp_path, resources: dict, params: dict) -> str:
+    """A `complete` step on the planted O.zarr in tmp_path: asserts the planted matrix is
+    recovered to 1e-6 and returns the job's log."""
     import zarr
-    from mx.storage import generate
 
-    generate.lowrank(str(tmp_path / "O.zarr"), (901, 777), 8, 0.2, condition=10.0, seed=5)
-    job = {"resources": {"gpus": min(GPUS, 2)},
+    job = {"resources": resources,
            "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
-                      "params": {"rank": 8, "method": method, "tol": 1e-9, "max_iters": 60}}]}
+                      "params": {"tol": 1e-9, "max_iters": 80, **params}}]}
     job_id = mx.submit(job, base=str(tmp_path))
     g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
     got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
     want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
     assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
+    return mx.logs(job_id)
+
+
+@pytest.mark.parametrize("method", ["altmin-sketch", "als", "als-cg"])
+def test_completion_on_gpu_actors(tmp_path, ray_session, method):
+    from mx.storage import generate
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (901, 777), 8, 0.2, condition=10.0, seed=5)
+    log = complete_planted(tmp_path, {"gpus": min(GPUS, 2)}, {"rank": 8, "method": method})
     if method == "altmin-sketch":  # rank 8 on a GPU, κ = 10, rows below 64k = 512: exact
-        log = mx.logs(job_id)
         assert "row-solves-exact" in log and "row-solves-sketch" not in log, log
         assert "rows below that are solved exactly (on a GPU at rank <= 32" in log, log
 
 
-def test_completion_on_a_gpu_iterates_light_rows_against_a_well_conditioned_factor(tmp_path,
-                                                                                  ray_session):
+def test_completion_on_a_gpu_iterates_light_rows_against_a_well_conditioned_factor(
+        tmp_path, rng, ray_session):
     """Rows and columns of about 12k observations (light) get plain CG steps on a GPU where the
     other factor is well conditioned, and the answer is the planted matrix all the same."""
-    import zarr
     from mx.storage import generate
 
-    rng = np.random.default_rng()
     m, n = int(rng.integers(1400, 1600)), int(rng.integers(1150, 1250))
     generate.lowrank(str(tmp_path / "O.zarr"), (m, n), 8, 0.08, seed=int(rng.integers(1 << 30)))
-    job = {"resources": {"gpus": 1},
-           "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
-                      "params": {"rank": 8, "tol": 1e-9, "max_iters": 80}}]}
-    job_id = mx.submit(job, base=str(tmp_path))
-    g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
-    got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
-    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
-    assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
-    log = mx.logs(job_id)
+    log = complete_planted(tmp_path, {"gpus": 1}, {"rank": 8})
     assert "row-solves-plain-cg" in log and not re.search(r"row-solves-exact [1-9]", log), log
     assert "lighter rows get 4 plain CG steps" in log, log
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("condition,heavy", [(1.0, "plain-cg"), (30.0, "sketch")])
-def test_completion_over_nccl_solves_heavy_rows_iteratively(tmp_path, ray_session, condition,
-                                                            heavy):
-    """Two GPU actors, factor blocks all-gathered over NCCL, with rows heavy enough for the
-    iterative solvers: plain CG against a well-conditioned factor, the sketch otherwise (rank 4:
-    from 64k = 256 observations, so the ~256 a row are split between it and exact solves)."""
-    import zarr
+def test_completion_over_nccl_solves_heavy_rows_iteratively(tmp_path, rng, ray_session,
+                                                            condition, heavy):
+    """Two GPU actors, Ω's by-columns part and the factor blocks sent over NCCL, with rows
+    heavy enough for the iterative solvers: plain CG against a well-conditioned factor, the
+    sketch otherwise (rank 4: from 64k = 256 observations, so the ~256 a row are split
+    between it and exact solves)."""
     from mx.storage import generate
 
-    rng = np.random.default_rng()
     m, n = int(rng.integers(2900, 3100)), int(rng.integers(500, 530))
     generate.lowrank(str(tmp_path / "O.zarr"), (m, n), 4, 0.5, condition=condition,
                      seed=int(rng.integers(1 << 30)))
-    job = {"resources": {"gpus": 2, "workers": 2},
-           "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"}, "output": "F.zarr",
-                      "params": {"rank": 4, "tol": 1e-9, "max_iters": 80}}]}
-    job_id = mx.submit(job, base=str(tmp_path))
-    g, o = zarr.open_group(str(tmp_path / "F.zarr")), zarr.open_group(str(tmp_path / "O.zarr"))
-    got = np.asarray(g["u"][...]) @ np.asarray(g["v"][...]).T
-    want = np.asarray(o["truth_u"][...]) @ np.asarray(o["truth_v"][...]).T
-    assert rel_error(got, want) < 1e-6, g.attrs["stopped"]
-    log = mx.logs(job_id)
+    log = complete_planted(tmp_path, {"gpus": 2, "workers": 2}, {"rank": 4})
     assert f"row-solves-{heavy}" in log and "gang transport nccl" in log, log
 
 
