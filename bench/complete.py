@@ -28,13 +28,27 @@ from mx.kernels import altmin, lsq  # noqa: E402
 METHODS = ("altmin-sketch", "als-cg", "als")
 
 
-def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64):
-    """Ω by rows and by columns, and the held-out entries by rows (CSR arrays on the GPU)."""
+def popular(cp, rng, count, size, exponent):
+    """``size`` draws from ``count`` items, item i (in a random order) drawn with probability
+    proportional to (i + 1)^-exponent: a few items are far more popular than the rest."""
+    cdf = cp.cumsum(cp.arange(1, count + 1, dtype=np.float64) ** -exponent)
+    picks = cp.searchsorted(cdf, rng.random(size) * cdf[-1])
+    return cp.asarray(np.random.default_rng(int(count)).permutation(count))[cp.minimum(picks, count - 1)]
+
+
+def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64, skew=None):
+    """Ω by rows and by columns, and the held-out entries by rows (CSR arrays on the GPU).
+    Entries are uniform at random, or with ``skew`` = (a, b) rows and columns drawn apart with
+    popularity exponents a and b (``popular``)."""
     rng = cp.random.default_rng(seed)
     scale = cp.asarray(np.geomspace(1.0, 1.0 / condition, k) * math.sqrt(m * n / k))
     u = cp.linalg.qr(rng.standard_normal((m, k)))[0] * cp.sqrt(scale)
     v = cp.linalg.qr(rng.standard_normal((n, k)))[0] * cp.sqrt(scale)
-    keys = cp.unique(rng.integers(0, m * n, size=entries, dtype=np.int64))
+    if skew:
+        keys = cp.unique(popular(cp, rng, m, entries, skew[0]) * n
+                         + popular(cp, rng, n, entries, skew[1]))
+    else:
+        keys = cp.unique(rng.integers(0, m * n, size=entries, dtype=np.int64))
     rows, cols = keys // n, keys % n
     vals = cp.empty(keys.size, dtype=dtype)
     for lo in range(0, int(keys.size), 1 << 22):
@@ -116,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--max-entries", type=float, default=1.5e8)
     ap.add_argument("--conditions", default="1,100")
     ap.add_argument("--movielens", action="store_true", help="also 138k×27k, 20M entries, k=64")
+    ap.add_argument("--skewed", action="store_true",
+                    help="also 138k×27k, 20M entries, k=64, with MovieLens-like skew: the most "
+                         "popular user and film have about 10k and 60k entries")
     ap.add_argument("--max-iters", type=int, default=30)
     ap.add_argument("--cg-iters", type=int, default=0,
                     help="CG steps per half-sweep; default each method's own (altmin.CG_STEPS)")
@@ -134,13 +151,17 @@ def main(argv=None):
         for cond in [float(x) for x in args.conditions.split(",")]:
             per_row = args.entries_per_row or 10 * k * math.log(args.n)
             entries = int(min(per_row * args.n, args.max_entries))
-            cases.append((f"planted n={args.n} k={k} κ={cond:g}", args.n, args.n, k, entries, cond))
+            cases.append((f"planted n={args.n} k={k} κ={cond:g}", args.n, args.n, k, entries, cond,
+                          None))
     if args.movielens:
-        cases.append(("MovieLens-20M-sized", 138_493, 26_744, 64, 20_000_263, 1.0))
+        cases.append(("MovieLens-20M-sized", 138_493, 26_744, 64, 20_000_263, 1.0, None))
+    if args.skewed:
+        cases.append(("MovieLens-20M-sized, skewed", 138_493, 26_744, 64, 20_000_263, 1.0,
+                      (0.4, 0.5)))
     warm_up(cp, sorted({c[3] for c in cases}), args.methods.split(","))
     rows = []
-    for name, m, n, k, entries, cond in cases:
-        R, C, held = planted(cp, m, n, k, entries, cond, seed=1)
+    for name, m, n, k, entries, cond, skew in cases:
+        R, C, held = planted(cp, m, n, k, entries, cond, seed=1, skew=skew)
         # one untimed sweep first: the first method timed on a fresh case was seen to pay
         # for the case's first allocations (a third more on its first sweep)
         run_spec(cp, R, C, held, (m, n), k, args.methods.split(",")[0], 1, args.cg_iters, 0.0)

@@ -647,13 +647,19 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
 
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 2e-3)])
 @pytest.mark.parametrize("k", [1, 7, 33, 64, 100, 128])
-def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k):
+@pytest.mark.parametrize("wide_degree", [None, 500])
+def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_degree,
+                                                     monkeypatch):
     """All of a row's CG steps in one warp (residual pass, then one pass per step) against
     the NumPy reference, on rows of awkward degrees (empty ones too), with and without
-    regularisation; rows not asked for keep their start."""
+    regularisation; rows not asked for keep their start. With ``wide_degree`` the four
+    heaviest rows get a block of warps each (``rowsolve.WIDE_DEGREE``)."""
     import cupy
 
-    from mx.kernels import lsq
+    from mx.kernels import lsq, rowsolve
+
+    if wide_degree:
+        monkeypatch.setattr(rowsolve, "WIDE_DEGREE", wide_degree)
 
     m, n = 211, 1907
     degree = rng.integers(0, 3 * k + 40, size=m)

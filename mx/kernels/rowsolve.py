@@ -186,6 +186,17 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 _GROUP_HELPERS = r"""
 #include <cuda_fp16.h>
 #define GROUPS (32 / L)
+// NW warps share a row (a block a row) in the wide kernels; one warp a row otherwise
+#ifndef NW
+#define NW 1
+#endif
+// the row slot this thread serves: its warp's, or its block's where NW warps share a row
+__device__ inline long long row_slot() {
+    return NW == 1 ? ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32
+                   : (long long)blockIdx.x;
+}
+// this warp's share of a row's entries: blocks of GROUPS·U from start + part·GROUPS·U
+__device__ inline int part() { return NW == 1 ? 0 : (int)(threadIdx.x / 32); }
 __device__ inline T group_sum(T v) {
     for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
@@ -194,6 +205,23 @@ __device__ inline T group_sum(T v) {
 __device__ inline void across_groups(T* v, int n) {
     for (int o = L; o < 32; o <<= 1)
         for (int c = 0; c < n; c++) v[c] += __shfl_xor_sync(0xffffffff, v[c], o);
+}
+// n sums of each warp (already added over its groups) added over the NW warps sharing a row,
+// in one order on every lane, so that every warp keeps the same vectors
+__device__ inline void across_warps(T* v, int n) {
+#if NW > 1
+    __shared__ T sums[NW][L * C];
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    __syncthreads();  // the last reads of ``sums`` are done
+    if (lane < L)
+        for (int c = 0; c < n; c++) sums[w][lane * C + c] = v[c];
+    __syncthreads();
+    for (int c = 0; c < n; c++) {
+        T t = 0;
+        for (int q = 0; q < NW; q++) t += sums[q][(lane % L) * C + c];
+        v[c] = t;
+    }
+#endif
 }
 // the lane's C components of row j of the operand (zeros for j < 0), by 16-byte loads
 __device__ inline void load_segment(const S* __restrict__ y, long long j, T* v) {
@@ -214,7 +242,7 @@ __device__ inline void load_own(const T* __restrict__ a, long long i, int k, T* 
 }
 __device__ inline void store_own(T* __restrict__ a, long long i, int k, const T* v) {
     const int l = (threadIdx.x % 32) % L;
-    if (threadIdx.x % 32 >= L) return;  // group 0 writes
+    if (threadIdx.x % 32 >= L || part() != 0) return;  // group 0 of warp 0 writes
     for (int c = 0; c < C; c++) { const int col = l * C + c; if (col < k) a[i * k + col] = v[c]; }
 }
 // The group's U entries of the block of GROUPS·U from ``base`` (entry base + u·GROUPS + g;
@@ -291,24 +319,25 @@ __device__ inline void residual_pass(const long long* __restrict__ cols,
         T reg, const T* x, T* r)
 {
     for (int c = 0; c < C; c++) r[c] = 0;
-    for (long long base = start; base < end; base += GROUPS * U) {
+    for (long long base = start + part() * GROUPS * U; base < end; base += NW * GROUPS * U) {
         T yj[U][C], dt[U], mv[U];
         gather(cols, vals, y, base, end, x, (T)1, yj, dt, mv);
         for (int u = 0; u < U; u++)
             for (int c = 0; c < C; c++) r[c] += (mv[u] - dt[u]) * yj[u][c];
     }
     across_groups(r, C);
+    across_warps(r, C);
     for (int c = 0; c < C; c++) r[c] -= reg * x[c];
 }
 
-// The warm start's residual (above) for the rows ``rows``, one warp per row, into r_out
-// (row i at i·k): what a CG correction computed in a narrower type starts from.
+// The warm start's residual (above) for the rows ``rows``, one warp (or NW) per row, into
+// r_out (row i at i·k): what a CG correction computed in a narrower type starts from.
 extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
         const int k, const T reg, T* __restrict__ r_out)
 {
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
     T x[C], r[C];
@@ -317,8 +346,8 @@ extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
     store_own(r_out, i, k, r);
 }
 
-// Plain CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp per row, every
-// vector in registers, one pass over Ω_i per step. From x0, with one more pass for its
+// Plain CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp (or NW) per row,
+// every vector in registers, one pass over Ω_i per step. From x0, with one more pass for its
 // residual; or, given that residual r0 (row i at i·k), from zero: the correction to x0
 // (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot products
 // back into Y's.
@@ -328,7 +357,7 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long nrows, const int k, const int steps, const T reg, const T scale,
         T* __restrict__ out)
 {
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
     const long long start = indptr[i], end = indptr[i + 1];
@@ -346,13 +375,15 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
     const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
     for (int step = 0; step < steps; step++) {
         for (int c = 0; c < C; c++) q[c] = 0;
-        for (long long base = start; base < end; base += GROUPS * U) {
+        for (long long base = start + part() * GROUPS * U; base < end;
+             base += NW * GROUPS * U) {
             T yj[U][C], dt[U];
             gather(cols, nullptr, y, base, end, p, scale, yj, dt, nullptr);
             for (int u = 0; u < U; u++)
                 for (int c = 0; c < C; c++) q[c] += dt[u] * yj[u][c];
         }
         across_groups(q, C);
+        across_warps(q, C);
         T pq = 0;
         for (int c = 0; c < C; c++) { q[c] += reg * p[c]; pq += p[c] * q[c]; }
         pq = group_sum(pq);
@@ -605,6 +636,11 @@ sketch_rows(const long long* __restrict__ indptr, const long long* __restrict__ 
 WARP_MAX_RANK = 128
 SPMM_MAX_WIDTH = 256  # spmm keeps KPL = width/32 sums per lane, and no other vectors
 WARPS_PER_BLOCK = 8
+# Rows of at least WIDE_DEGREE entries get WIDE_WARPS warps (one block) in plain CG and its
+# residual pass: on skewed data (a film of 67k ratings among rows of a few hundred) one warp
+# on such a row outlasts all the others.
+WIDE_DEGREE = 4096
+WIDE_WARPS = 16
 
 _MODULES: dict = {}
 
@@ -689,16 +725,18 @@ def _group_defines(dtype, storage, k: int) -> tuple[tuple, str]:
     return (dtype.name, storage.name, c, lanes), code
 
 
-def _group_kernel(name: str, dtype, storage, k: int):
-    """A group kernel doing its arithmetic in ``dtype`` on an operand stored as ``storage``."""
+def _group_kernel(name: str, dtype, storage, k: int, nw: int = 1):
+    """A group kernel doing its arithmetic in ``dtype`` on an operand stored as ``storage``,
+    with ``nw`` warps a row (``cg_rows`` and ``residual_rows`` only, past 1)."""
     import cupy
 
     key, defines = _group_defines(dtype, storage, k)
-    module = _MODULES.get(("group",) + key)
+    module = _MODULES.get(("group", nw) + key)
     if module is None:
-        code = f"#define T {_C_TYPE[np.dtype(dtype)]}\n" + defines + _GROUP_HELPERS + _GROUP_SOURCE
+        code = (f"#define T {_C_TYPE[np.dtype(dtype)]}\n#define NW {nw}\n" + defines
+                + _GROUP_HELPERS + _GROUP_SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
-        _MODULES[("group",) + key] = module
+        _MODULES[("group", nw) + key] = module
     return module.get_function(name)
 
 
@@ -740,6 +778,24 @@ def _warp_launch(fn, m: int, args) -> None:
         fn((blocks,), (threads,), args)
 
 
+def _rows_launch(name, dtype, storage, k, indptr, rows, args) -> None:
+    """Launch the row kernel ``name`` over ``rows`` (int64 ids; ``args(rows, count)`` gives its
+    arguments for a subset): one warp a row, and WIDE_WARPS warps (a block) for rows of at
+    least WIDE_DEGREE entries, which would otherwise keep the whole launch waiting on one
+    warp."""
+    degree = indptr[rows + 1] - indptr[rows]
+    wide = degree >= WIDE_DEGREE
+    if not bool(wide.any()):
+        _warp_launch(_group_kernel(name, dtype, storage, k), int(rows.size),
+                     args(rows, rows.size))
+        return
+    narrow, wide = rows[~wide], rows[wide]
+    _warp_launch(_group_kernel(name, dtype, storage, k), int(narrow.size),
+                 args(narrow, narrow.size))
+    _group_kernel(name, dtype, storage, k, WIDE_WARPS)(
+        (int(wide.size),), (32 * WIDE_WARPS,), args(wide, wide.size))
+
+
 def row_sq_error(xp, x, y, indptr, cols, values):
     """Σ_j (x_i·y_j − M_ij)² over each row's stored entries (i, j) of a CSR pattern."""
     m, k = x.shape[0], x.shape[1]
@@ -763,19 +819,21 @@ def normal_apply(xp, p, y, indptr, cols, reg):
 
 
 def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None):
-    """``steps`` plain CG steps for the rows ``rows`` (int64 ids), one warp per row, into
-    ``out``: from x0, or, given x0's residual ``r0`` (``residual``), from zero, which is the
-    correction to x0 (``values`` and ``x0`` are then not read: None will do). The arithmetic
-    is in y's type; ``storage`` (default the same) is the type Y is gathered in: float16
-    moves half float32's bytes, at float16's precision in the operator (a correction's
-    solve can afford it: the next residual, in float64, sees the difference)."""
-    m, k = int(rows.size), y.shape[1]
+    """``steps`` plain CG steps for the rows ``rows`` (int64 ids), one warp per row (a block
+    for the heaviest, ``_rows_launch``), into ``out``: from x0, or, given x0's residual
+    ``r0`` (``residual``), from zero, which is the correction to x0 (``values`` and ``x0``
+    are then not read: None will do). The arithmetic is in y's type; ``storage`` (default
+    the same) is the type Y is gathered in: float16 moves half float32's bytes, at float16's
+    precision in the operator (a correction's solve can afford it: the next residual, in
+    float64, sees the difference)."""
+    k = y.shape[1]
     dtype = y.dtype
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
     ys, storage, scale = _operand(xp, y, storage)
-    _warp_launch(_group_kernel("cg_rows", dtype, storage, k), m,
-                 (_i64(indptr), _i64(cols), values, ys, x0, r0, _i64(rows), np.int64(m),
-                  np.int32(k), np.int32(steps), dtype.type(reg), dtype.type(scale), out))
+    _rows_launch("cg_rows", dtype, storage, k, indptr, _i64(rows),
+                 lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, r0, part,
+                                      np.int64(count), np.int32(k), np.int32(steps),
+                                      dtype.type(reg), dtype.type(scale), out))
 
 
 _NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
@@ -791,15 +849,17 @@ def _start(xp, dtype, values, x0, r0):
 
 
 def residual(xp, y, x0, indptr, cols, values, reg, rows):
-    """Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for the rows ``rows`` (int64 ids), one warp per row,
-    one pass over their entries; other rows of the result are zero."""
-    m, k = int(rows.size), y.shape[1]
+    """Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for the rows ``rows`` (int64 ids), one warp per row
+    (a block for the heaviest), one pass over their entries; other rows of the result are
+    zero."""
+    k = y.shape[1]
     out = xp.zeros((int(indptr.size) - 1, k), dtype=y.dtype)
     ys, storage, _ = _operand(xp, y)
-    _warp_launch(_group_kernel("residual_rows", y.dtype, storage, k), m,
-                 (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=y.dtype), ys,
-                  xp.ascontiguousarray(x0, dtype=y.dtype), _i64(rows), np.int64(m), np.int32(k),
-                  y.dtype.type(reg), out))
+    values = xp.ascontiguousarray(values, dtype=y.dtype)
+    x0 = xp.ascontiguousarray(x0, dtype=y.dtype)
+    _rows_launch("residual_rows", y.dtype, storage, k, indptr, _i64(rows),
+                 lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, part,
+                                      np.int64(count), np.int32(k), y.dtype.type(reg), out))
     return out
 
 
