@@ -1,14 +1,17 @@
 """Light rows (fewer than 16k observations): exact solves against plain CG steps, sweep for
-sweep, on the NumPy path (the GPU's reference), beside als-cg.
+sweep, on the NumPy path (the GPU's reference), beside als-cg and ALS.
 
-    python bench/complete_light_rows.py --shape movielens --rank 64
+    python bench/complete_light_rows.py --shape movielens --rank 64 [--skew]
     python bench/complete_light_rows.py --shape 20000 --rank 16 --per-row 160 --condition 2.5
 
-altmin-sketch runs twice from the same start: light rows solved exactly (its rule on a CPU),
-then with plain CG steps where the other factor is well conditioned (its rule on a GPU,
-``altmin.light_rows_iterative``). The figure is the held-out relative error after each sweep;
-times are NumPy's and say nothing of a GPU. ``--shape movielens`` is MovieLens-20M's shape at a
-tenth of each side (13 849 × 2 674, about 145 and 750 observations a row).
+altmin-sketch runs three times from the same start: every light row solved exactly (the rule
+before thin rows were iterated), thin rows (below altmin.THIN_DEGREE·k) iterated and the other
+light rows exact (its rule on a CPU), and every light row iterated where the other factor is
+well conditioned (its rule on a GPU, ``altmin.light_rows_iterative``). The figure is the
+held-out relative error after each sweep; times are NumPy's and say nothing of a GPU.
+``--shape movielens`` is MovieLens-20M's shape at a tenth of each side (13 849 × 2 674, about
+145 and 750 observations a row); ``--skew`` draws its 2·10⁶ entries with MovieLens-like
+popularity instead (bench/complete.py's ``popular``).
 """
 
 from __future__ import annotations
@@ -35,24 +38,32 @@ def main(argv=None):
     ap.add_argument("--per-row", type=float, default=145.0, help="observations per row of M")
     ap.add_argument("--condition", type=float, default=1.0)
     ap.add_argument("--sweeps", type=int, default=12)
+    ap.add_argument("--skew", action="store_true", help="with --shape movielens: skewed")
     ap.add_argument("--out", default="complete-light-rows.json")
     args = ap.parse_args(argv)
     m, n = (13849, 2674) if args.shape == "movielens" else (int(args.shape), int(args.shape))
     k = args.rank
-    R, C, held = bench.planted(np, m, n, k, int(args.per_row * m), args.condition, seed=3)
+    if args.skew:
+        R, C, held = bench.planted(np, m, n, k, 2_000_000, args.condition, seed=1,
+                                   skew=(0.4, 0.5))
+    else:
+        R, C, held = bench.planted(np, m, n, k, int(args.per_row * m), args.condition, seed=3)
     print(f"{m} × {n}, k = {k}, κ = {args.condition:g}: {np.diff(R[0]).mean():.0f} observations "
           f"a row, {np.diff(C[0]).mean():.0f} a column")
     rows = []
-    iterative = altmin.light_rows_iterative
-    for label, method, light_cg in (("altmin-sketch, light rows exact", "altmin-sketch", False),
-                                    ("altmin-sketch, light rows plain CG", "altmin-sketch", True),
-                                    ("als-cg", "als-cg", False), ("als", "als", False)):
+    iterative, thin = altmin.light_rows_iterative, altmin.THIN_DEGREE
+    for label, method, thin_degree, light_cg in (
+            ("altmin-sketch, light rows exact", "altmin-sketch", 0, False),
+            ("altmin-sketch, thin rows CG (CPU)", "altmin-sketch", thin, False),
+            ("altmin-sketch, light rows CG (GPU)", "altmin-sketch", thin, True),
+            ("als-cg", "als-cg", thin, False), ("als", "als", thin, False)):
         altmin.light_rows_iterative = (lambda xp, y: True) if light_cg else iterative
+        altmin.THIN_DEGREE = thin_degree
         t0 = time.perf_counter()
         try:
             r = bench.run_method(np, R, C, held, (m, n), k, method, args.sweeps, None, 0.0)
         finally:
-            altmin.light_rows_iterative = iterative
+            altmin.light_rows_iterative, altmin.THIN_DEGREE = iterative, thin
         r.update(label=label, seconds=time.perf_counter() - t0)
         rows.append(r)
         print(f"{label:36s} {r['seconds']:6.1f} s  " +

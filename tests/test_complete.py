@@ -105,13 +105,15 @@ def test_sketch_preconditioned_steps_solve_ill_conditioned_rows(rng):
 
 def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketch_otherwise(rng):
     """altmin-sketch's choice for heavy rows, per half-sweep: plain CG steps where the other
-    factor is well conditioned, the sketch where it is not; light rows are solved exactly.
-    Either way a few steps from a warm start come close to the exact solves."""
+    factor is well conditioned, the sketch where it is not; light rows are solved exactly
+    (on NumPy), but thin ones take plain CG steps against either factor. Either way a few
+    steps from a warm start come close to the exact solves."""
     from mx.kernels import altmin
 
-    k, m, n = int(rng.integers(8, 14)), 37, 4003
+    k, m, n = int(rng.integers(8, 14)), 40, 4003
     degree = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=m)
-    degree[-5:] = rng.integers(k, 3 * k, size=5)  # light
+    degree[-8:-3] = rng.integers(altmin.THIN_DEGREE * k, altmin.HEAVY_DEGREE * k, size=5)  # light
+    degree[-3:] = rng.integers(k, altmin.THIN_DEGREE * k, size=3)  # thin
     cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
     vals = rng.standard_normal(cols.size)
@@ -122,18 +124,24 @@ def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketc
         exact = lsq.solve_exact(np, y, indptr, cols, vals, 0.0)
         x0 = exact + 0.3 * rng.standard_normal((m, k)) * np.abs(exact).mean()
         got, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), 0.0, 3, k, 0)
-        assert used == {"exact": 5, want: m - 5}, used
+        expected = {"exact": 5, want: m - 8}
+        expected["plain-cg"] = expected.get("plain-cg", 0) + 3
+        assert used == expected, used
         # error in the norm the solves minimise, that of the predictions on Ω
         err = np.linalg.norm(((got - exact)[rows] * y[cols]).sum(axis=1))
         err0 = np.linalg.norm(((x0 - exact)[rows] * y[cols]).sum(axis=1))
         assert err < 0.15 * err0, (want, err / err0)
-        assert np.allclose(got[m - 5:], exact[m - 5:])
+        assert np.allclose(got[m - 8:m - 3], exact[m - 8:m - 3])
+        thin = np.arange(m - 3, m)
+        steps = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, 0.0, thin, 3)
+        assert np.allclose(got[thin], steps[thin], rtol=1e-12, atol=1e-12 * np.abs(steps).max())
 
 
 def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypatch):
     """Where light rows are iterated (on a GPU; here the NumPy reference of its CG), a
     well-conditioned half-sweep gives them the light-row steps from the last sweep's value,
-    heavy rows their own; against an ill-conditioned factor they are solved exactly again."""
+    heavy rows their own; against an ill-conditioned factor only thin ones are iterated, and
+    the others solved exactly again."""
     from mx.kernels import altmin
 
     monkeypatch.setattr(altmin, "light_rows_iterative", lambda xp, y: True)
@@ -144,12 +152,14 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
     indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
     vals = rng.standard_normal(cols.size)
     rows = lsq.row_ids(np, indptr)
-    for scale, want in [(1.0, {"plain-cg": m}), (30.0, {"exact": m - 6, "sketch": 6})]:
+    thin = int((degree < altmin.THIN_DEGREE * k).sum())
+    for scale, want in [(1.0, {"plain-cg": m}),
+                        (30.0, {"exact": m - 6 - thin, "sketch": 6, "plain-cg": thin})]:
         y = rng.standard_normal((n, k)) * np.geomspace(1, scale, k)
         exact = lsq.solve_exact(np, y, indptr, cols, vals, 0.0)
         x0 = exact + 0.3 * rng.standard_normal((m, k)) * np.abs(exact).mean()
         got, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), 0.0, None, k, 0)
-        assert used == want, used
+        assert used == {solver: rows for solver, rows in want.items() if rows}, used
         err = np.linalg.norm(((got - exact)[rows] * y[cols]).sum(axis=1))
         err0 = np.linalg.norm(((x0 - exact)[rows] * y[cols]).sum(axis=1))
         assert err < 0.2 * err0, (want, err / err0)

@@ -65,6 +65,14 @@ CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 2,
 # exact ALS takes, one fewer than the 4k sketch, and at cond(YᵀY) of 4 to 15 they took two
 # to three times as many.
 WELL_CONDITIONED = 3.0
+# Rows with fewer than THIN_DEGREE·k observations get plain CG steps from the last sweep's value
+# (CG_STEPS' "plain-cg-light"), whatever the factor's conditioning: an exact solve of a d × k
+# least-squares problem at d/k < 4 multiplies the other factor's error by up to
+# 1/(1 − √(k/d))² (4 and more), while a few CG steps move only where the data pin the row
+# down. NumPy, 12 sweeps (bench/complete_light_rows.py): MovieLens-shaped data with
+# MovieLens-like skew, k = 64, reached 3.5e-2 against 0.24 (exact solves of those rows) and
+# 3.5e-2 for als-cg, where exact ALS diverged; without skew at κ = 2.5, 7.3e-3 against 9.1e-3.
+THIN_DEGREE = 4
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -205,27 +213,32 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     degree = xp.diff(indptr)
     well = _condition(xp, y) <= WELL_CONDITIONED
     heavy = degree >= (heavy_degree(k) if well else sketch_degree(xp, y, k))
-    light_solver = "plain-cg" if well and light_rows_iterative(xp, y) else "exact"
-    heavy_rows, light_rows = xp.nonzero(heavy)[0], xp.nonzero(~heavy)[0]
+    # light rows take plain CG steps where they are thin (exact solves there amplify the other
+    # factor's error), or where the factor is well conditioned and the device makes it cheaper
+    iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(xp, y)))
+    exact = ~heavy & ~iterated
     out, used = x, {}
-    if light_rows.size and light_solver == "exact":
-        exact = lsq.solve_exact(xp, y, indptr, cols, vals, reg,
-                                rows_subset=light_rows if heavy_rows.size else None, x0=x)
-        out = xp.where(heavy[:, None], x, exact) if heavy_rows.size else exact
-    elif light_rows.size:
-        out = lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, light_rows,
-                                cg_steps(method, "plain-cg-light", cg_iters))
+    exact_rows = xp.nonzero(exact)[0]
+    if exact_rows.size:
+        everything = exact_rows.size == rows
+        solved = lsq.solve_exact(xp, y, indptr, cols, vals, reg,
+                                 rows_subset=None if everything else exact_rows, x0=x)
+        out = solved if everything else xp.where(exact[:, None], solved, x)
+        used["exact"] = int(exact_rows.size)
+    light_rows = xp.nonzero(iterated)[0]
     if light_rows.size:
-        used[light_solver] = int(light_rows.size)
+        out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, light_rows,
+                                cg_steps(method, "plain-cg-light", cg_iters))
+        used["plain-cg"] = int(light_rows.size)
+    heavy_rows = xp.nonzero(heavy)[0]
     if heavy_rows.size and well:
         out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, heavy_rows,
                                 cg_steps(method, "plain-cg", cg_iters))
+        used["plain-cg"] = used.get("plain-cg", 0) + int(heavy_rows.size)
     elif heavy_rows.size:
         out = lsq.solve_sketch(xp, out, y, indptr, cols, vals, reg, heavy_rows,
                                cg_steps(method, "sketch", cg_iters), seed)
-    if heavy_rows.size:
-        solver = "plain-cg" if well else "sketch"
-        used[solver] = used.get(solver, 0) + int(heavy_rows.size)
+        used["sketch"] = int(heavy_rows.size)
     return out, used
 
 
@@ -251,8 +264,9 @@ def sketch_degree(xp, y, k: int) -> int:
 
 
 def light_rows_iterative(xp, y) -> bool:
-    """Whether light rows (below heavy_degree) get plain CG steps, not the exact solve, in a
-    half-sweep whose other factor is well conditioned: on a GPU with the warp-row kernels.
+    """Whether light rows (below heavy_degree, and not thin: THIN_DEGREE) get plain CG steps,
+    not the exact solve, in a half-sweep whose other factor is well conditioned: on a GPU with
+    the warp-row kernels.
     There CG_STEPS' 4 steps from the last sweep's value cost a seventh of the exact solve
     (MovieLens-20M-sized rows of 145 and 750 at k = 64, H100: 0.009 against 0.064 s a sweep)
     and, on planted matrices of 2 to 11k observations a row (NumPy, 12 sweeps), left a held-out

@@ -89,12 +89,16 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
         otherwise += (f" for rows with >= {altmin.SMALL_RANK_SKETCH_DEGREE * k} observations, "
                       f"and rows below that are solved exactly (on a GPU at rank <= "
                       f"{altmin.FUSED_EXACT_MAX_RANK} the fused exact solve costs less there)")
-    lighter = "lighter rows solved exactly"
+    lighter = (f"lighter rows with < {altmin.THIN_DEGREE * k} observations (thin: an exact "
+               f"solve would amplify the other factor's error) get "
+               f"{altmin.cg_steps(p.method, 'plain-cg-light', p.cg_iters)} plain CG steps from "
+               f"the last sweep's value, ")
     if gpus > 0 and k <= rowsolve.WARP_MAX_RANK:
-        lighter = (f"lighter rows get {altmin.cg_steps(p.method, 'plain-cg-light', p.cg_iters)} "
-                   f"plain CG steps from the last sweep's value in a well-conditioned "
-                   f"half-sweep (on a GPU they cost a fraction of the exact solve), and are "
-                   f"solved exactly otherwise")
+        lighter += ("and the other lighter rows get them too in a well-conditioned half-sweep "
+                    "(on a GPU they cost a fraction of the exact solve), and are solved exactly "
+                    "otherwise")
+    else:
+        lighter += "and the other lighter rows are solved exactly"
     return [f"rows with >= {altmin.heavy_degree(k)} observations: in a half-sweep whose other "
             f"factor is well conditioned (cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} "
             f"plain CG steps from the last sweep's value; otherwise {otherwise}; {lighter} "
