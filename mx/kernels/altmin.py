@@ -69,9 +69,10 @@ WELL_CONDITIONED = 3.0
 # (CG_STEPS' "plain-cg-light"), whatever the factor's conditioning: an exact solve of a d × k
 # least-squares problem at d/k < 4 multiplies the other factor's error by up to
 # 1/(1 − √(k/d))² (4 and more), while a few CG steps move only where the data pin the row
-# down. NumPy, 12 sweeps (bench/complete_light_rows.py): MovieLens-shaped data with
-# MovieLens-like skew, k = 64, reached 3.5e-2 against 0.24 (exact solves of those rows) and
-# 3.5e-2 for als-cg, where exact ALS diverged; without skew at κ = 2.5, 7.3e-3 against 9.1e-3.
+# down. NumPy, 12 sweeps (bench/complete_light_rows.py): on MovieLens-shaped data with
+# MovieLens-like skew at k = 64 it reached 3.5e-2 (als-cg: 3.5e-2), where exact solves of
+# those rows stalled at 0.24 or stopped at 0.79, as exact ALS did; at κ = 100 4.8e-2 (als-cg:
+# 7.7e-2); without skew at κ = 2.5, 7.3e-3 against 9.1e-3.
 THIN_DEGREE = 4
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
