@@ -159,7 +159,7 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
         exact = lsq.solve_exact(np, y, indptr, cols, vals, 0.0)
         x0 = exact + 0.3 * rng.standard_normal((m, k)) * np.abs(exact).mean()
         got, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), 0.0, None, k, 0)
-        assert used == {solver: rows for solver, rows in want.items() if rows}, used
+        assert used == {solver: count for solver, count in want.items() if count}, used
         err = np.linalg.norm(((got - exact)[rows] * y[cols]).sum(axis=1))
         err0 = np.linalg.norm(((x0 - exact)[rows] * y[cols]).sum(axis=1))
         assert err < 0.2 * err0, (want, err / err0)
