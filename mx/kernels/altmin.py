@@ -500,9 +500,13 @@ def _prepare_checkpoint(ctx, path, signature, shape, k, chunks) -> None:
             fresh = True
         if fresh:
             group = zarr.open_group(store=path, mode="w")
+            # uncompressed: factors do not compress, and zstd made a checkpoint 3.6× slower
+            # (128 MB: 0.36 against 0.10 s) for a file that is deleted when the job ends
             for slot in (0, 1):
-                group.create_array(f"u{slot}", shape=(shape[0], k), chunks=(chunks[0], k), dtype="f8")
-                group.create_array(f"v{slot}", shape=(shape[1], k), chunks=(chunks[1], k), dtype="f8")
+                group.create_array(f"u{slot}", shape=(shape[0], k), chunks=(chunks[0], k),
+                                   dtype="f8", compressors=None)
+                group.create_array(f"v{slot}", shape=(shape[1], k), chunks=(chunks[1], k),
+                                   dtype="f8", compressors=None)
             group.attrs["signature"] = signature
     ctx.control.barrier(("checkpoint-ready", str(path)))
 
