@@ -56,16 +56,9 @@ def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64, skew=None):
         vals[lo:hi] = (u[rows[lo:hi]] * v[cols[lo:hi]]).sum(axis=1)
     held = altmin.holdout_mask(cp, rows, cols, 0.02, seed)
     tr, tc, tv = rows[~held], cols[~held], vals[~held]
-
-    def csr(major, minor, values, count):
-        order = cp.lexsort(cp.stack([minor, major]))
-        indptr = cp.zeros(count + 1, dtype=np.int64)
-        indptr[1:] = cp.cumsum(cp.bincount(major, minlength=count))
-        return indptr, minor[order], values[order]
-
-    R = csr(tr, tc, tv, m)
-    C = csr(tc, tr, tv, n)
-    return R, C, csr(rows[held], cols[held], vals[held], m)
+    R = altmin.sorted_csr(cp, tr, tc, tv, m, n)
+    C = altmin.sorted_csr(cp, tc, tr, tv, n, m)
+    return R, C, altmin.sorted_csr(cp, rows[held], cols[held], vals[held], m, n)
 
 
 def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):

@@ -11,11 +11,12 @@ only factor blocks move between workers, never Ω.
   CholeskyQR across workers). Rows of U that are too heavy are clipped, for incoherence.
   The first V solve is against U's orthonormal basis; the two factors are then balanced.
 - **Sweeps** then alternate V and U. Row solves are batched: ``exact`` (ALS), ``cg`` (a few
-  CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, exact solves on light rows
-  and, on heavy ones, plain CG where the other factor is so well conditioned that the sketch
-  cannot help, else sketch-preconditioned CG (on a GPU at rank <= 32 only on rows of 64k
-  observations or more: below that the exact solve is cheaper there) (``mx.kernels.lsq``).
-  The log counts the row solves of each kind.
+  CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, on heavy rows plain CG where
+  the other factor is so well conditioned that the sketch cannot help, else
+  sketch-preconditioned CG (on a GPU at rank <= 32 only on rows of 64k observations or
+  more: below that the exact solve is cheaper there); on light rows exact solves, but plain
+  CG on thin ones, and on a GPU on all of them against a well-conditioned factor
+  (``_solve``, ``mx.kernels.lsq``). The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
 - **Checkpoints:** after every sweep, U and V go to one of two checkpoint slots, the one not
@@ -388,14 +389,14 @@ def _load_omega(ctx, path, row_block, col_block, col_blocks, shape, holdout, see
         del local
         rows = lsq.row_ids(xp, indptr) + r0
         held = holdout_mask(xp, rows, cols, holdout, seed)
-        H = _csr(xp, rows[held] - r0, cols[held], vals[held], r1 - r0, n)
+        H = sorted_csr(xp, rows[held] - r0, cols[held], vals[held], r1 - r0, n)
         keep = ~held
         rows, cols, vals = rows[keep], cols[keep], vals[keep]
         del held, keep
-        R = _csr(xp, rows - r0, cols, vals, r1 - r0, n)
+        R = sorted_csr(xp, rows - r0, cols, vals, r1 - r0, n)
         mine = _scatter_by_columns(ctx, rows, cols, vals, col_blocks)
         del rows, cols, vals
-        C = _csr(xp, mine[1] - c0, mine[0], mine[2], c1 - c0, m)  # (column, row) pairs
+        C = sorted_csr(xp, mine[1] - c0, mine[0], mine[2], c1 - c0, m)  # (column, row) pairs
     _check_nonempty(xp, R, r0, "row")
     _check_nonempty(xp, C, c0, "column")
     return R, C, H
@@ -439,7 +440,7 @@ def _scatter_by_columns(ctx, rows, cols, vals, col_blocks):
     return tuple(xp.concatenate([part[i] for part in parts]) for i in range(3))
 
 
-def _csr(xp, rows, cols, vals, nrows, ncols):
+def sorted_csr(xp, rows, cols, vals, nrows, ncols):
     """(indptr, indices, values) on ``xp``'s device, rows sorted and columns sorted within
     rows. Sorted there, by one key (NumPy's lexsort of two keys took 8 s for 3.4e7 entries)."""
     rows, cols, vals = (dense.upload(xp, a) for a in (rows, cols, vals))
