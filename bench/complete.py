@@ -140,7 +140,7 @@ def main(argv=None):
 
     device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     cases = []
-    for k in [int(x) for x in args.ranks.split(",")]:
+    for k in [int(x) for x in args.ranks.split(",") if x]:  # --ranks "": no planted square case
         for cond in [float(x) for x in args.conditions.split(",")]:
             per_row = args.entries_per_row or 10 * k * math.log(args.n)
             entries = int(min(per_row * args.n, args.max_entries))
@@ -174,7 +174,7 @@ def main(argv=None):
     print(f"{'case':>30} {'|Ω|':>11} {'method':>14} {'sweep s':>8} {'to target s':>11} {'sweeps':>6} {'final err':>9}")
     for r in rows:
         tt = r["time_to_target_s"]
-        print(f"{r['case']:>30} {r['entries']:>11} {r['method']:>14} {r['sweep_s'] or float('nan'):8.3f} "
+        print(f"{r['case']:>30} {r['entries']:>11} {r['method']:>14} {r['sweep_s'] or float('nan'):8.4f} "
               f"{tt if tt is not None else float('nan'):11.2f} {r['sweeps']:>6} {r['final_rel_error']:9.2e}")
 
 

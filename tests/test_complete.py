@@ -170,6 +170,39 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
             assert np.allclose(got[light], ref[light], rtol=1e-12, atol=1e-12 * np.abs(ref).max())
 
 
+def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_against(rng, monkeypatch):
+    """The sweeps pass each half-sweep cond(YᵀY) of its other factor, computed once per Ω the
+    rows' plan, or (for the V half) from the last sweep's metrics: it must be the factor's
+    own, or the choice of solvers is one sweep behind."""
+    from mx.cluster.comm import GangContext, LocalComm, Mailroom
+    from mx.kernels import altmin
+
+    m, n, k = int(rng.integers(150, 190)), int(rng.integers(120, 160)), int(rng.integers(3, 6))
+    u = rng.standard_normal((m, k)) * np.geomspace(1, 6, k)
+    v = rng.standard_normal((n, k))
+    seen = rng.random((m, n)) < 0.5
+    rows, cols = np.nonzero(seen)
+    vals = (u[rows] * v[cols]).sum(axis=1)
+    held = altmin.holdout_mask(np, rows, cols, 0.05, 0)
+    R = altmin.sorted_csr(np, rows[~held], cols[~held], vals[~held], m, n)
+    C = altmin.sorted_csr(np, cols[~held], rows[~held], vals[~held], n, m)
+    H = altmin.sorted_csr(np, rows[held], cols[held], vals[held], m, n)
+    passed, solve = [], altmin._solve
+
+    def recording(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition=None):
+        passed.append((condition, altmin._condition(xp, y), plan is not None))
+        return solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, condition)
+
+    monkeypatch.setattr(altmin, "_solve", recording)
+    ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=np)
+    altmin.iterate(ctx, R, C, H, (m, n), k, [(0, m)], [(0, n)], "altmin-sketch", 0.0, 4, 0.0,
+                   None, 0)
+    assert len(passed) == 8 and all(made for _, _, made in passed)
+    assert sum(given is not None for given, _, _ in passed) == 3  # the V halves after the first
+    for given, fresh, _ in passed:
+        assert given is None or abs(given - fresh) <= 1e-9 * fresh, (given, fresh)
+
+
 def test_noise_regularisation_and_history(tmp_path):
     generate.lowrank(str(tmp_path / "O.zarr"), (211, 173), 4, 0.4, noise=0.01, seed=3)
     mx.submit(job("local", 2, "altmin-sketch", rank=4, reg=0.1, holdout=0.1, tol=1e-4),

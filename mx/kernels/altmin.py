@@ -150,23 +150,36 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         reason = _stop_reason(history, tol)
         if reason is not None:
             return u, v, history, reason
+    plan_v = plan_u = None
+    if method == "altmin-sketch":
+        plan_v, plan_u = row_plan(xp, C[0], u, k), row_plan(xp, R[0], v, k)
+    cond_u = None  # cond(UᵀU) of u as the last sweep left it (None: not known yet)
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
         t_sweep = time.perf_counter()
         with ctx.timed("sweep"):
             u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
-            v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep)
+            v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep,
+                               plan_v, cond_u)
             v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
                 u, v, v_full = _balance(ctx, u, v, v_full, ("balance", sweep))
-            u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k, seed + 2 * sweep + 1)
+            u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
+                               seed + 2 * sweep + 1, plan_u)
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
-        errors = np.array([lsq.squared_error(xp, u, v_full, *R),
-                           lsq.squared_error(xp, u, v_full, *held)])
-        t_err, h_err = sum(_gather(ctx, errors, ("metrics", sweep)))
+        metrics = np.array([lsq.squared_error(xp, u, v_full, *R),
+                            lsq.squared_error(xp, u, v_full, *held)])
+        if plan_u is not None:
+            # UᵀU rides with the errors, which sync the device anyway: the next V half-sweep's
+            # choice of solvers then needs no sync of its own
+            metrics = np.concatenate([metrics, _host(xp, u.T @ u).ravel()])
+        metrics = sum(_gather(ctx, metrics, ("metrics", sweep)))
+        t_err, h_err = metrics[:2]
+        if plan_u is not None:
+            cond_u = _condition_of(metrics[2:].reshape(k, k))
         train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
         # relative error on held-out entries (on the training entries when none are held out)
@@ -201,10 +214,11 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 
 # ------------------------------------------------------------------------------ solving
-def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
+def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition=None):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
-    the job's CG steps, or None for CG_STEPS). Returns the new x and how many rows each solver
-    took ({solver: rows})."""
+    the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, and
+    ``condition``: cond(YᵀY), each computed here if not given). Returns the new x and how
+    many rows each solver took ({solver: rows})."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
@@ -212,36 +226,56 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed):
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
-    degree = xp.diff(indptr)
-    well = _condition(xp, y) <= WELL_CONDITIONED
-    heavy = degree >= (heavy_degree(k) if well else sketch_degree(xp, y, k))
-    # light rows take plain CG steps where they are thin (exact solves there amplify the other
-    # factor's error), or where the factor is well conditioned and the device makes it cheaper
-    iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(xp, y)))
-    exact = ~heavy & ~iterated
+    plan = row_plan(xp, indptr, y, k) if plan is None else plan
+    condition = _condition(xp, y) if condition is None else condition
+    parts = plan[condition <= WELL_CONDITIONED]
     out, used = x, {}
-    exact_rows = xp.nonzero(exact)[0]
+    exact_rows = parts["exact"]
     if exact_rows.size:
         everything = exact_rows.size == rows
         solved = lsq.solve_exact(xp, y, indptr, cols, vals, reg,
                                  rows_subset=None if everything else exact_rows, x0=x)
-        out = solved if everything else xp.where(exact[:, None], solved, x)
+        if everything:
+            out = solved
+        else:
+            out = x.copy()
+            out[exact_rows] = solved[exact_rows]
         used["exact"] = int(exact_rows.size)
-    light_rows = xp.nonzero(iterated)[0]
-    if light_rows.size:
-        out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, light_rows,
-                                cg_steps(method, "plain-cg-light", cg_iters))
-        used["plain-cg"] = int(light_rows.size)
-    heavy_rows = xp.nonzero(heavy)[0]
-    if heavy_rows.size and well:
-        out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, heavy_rows,
-                                cg_steps(method, "plain-cg", cg_iters))
-        used["plain-cg"] = used.get("plain-cg", 0) + int(heavy_rows.size)
-    elif heavy_rows.size:
+    for solver in ("plain-cg-light", "plain-cg"):
+        subset = parts.get(solver)
+        if subset is not None and subset.size:
+            out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, subset,
+                                    cg_steps(method, solver, cg_iters))
+            used["plain-cg"] = used.get("plain-cg", 0) + int(subset.size)
+    heavy_rows = parts.get("sketch")
+    if heavy_rows is not None and heavy_rows.size:
         out = lsq.solve_sketch(xp, out, y, indptr, cols, vals, reg, heavy_rows,
                                cg_steps(method, "sketch", cg_iters), seed)
         used["sketch"] = int(heavy_rows.size)
     return out, used
+
+
+def row_plan(xp, indptr, y, k) -> dict:
+    """Which rows each solver of altmin-sketch takes, for a well-conditioned other factor
+    (cond(YᵀY) <= WELL_CONDITIONED: key True) and for any other (False): {solver: row ids},
+    the solvers "exact", "plain-cg-light" (light rows' CG steps), and "plain-cg" (heavy rows,
+    well conditioned) or "sketch" (heavy rows, otherwise). A row's degree does not change
+    between sweeps, so ``iterate`` makes this once for each form of Ω: each half-sweep then
+    only decides which of the two applies (three row selections, each a device sync, were
+    a tenth of a MovieLens-sized half-sweep on an H100). ``y``: the other factor, or any array
+    of its type and width."""
+    degree = xp.diff(indptr)
+    plan = {}
+    for well in (True, False):
+        heavy = degree >= (heavy_degree(k) if well else sketch_degree(xp, y, k))
+        # light rows take plain CG steps where they are thin (exact solves there amplify the
+        # other factor's error), or where the factor is well conditioned and the device makes
+        # it cheaper
+        iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(xp, y)))
+        plan[well] = {"exact": xp.nonzero(~heavy & ~iterated)[0],
+                      "plain-cg-light": xp.nonzero(iterated)[0],
+                      "plain-cg" if well else "sketch": xp.nonzero(heavy)[0]}
+    return plan
 
 
 def cg_steps(method: str, solver: str, asked: int | None = None) -> int:
@@ -280,7 +314,12 @@ def light_rows_iterative(xp, y) -> bool:
 
 def _condition(xp, y) -> float:
     """Condition number of YᵀY (k×k: cheap beside a pass over Ω)."""
-    evals = np.linalg.eigvalsh(_host(xp, y.T @ y))
+    return _condition_of(_host(xp, y.T @ y))
+
+
+def _condition_of(gram) -> float:
+    """Condition number of a symmetric positive semidefinite matrix on the host."""
+    evals = np.linalg.eigvalsh(gram)
     return float(evals[-1] / evals[0]) if evals[0] > 0 else float("inf")
 
 
