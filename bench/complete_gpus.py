@@ -27,9 +27,9 @@ import mx  # noqa: E402
 from mx.storage import generate  # noqa: E402
 
 
-def run(g: int, observed: str, args, sweeps: int) -> dict:
-    """One whole `complete` job of ``sweeps`` sweeps on ``g`` GPUs; its time per sweep inside
-    the sweeps."""
+def run(g: int, observed: str, args, sweeps: int, checkpoint: bool = True) -> dict:
+    """One whole `complete` job of ``sweeps`` sweeps on ``g`` GPUs (with or without its
+    checkpoints); its time per sweep inside the sweeps."""
     import zarr
 
     output = os.path.join(args.data, f"factors-{g}-{time.time_ns()}.zarr")
@@ -37,12 +37,12 @@ def run(g: int, observed: str, args, sweeps: int) -> dict:
            "steps": [{"id": "f", "op": "complete", "inputs": {"observed": observed},
                       "output": output,
                       "params": {"rank": args.rank, "method": args.method, "tol": 1e-14,
-                                 "max_iters": sweeps}}]}
+                                 "max_iters": sweeps, "checkpoint": checkpoint}}]}
     rec = mx.status(mx.submit(job, base=args.data))
     step = rec["steps"][0]
     history = zarr.open_group(store=output, mode="r").attrs["history"]
     times = [h["sweep_seconds"] for h in history]
-    return {"gpus": g, "sweeps": len(history), "sweep_s": float(np.median(times[1:] or times)),
+    return {"gpus": g, "checkpoint": checkpoint, "sweeps": len(history), "sweep_s": float(np.median(times[1:] or times)),
             "sweep_seconds": times, "gpu_sweep_s": step["phases"]["gang:sweep"] / len(history),
             "job_s": rec["seconds"],
             "final_rel_error": history[-1]["holdout_rel_error"], "phases": step["phases"],
@@ -58,6 +58,9 @@ def main(argv=None):
     ap.add_argument("--method", default="als")
     ap.add_argument("--sweeps", type=int, default=8)
     ap.add_argument("--data", default="/tmp/mx-bench")
+    ap.add_argument("--checkpoints", choices=("on", "off", "both"), default="on",
+                    help="run each job with its checkpoints, without, or both ways (what "
+                         "checkpointing costs a job)")
     ap.add_argument("--out", default="complete-gpus.json")
     args = ap.parse_args(argv)
     os.makedirs(args.data, exist_ok=True)
@@ -71,9 +74,11 @@ def main(argv=None):
     warm = run(counts[0], observed, args, sweeps=2)
     print(f"warm-up on {counts[0]} GPU(s): {warm['sweep_s']:.4f} s/sweep (not counted)", flush=True)
     rows = []
+    ways = {"on": [True], "off": [False], "both": [True, False]}[args.checkpoints]
     for g in counts:
-        rows.append(run(g, observed, args, args.sweeps))
-        print(json.dumps(rows[-1]), flush=True)
+        for checkpoint in ways:
+            rows.append(run(g, observed, args, args.sweeps, checkpoint))
+            print(json.dumps(rows[-1]), flush=True)
     import cupy
 
     device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -83,11 +88,13 @@ def main(argv=None):
     base = rows[0]["sweep_s"]
     print(f"\ncomplete ({args.method}, k = {args.rank}) on {device}: n = {args.n}, "
           f"fraction {args.fraction:g}")
-    print(f"{'GPUs':>4} {'s/sweep':>9} {'speed-up':>9} {'first':>8} {'GPU s/sweep':>12} "
-          f"{'job s':>8} {'final err':>10}")
+    print(f"{'GPUs':>4} {'ckpt':>4} {'s/sweep':>9} {'speed-up':>9} {'first':>8} "
+          f"{'GPU s/sweep':>12} {'ckpt s':>7} {'job s':>8} {'final err':>10}")
     for r in rows:
-        print(f"{r['gpus']:>4} {r['sweep_s']:>9.4f} {base / r['sweep_s']:>8.2f}× "
-              f"{r['sweep_seconds'][0]:>8.3f} {r['gpu_sweep_s']:>12.4f} {r['job_s']:>8.1f} "
+        ckpt = sum(t for phase, t in r["phases"].items() if "checkpoint" in phase)
+        print(f"{r['gpus']:>4} {'on' if r['checkpoint'] else 'off':>4} {r['sweep_s']:>9.4f} "
+              f"{base / r['sweep_s']:>8.2f}× {r['sweep_seconds'][0]:>8.3f} "
+              f"{r['gpu_sweep_s']:>12.4f} {ckpt:>7.2f} {r['job_s']:>8.1f} "
               f"{r['final_rel_error']:>10.2e}")
 
 

@@ -294,8 +294,13 @@ def test_cancel_of_a_detached_mpi_job_inside_one_gang_program(tmp_path):
     (tmp_path / "job.yaml").write_text(job)
     job_id = mx_cli("submit", "--detach", tmp_path / "job.yaml", check=True).stdout.strip()
     deadline = time.monotonic() + 120
-    while not (tmp_path / ".F.zarr.mx-checkpoint").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)  # a sweep is done: the gang program runs
+    while time.monotonic() < deadline:  # a checkpoint is committed: the gang program runs
+        try:
+            if zarr.open_group(str(tmp_path / ".F.zarr.mx-checkpoint"), mode="r").attrs.get("iteration"):
+                break
+        except Exception:
+            pass
+        time.sleep(0.05)
     assert mx.status(job_id)["state"] == "running"
     t0 = time.monotonic()
     proc = mx_cli("cancel", job_id, check=True)

@@ -19,13 +19,16 @@ only factor blocks move between workers, never Ω.
   (``_solve``, ``mx.kernels.lsq``). The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
-- **Checkpoints:** after every sweep, U and V go to one of two checkpoint slots, the one not
-  written last. A job stopped anywhere resumes from the last complete slot.
+- **Checkpoints:** U and V go to one of two checkpoint slots, the one not committed last,
+  written in the background while the sweeps go on (``Checkpoints``); a new one starts after
+  the first sweep that finds the last one done everywhere. A job stopped anywhere resumes from
+  the last committed slot, a sweep or more back, and repeats those sweeps exactly.
 """
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
+import os
 import time
 
 import numpy as np
@@ -93,7 +96,7 @@ def holdout_mask(xp, rows, cols, fraction: float, seed: int):
 
 
 def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, method, tol,
-        max_iters, reg, holdout, seed, cg_iters, out_path, checkpoint, signature, chunks,
+        max_iters, reg, holdout, seed, cg_iters, out_path, checkpoint, signature,
         ctx: GangContext) -> dict:
     xp, me = ctx.xp, ctx.control.rank
     m, n = shape
@@ -104,11 +107,21 @@ def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, meth
 
     state = save = None
     if checkpoint:
-        _prepare_checkpoint(ctx, checkpoint, signature, (m, n), k, chunks)
+        _prepare_checkpoint(ctx, checkpoint, signature)
         state = _resume(checkpoint, signature, row_block, col_block)
-        save = functools.partial(_save, ctx, checkpoint, signature, row_block, col_block)
-    u, v, history, reason = iterate(ctx, R, C, H, (m, n), k, row_blocks, col_blocks, method,
-                                    tol, max_iters, reg, cg_iters, seed, state, save)
+        if not all(_gather(ctx, state is not None, "resume")):  # all resume, or none
+            state = None
+        save = Checkpoints(ctx, checkpoint, signature, row_block, col_block)
+    try:
+        u, v, history, reason = iterate(ctx, R, C, H, (m, n), k, row_blocks, col_blocks,
+                                        method, tol, max_iters, reg, cg_iters, seed, state, save)
+    except BaseException:
+        if save is not None:
+            save.close(raise_errors=False)
+        raise
+    if save is not None:
+        with ctx.timed_host("checkpoint"):
+            save.close()
     ctx.finish()
     with ctx.timed_host("write"):
         group = zarr.open_group(store=out_path, mode="r+")
@@ -129,8 +142,9 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             cg_iters, seed, state=None, save=None):
     """The sweeps, on device arrays already in place: R (this worker's rows of Ω, by rows),
     C (its columns, by columns), ``held`` (its rows' held-out entries, by rows, as R). Starts
-    from the randomized-SVD estimate, or from ``state`` (a checkpoint); ``save(sweep, history,
-    u, v)`` is called after every sweep. Returns (u, v, history, why it stopped)."""
+    from the randomized-SVD estimate, or from ``state`` (a checkpoint); ``save`` (``Checkpoints``)
+    is called after a sweep where every worker's last checkpoint write is done. Returns
+    (u, v, history, why it stopped)."""
     xp = ctx.xp
     # entries and squared norms of the training and held-out values, summed over the workers
     t_count, t_norm, h_count, h_norm = sum(_gather(ctx, np.array(
@@ -170,16 +184,18 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
+        # with the errors, summed over the workers: whether each one's checkpoint write is done
         metrics = np.array([lsq.squared_error(xp, u, v_full, *R),
-                            lsq.squared_error(xp, u, v_full, *held)])
+                            lsq.squared_error(xp, u, v_full, *held),
+                            float(save is None or save.ready())])
         if plan_u is not None:
-            # UᵀU rides with the errors, which sync the device anyway: the next V half-sweep's
-            # choice of solvers then needs no sync of its own
+            # and UᵀU, as the errors sync the device anyway: the next V half-sweep's choice of
+            # solvers then needs no sync of its own
             metrics = np.concatenate([metrics, _host(xp, u.T @ u).ravel()])
         metrics = sum(_gather(ctx, metrics, ("metrics", sweep)))
-        t_err, h_err = metrics[:2]
+        t_err, h_err, ready = metrics[:3]
         if plan_u is not None:
-            cond_u = _condition_of(metrics[2:].reshape(k, k))
+            cond_u = _condition_of(metrics[3:].reshape(k, k))
         train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
         # relative error on held-out entries (on the training entries when none are held out)
@@ -188,7 +204,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
                         "holdout_rel_error": rel, "seconds": round(time.perf_counter() - t0, 4),
                         # this sweep alone, its errors included and its checkpoint not
                         "sweep_seconds": round(time.perf_counter() - t_sweep, 4)})
-        if save is not None:
+        if save is not None and ready == ctx.control.size:
             save(sweep + 1, history, u, v)
         ctx.advance(1)
         ctx.report({"iteration": sweep + 1, "holdout_error": rel, "train_rmse": train_rmse})
@@ -531,8 +547,10 @@ def _gather(ctx, value, tag) -> list:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _prepare_checkpoint(ctx, path, signature, shape, k, chunks) -> None:
-    """Rank 0 makes a fresh checkpoint unless one of this very job (same signature) exists."""
+def _prepare_checkpoint(ctx, path, signature) -> None:
+    """Rank 0 makes a fresh checkpoint unless one of this very job (same signature) exists:
+    a Zarr group whose attributes say which slot was committed last, and beside them each
+    worker's blocks of U and V in each slot (``_block_file``)."""
     if ctx.control.rank == 0:
         try:
             fresh = zarr.open_group(store=path, mode="r").attrs.get("signature") != signature
@@ -540,34 +558,91 @@ def _prepare_checkpoint(ctx, path, signature, shape, k, chunks) -> None:
             fresh = True
         if fresh:
             group = zarr.open_group(store=path, mode="w")
-            # uncompressed: factors do not compress, and zstd made a checkpoint 3.6× slower
-            # (128 MB: 0.36 against 0.10 s) for a file that is deleted when the job ends
-            for slot in (0, 1):
-                group.create_array(f"u{slot}", shape=(shape[0], k), chunks=(chunks[0], k),
-                                   dtype="f8", compressors=None)
-                group.create_array(f"v{slot}", shape=(shape[1], k), chunks=(chunks[1], k),
-                                   dtype="f8", compressors=None)
             group.attrs["signature"] = signature
     ctx.control.barrier(("checkpoint-ready", str(path)))
 
 
-def _save(ctx, path, signature, row_block, col_block, iteration, history, u, v):
-    with ctx.timed_host("checkpoint"):
-        _write_slot(ctx, path, signature, row_block, col_block, iteration, history, u, v)
+def _block_file(path, name, slot, block) -> str:
+    """A worker's block of factor ``name`` in a checkpoint slot: its rows' float64 values, raw.
+    Raw, not a Zarr array: the write runs beside the sweeps (``Checkpoints``), and Zarr's chunk
+    encoding holds the GIL (a 128 MB array's copies: the sweeps ran at half speed); a file's
+    write releases it. A resumed job has the same blocks (they are in its signature)."""
+    return os.path.join(path, f"{name}{slot}-{block[0]}-{block[1]}.f8")
 
 
-def _write_slot(ctx, path, signature, row_block, col_block, iteration, history, u, v):
-    group = zarr.open_group(store=path, mode="r+")
-    slot = 1 - int(group.attrs.get("latest", 1))  # the slot not written last
-    group[f"u{slot}"][row_block[0]:row_block[1]] = _host(ctx.xp, u)
-    group[f"v{slot}"][col_block[0]:col_block[1]] = _host(ctx.xp, v)
-    ctx.control.barrier(("checkpoint", iteration))
-    if ctx.control.rank == 0:
-        # one write of zarr.json: attrs.update writes once per key, and a kill between
-        # those writes left "iteration" ahead of "history"
-        group.update_attributes({"latest": slot, "iteration": iteration, "history": history,
-                                 "signature": signature})
-    ctx.control.barrier(("checkpointed", iteration))
+class Checkpoints:
+    """Each checkpoint written in a background thread while the next sweeps run: at n = 10⁶
+    a checkpoint took several sweeps' time. A write goes to the slot not committed last, and
+    is committed (made the state a resume reads, by rank 0's one write of the attributes) when
+    the next one starts. ``iterate`` starts one after a sweep only once every worker's last
+    write is done (``ready``), so a checkpoint lags the sweeps by one or more; a resumed run
+    repeats those sweeps, which are deterministic, and ends as the uninterrupted one would.
+    The factors are copied into host buffers of this object's own before the write starts."""
+
+    def __init__(self, ctx, path, signature, row_block, col_block):
+        self.ctx, self.path, self.signature = ctx, path, signature
+        self.row_block, self.col_block = row_block, col_block
+        self.slot = 1 - int(zarr.open_group(store=path, mode="r").attrs.get("latest", 1))
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mx-checkpoint")
+        self.pending = None  # (iteration, history, slot, future) of the write in flight
+        self.buffers = None
+
+    def ready(self) -> bool:
+        """Whether this worker has no write in flight."""
+        return self.pending is None or self.pending[3].done()
+
+    def __call__(self, iteration, history, u, v):
+        """Commit the last write (every worker's is done: ``ready`` on all of them) and start
+        writing u and v, the state after sweep ``iteration``."""
+        with self.ctx.timed_host("checkpoint"):
+            self._commit()
+            if self.buffers is None:
+                self.buffers = tuple(dense.empty_host(a.shape, np.float64, pinned=self.ctx.gpu)
+                                     for a in (u, v))
+            for block, buffer in zip((u, v), self.buffers):
+                _copy_to_host(self.ctx.xp, block, buffer)
+            future = self.pool.submit(self._write, self.slot, *self.buffers)
+            if self.ctx.control.rank == 0:  # counters are summed over the workers
+                self.ctx.count("checkpoints-started")
+            self.pending = (iteration, list(history), self.slot, future)
+            self.slot = 1 - self.slot
+
+    def close(self, raise_errors=True):
+        """Wait for the write in flight, which stays uncommitted (the sweeps have ended: the
+        output is written next and the checkpoint removed), and stop the thread."""
+        try:
+            if self.pending is not None and raise_errors:
+                self.pending[3].result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def _write(self, slot, u, v):
+        for name, block, values in (("u", self.row_block, u), ("v", self.col_block, v)):
+            with open(_block_file(self.path, name, slot, block), "wb") as f:
+                f.write(memoryview(values).cast("B"))
+
+    def _commit(self):
+        if self.pending is None:
+            return
+        iteration, history, slot, future = self.pending
+        self.pending = None
+        future.result()  # this worker's write, done: its error, if any, is raised here
+        control = self.ctx.control
+        if control.rank == 0:
+            # one write of zarr.json: attrs.update writes once per key, and a kill between
+            # those writes left "iteration" ahead of "history"
+            zarr.open_group(store=self.path, mode="r+").update_attributes(
+                {"latest": slot, "iteration": iteration, "history": history,
+                 "signature": self.signature})
+        # the next write goes to the slot committed before this one: not before it is superseded
+        control.barrier(("checkpointed", iteration))
+
+
+def _copy_to_host(xp, block, buffer):
+    if xp is np:
+        np.copyto(buffer, block)
+    else:
+        xp.ascontiguousarray(block, dtype=np.float64).get(out=buffer)
 
 
 def _resume(path, signature, row_block, col_block):
@@ -578,7 +653,11 @@ def _resume(path, signature, row_block, col_block):
         return None
     if attrs.get("signature") != signature or "latest" not in attrs:
         return None
-    slot = attrs["latest"]
-    return {"u": np.asarray(group[f"u{slot}"][row_block[0]:row_block[1]]),
-            "v": np.asarray(group[f"v{slot}"][col_block[0]:col_block[1]]),
-            "iteration": int(attrs["iteration"]), "history": list(attrs["history"])}
+    slot, k = attrs["latest"], signature["rank"]
+    try:
+        u, v = (np.fromfile(_block_file(path, name, slot, block), dtype=np.float64)
+                .reshape(block[1] - block[0], k)
+                for name, block in (("u", row_block), ("v", col_block)))
+    except (OSError, ValueError):  # a committed slot is whole: this one was damaged since
+        return None
+    return {"u": u, "v": v, "iteration": int(attrs["iteration"]), "history": list(attrs["history"])}

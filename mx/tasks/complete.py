@@ -71,7 +71,8 @@ class CompletePlan:
                 f"factor blocks move between them",
                 *_row_treatment(p, self.gpus), *_thin_warning(self),
                 f"stops when the {which} relative error < {p.tol:g}, after {p.max_iters} sweeps, "
-                f"or when it stops improving; a checkpoint after every sweep" if p.checkpoint else
+                f"or when it stops improving; checkpoints written beside the sweeps (a new one after "
+                f"each sweep that finds the last one done)" if p.checkpoint else
                 f"stops when the {which} relative error < {p.tol:g} or after {p.max_iters} sweeps"]
 
 
@@ -178,7 +179,7 @@ def build(p: CompletePlan, paths: dict[str, str], output: str, step: str,
                         rank=prm.rank, method=prm.method, tol=prm.tol, max_iters=prm.max_iters,
                         reg=prm.reg, holdout=prm.holdout, seed=prm.seed,
                         cg_iters=prm.cg_iters,
-                        out_path=output, checkpoint=ckpt, signature=signature, chunks=p.chunks,
+                        out_path=output, checkpoint=ckpt, signature=signature,
                         ctx=TaskRef(comm_key(gang)))
         placement[key], labels[key] = w, "compute"
         keys.append(key)
