@@ -177,10 +177,10 @@ def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_agains
     from mx.cluster.comm import GangContext, LocalComm, Mailroom
     from mx.kernels import altmin
 
-    m, n, k = int(rng.integers(150, 190)), int(rng.integers(120, 160)), int(rng.integers(3, 6))
+    m, n, k = int(rng.integers(150, 190)), int(rng.integers(140, 160)), int(rng.integers(3, 5))
     u = rng.standard_normal((m, k)) * np.geomspace(1, 6, k)
     v = rng.standard_normal((n, k))
-    seen = rng.random((m, n)) < 0.5
+    seen = rng.random((m, n)) < 0.6  # heavy rows: their solver depends on the conditioning
     rows, cols = np.nonzero(seen)
     vals = (u[rows] * v[cols]).sum(axis=1)
     held = altmin.holdout_mask(np, rows, cols, 0.05, 0)
@@ -190,7 +190,8 @@ def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_agains
     passed, solve = [], altmin._solve
 
     def recording(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition=None):
-        passed.append((condition, altmin._condition(xp, y), plan is not None))
+        assert plan is not None and altmin.conditioning_matters(plan)
+        passed.append((condition, altmin._condition(xp, y), True))
         return solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, condition)
 
     monkeypatch.setattr(altmin, "_solve", recording)
@@ -201,6 +202,34 @@ def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_agains
     assert sum(given is not None for given, _, _ in passed) == 3  # the V halves after the first
     for given, fresh, _ in passed:
         assert given is None or abs(given - fresh) <= 1e-9 * fresh, (given, fresh)
+
+
+def test_a_half_sweep_whose_rows_are_all_thin_does_not_look_at_the_conditioning(rng, monkeypatch):
+    """Thin rows take CG steps against any factor: where every row is thin, cond(YᵀY) (a
+    device sync and an eigensolve a half-sweep) is not computed, and the rows get the steps."""
+    from mx.kernels import altmin
+
+    k, m, n = int(rng.integers(6, 10)), 37, 501
+    degree = rng.integers(k, altmin.THIN_DEGREE * k, size=m)
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    vals = rng.standard_normal(cols.size)
+    y = rng.standard_normal((n, k)) * np.geomspace(1, 30, k)
+    x0 = rng.standard_normal((m, k))
+    plan = altmin.row_plan(np, indptr, y, k)
+    assert not altmin.conditioning_matters(plan)
+    degree[0] = altmin.HEAVY_DEGREE * k  # one heavy row: its solver depends on it
+    assert altmin.conditioning_matters(altmin.row_plan(np, np.concatenate([[0], np.cumsum(degree)]), y, k))
+
+    def unexpected(xp, y):
+        raise AssertionError("cond(YᵀY) computed")
+
+    monkeypatch.setattr(altmin, "_condition", unexpected)
+    got, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), 0.0, None, k, 0, plan)
+    assert used == {"plain-cg": m}
+    want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, 0.0, np.arange(m),
+                             altmin.cg_steps("altmin-sketch", "plain-cg-light"))
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
 
 
 def test_noise_regularisation_and_history(tmp_path):

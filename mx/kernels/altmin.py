@@ -167,7 +167,9 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     plan_v = plan_u = None
     if method == "altmin-sketch":
         plan_v, plan_u = row_plan(xp, C[0], u, k), row_plan(xp, R[0], v, k)
-    cond_u = None  # cond(UᵀU) of u as the last sweep left it (None: not known yet)
+    # cond(UᵀU) of u as the last sweep left it, where the V half-sweep needs it (else None)
+    carry_cond_u = plan_v is not None and conditioning_matters(plan_v)
+    cond_u = None
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
@@ -188,13 +190,13 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         metrics = np.array([lsq.squared_error(xp, u, v_full, *R),
                             lsq.squared_error(xp, u, v_full, *held),
                             float(save is None or save.ready())])
-        if plan_u is not None:
+        if carry_cond_u:
             # and UᵀU, as the errors sync the device anyway: the next V half-sweep's choice of
             # solvers then needs no sync of its own
             metrics = np.concatenate([metrics, _host(xp, u.T @ u).ravel()])
         metrics = sum(_gather(ctx, metrics, ("metrics", sweep)))
         t_err, h_err, ready = metrics[:3]
-        if plan_u is not None:
+        if carry_cond_u:
             cond_u = _condition_of(metrics[3:].reshape(k, k))
         train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
@@ -243,8 +245,11 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
     plan = row_plan(xp, indptr, y, k) if plan is None else plan
-    condition = _condition(xp, y) if condition is None else condition
-    parts = plan[condition <= WELL_CONDITIONED]
+    if conditioning_matters(plan):
+        condition = _condition(xp, y) if condition is None else condition
+        parts = plan[condition <= WELL_CONDITIONED]
+    else:
+        parts = plan[True]
     out, used = x, {}
     exact_rows = parts["exact"]
     if exact_rows.size:
@@ -292,6 +297,16 @@ def row_plan(xp, indptr, y, k) -> dict:
                       "plain-cg-light": xp.nonzero(iterated)[0],
                       "plain-cg" if well else "sketch": xp.nonzero(heavy)[0]}
     return plan
+
+
+def conditioning_matters(plan) -> bool:
+    """Whether a ``row_plan`` gives any row another solver against an ill-conditioned factor
+    than against a well-conditioned one: where it does not (all rows thin, say: MovieLens's
+    users at k = 64), a half-sweep need not know cond(YᵀY). The plan's sets are cut by degree
+    at thresholds that only move one way, so equal sizes are equal sets."""
+    def sizes(parts):
+        return {solver: int(rows.size) for solver, rows in parts.items() if rows.size}
+    return sizes(plan[True]) != sizes(plan[False])
 
 
 def cg_steps(method: str, solver: str, asked: int | None = None) -> int:
