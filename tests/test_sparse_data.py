@@ -109,7 +109,6 @@ def test_lowrank_rejects_non_finite_noise_and_condition(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
-
 def test_lowrank_sampling_of_a_large_matrix_gives_distinct_entries_at_the_asked_rate(rng):
     """Past 2²⁶ entries the observed set is drawn with replacement and merged: every entry
     once, in row-major order, each kept with the asked probability."""
@@ -121,6 +120,8 @@ def test_lowrank_sampling_of_a_large_matrix_gives_distinct_entries_at_the_asked_
     # the count is binomial(m·n, fraction): within 6 standard deviations
     assert abs(keys.size - fraction * m * n) < 6 * np.sqrt(fraction * m * n)
     assert np.bincount(cols, minlength=n).min() > 0  # spread over every column
+
+
 def test_rmat_cli(tmp_path):
     runner = CliRunner()
     out = str(tmp_path / "R.zarr")

@@ -283,8 +283,8 @@ def row_plan(xp, indptr, y, k) -> dict:
     well conditioned) or "sketch" (heavy rows, otherwise). A row's degree does not change
     between sweeps, so ``iterate`` makes this once for each form of Ω: each half-sweep then
     only decides which of the two applies (three row selections, each a device sync, were
-    a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``y``: the other factor, or any array
-    of its type and width."""
+    a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``y``: the
+    other factor, or any array of its type and width."""
     degree = xp.diff(indptr)
     plan = {}
     for well in (True, False):

@@ -71,8 +71,8 @@ class CompletePlan:
                 f"factor blocks move between them",
                 *_row_treatment(p, self.gpus), *_thin_warning(self),
                 f"stops when the {which} relative error < {p.tol:g}, after {p.max_iters} sweeps, "
-                f"or when it stops improving; checkpoints written beside the sweeps (a new one after "
-                f"each sweep that finds the last one done)" if p.checkpoint else
+                f"or when it stops improving; checkpoints written beside the sweeps (a new one "
+                f"after each sweep that finds the last one done)" if p.checkpoint else
                 f"stops when the {which} relative error < {p.tol:g} or after {p.max_iters} sweeps"]
 
 
