@@ -57,7 +57,7 @@ def main(argv=None):
             ("altmin-sketch, thin rows CG (CPU)", "altmin-sketch", thin, False),
             ("altmin-sketch, light rows CG (GPU)", "altmin-sketch", thin, True),
             ("als-cg", "als-cg", thin, False), ("als", "als", thin, False)):
-        altmin.light_rows_iterative = (lambda xp, y: True) if light_cg else iterative
+        altmin.light_rows_iterative = (lambda gpu, k: True) if light_cg else iterative
         altmin.THIN_DEGREE = thin_degree
         t0 = time.perf_counter()
         try:

@@ -735,7 +735,7 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
         exact = lsq.solve_exact(np, y, indptr, cols, vals, reg)
         x0 = exact + 0.1 * rng.standard_normal((m, k)) * np.abs(exact).mean()
         with monkeypatch.context() as patch:  # the NumPy reference of the GPU's rule
-            patch.setattr(altmin, "light_rows_iterative", lambda xp, y: True)
+            patch.setattr(altmin, "light_rows_iterative", lambda gpu, k: True)
             want, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), reg,
                                        None, k, 0)
         got, used_gpu = altmin._solve(cupy, "altmin-sketch", g(x0), g(y),

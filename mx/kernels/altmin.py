@@ -166,7 +166,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             return u, v, history, reason
     plan_v = plan_u = None
     if method == "altmin-sketch":
-        plan_v, plan_u = row_plan(xp, C[0], u, k), row_plan(xp, R[0], v, k)
+        plan_v, plan_u = row_plan(xp, C[0], k), row_plan(xp, R[0], k)
     # cond(UᵀU) of u as the last sweep left it, where the V half-sweep needs it (else None)
     carry_cond_u = plan_v is not None and conditioning_matters(plan_v)
     cond_u = None
@@ -244,7 +244,7 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition
     if method == "als-cg":
         return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
-    plan = row_plan(xp, indptr, y, k) if plan is None else plan
+    plan = row_plan(xp, indptr, k) if plan is None else plan
     if conditioning_matters(plan):
         condition = _condition(xp, y) if condition is None else condition
         parts = plan[condition <= WELL_CONDITIONED]
@@ -276,23 +276,24 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition
     return out, used
 
 
-def row_plan(xp, indptr, y, k) -> dict:
+def row_plan(xp, indptr, k) -> dict:
     """Which rows each solver of altmin-sketch takes, for a well-conditioned other factor
     (cond(YᵀY) <= WELL_CONDITIONED: key True) and for any other (False): {solver: row ids},
     the solvers "exact", "plain-cg-light" (light rows' CG steps), and "plain-cg" (heavy rows,
     well conditioned) or "sketch" (heavy rows, otherwise). A row's degree does not change
     between sweeps, so ``iterate`` makes this once for each form of Ω: each half-sweep then
     only decides which of the two applies (three row selections, each a device sync, were
-    a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``y``: the
-    other factor, or any array of its type and width."""
+    a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``xp``
+    decides the device, whose kernels set some thresholds."""
     degree = xp.diff(indptr)
+    gpu = xp is not np
     plan = {}
     for well in (True, False):
-        heavy = degree >= (heavy_degree(k) if well else sketch_degree(xp, y, k))
+        heavy = degree >= (heavy_degree(k) if well else sketch_degree(gpu, k))
         # light rows take plain CG steps where they are thin (exact solves there amplify the
         # other factor's error), or where the factor is well conditioned and the device makes
         # it cheaper
-        iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(xp, y)))
+        iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(gpu, k)))
         plan[well] = {"exact": xp.nonzero(~heavy & ~iterated)[0],
                       "plain-cg-light": xp.nonzero(iterated)[0],
                       "plain-cg" if well else "sketch": xp.nonzero(heavy)[0]}
@@ -321,16 +322,16 @@ def heavy_degree(k: int) -> int:
     return HEAVY_DEGREE * k
 
 
-def sketch_degree(xp, y, k: int) -> int:
+def sketch_degree(gpu: bool, k: int) -> int:
     """Observations from which a row gets the sketch (where plain CG would not do):
     heavy_degree(k), but SMALL_RANK_SKETCH_DEGREE·k where the fused exact solve runs at rank
-    <= FUSED_EXACT_MAX_RANK. The job's plan states the same rule."""
-    if rowsolve.supported(xp, y) and k <= FUSED_EXACT_MAX_RANK:
+    <= FUSED_EXACT_MAX_RANK. The job's plan calls this too."""
+    if rowsolve.runs(gpu, k) and k <= FUSED_EXACT_MAX_RANK:
         return SMALL_RANK_SKETCH_DEGREE * k
     return heavy_degree(k)
 
 
-def light_rows_iterative(xp, y) -> bool:
+def light_rows_iterative(gpu: bool, k: int) -> bool:
     """Whether light rows (below heavy_degree, and not thin: THIN_DEGREE) get plain CG steps,
     not the exact solve, in a half-sweep whose other factor is well conditioned: on a GPU with
     the warp-row kernels.
@@ -339,8 +340,8 @@ def light_rows_iterative(xp, y) -> bool:
     and, on planted matrices of 2 to 11k observations a row (NumPy, 12 sweeps), left a held-out
     error as low as exact solves did or lower (6.5e-3 against 7.6e-3 at MovieLens's shape,
     k = 64); with 2 steps a row of 4k lost two sweeps in twelve. On the CPU the batched exact
-    solve costs less than the CG steps' gathers. The job's plan states the same rule."""
-    return rowsolve.warp_supported(xp, y)
+    solve costs less than the CG steps' gathers. The job's plan calls this too."""
+    return rowsolve.warp_runs(gpu, k)
 
 
 def _condition(xp, y) -> float:

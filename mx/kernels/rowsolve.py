@@ -673,7 +673,12 @@ def _i64(x):
 
 def warp_supported(xp, y) -> bool:
     """The warp-per-row kernels run on CuPy arrays of rank ≤ 128 in float32 or float64."""
-    return xp is not np and y.shape[1] <= WARP_MAX_RANK and y.dtype in (np.float32, np.float64)
+    return warp_runs(xp is not np, y.shape[1], y.dtype)
+
+
+def warp_runs(gpu: bool, k: int, dtype=np.float64) -> bool:
+    """``warp_supported`` for a factor not made yet (a job's plan): on a GPU or not, of rank k."""
+    return gpu and k <= WARP_MAX_RANK and np.dtype(dtype) in (np.float32, np.float64)
 
 
 def _warp_kernel(name: str, dtype, k: int):
@@ -884,7 +889,12 @@ def spmm(xp, indptr, cols, values, x):
 
 def supported(xp, y) -> bool:
     """The fused kernel runs on CuPy arrays of rank ≤ 128 in float32 or float64."""
-    return xp is not np and y.shape[1] <= MAX_RANK and y.dtype in (np.float32, np.float64)
+    return runs(xp is not np, y.shape[1], y.dtype)
+
+
+def runs(gpu: bool, k: int, dtype=np.float64) -> bool:
+    """``supported`` for a factor not made yet (a job's plan): on a GPU or not, of rank k."""
+    return gpu and k <= MAX_RANK and np.dtype(dtype) in (np.float32, np.float64)
 
 
 def padded_rank(k: int) -> int:

@@ -17,7 +17,7 @@ from dask.task_spec import Task, TaskRef
 from pydantic import ConfigDict, Field
 
 from mx.errors import UserError
-from mx.kernels import altmin, lsq, rowsolve
+from mx.kernels import altmin, lsq
 from mx.storage import dense, sparse
 from mx.tasks import blocks
 from mx.tasks.graph import StepGraph, comm_key
@@ -86,15 +86,15 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
     otherwise = (f"a CountSketch of {lsq.sketch_buckets(k)} buckets preconditions "
                  f"{altmin.cg_steps(p.method, 'sketch', p.cg_iters)} CG steps from the last "
                  f"sweep's value")
-    if gpus > 0 and k <= altmin.FUSED_EXACT_MAX_RANK:
-        otherwise += (f" for rows with >= {altmin.SMALL_RANK_SKETCH_DEGREE * k} observations, "
+    if altmin.sketch_degree(gpus > 0, k) != altmin.heavy_degree(k):
+        otherwise += (f" for rows with >= {altmin.sketch_degree(gpus > 0, k)} observations, "
                       f"and rows below that are solved exactly (on a GPU at rank <= "
                       f"{altmin.FUSED_EXACT_MAX_RANK} the fused exact solve costs less there)")
     lighter = (f"lighter rows with < {altmin.THIN_DEGREE * k} observations (thin: an exact "
                f"solve would amplify the other factor's error) get "
                f"{altmin.cg_steps(p.method, 'plain-cg-light', p.cg_iters)} plain CG steps from "
                f"the last sweep's value, ")
-    if gpus > 0 and k <= rowsolve.WARP_MAX_RANK:
+    if altmin.light_rows_iterative(gpus > 0, k):
         lighter += ("and the other lighter rows get them too in a well-conditioned half-sweep "
                     "(on a GPU they cost a fraction of the exact solve), and are solved exactly "
                     "otherwise")
