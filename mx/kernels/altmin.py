@@ -86,13 +86,8 @@ def holdout_mask(xp, rows, cols, fraction: float, seed: int):
     on NumPy and CuPy alike."""
     if fraction <= 0:
         return xp.zeros(rows.shape, dtype=bool)
-    u64 = np.uint64
-    h = (rows.astype(u64) * u64(0x9E3779B97F4A7C15)) ^ \
-        (cols.astype(u64) * u64(0xC2B2AE3D27D4EB4F)) ^ u64(seed * 0x165667B1 + 1)
-    h ^= h >> u64(31)
-    h *= u64(0x94D049BB133111EB)
-    h ^= h >> u64(29)
-    return (h >> u64(11)).astype(np.float64) / float(1 << 53) < fraction
+    h = lsq.entry_hash(rows, cols, seed)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 def run(row_block, col_block, *, row_blocks, col_blocks, path, shape, rank, method, tol,

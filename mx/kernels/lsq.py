@@ -288,16 +288,21 @@ def sketch_buckets(k: int, ratio: float | None = None) -> int:
     return rowsolve.CHUNK * max(1, -(-int(ratio * k) // rowsolve.CHUNK))
 
 
+def entry_hash(rows, cols, seed: int):
+    """A 64-bit mix of each entry's (row, column) and a seed (below 2³⁵), as uint64: the same
+    on NumPy and CuPy, and the same bits as the sketch's GPU kernel computes."""
+    u64 = np.uint64
+    h = (rows.astype(u64) * u64(0x9E3779B97F4A7C15)) ^ \
+        (cols.astype(u64) * u64(0xC2B2AE3D27D4EB4F)) ^ (u64(seed) * u64(0x165667B1) + u64(1))
+    h ^= h >> u64(31)
+    h *= u64(0x94D049BB133111EB)
+    h ^= h >> u64(29)
+    return h
+
+
 def sketch_signs(xp, rows, cols, seed):
-    """±1 for each entry (row, column): the top bit of a 64-bit mix of the two and the seed,
-    the same bits as the GPU kernel's."""
-    h = (rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ \
-        (cols.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)) ^ \
-        (np.uint64(seed) * np.uint64(0x165667B1) + np.uint64(1))
-    h ^= h >> np.uint64(31)
-    h *= np.uint64(0x94D049BB133111EB)
-    h ^= h >> np.uint64(29)
-    return 1.0 - 2.0 * (h >> np.uint64(63)).astype(np.float64)
+    """±1 for each entry (row, column): the top bit of its ``entry_hash``."""
+    return 1.0 - 2.0 * (entry_hash(rows, cols, seed) >> np.uint64(63)).astype(np.float64)
 
 
 def sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed=0, buckets=None):
