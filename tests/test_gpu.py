@@ -652,8 +652,9 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
                                                      monkeypatch):
     """All of a row's CG steps in one warp (residual pass, then one pass per step) against
     the NumPy reference, on rows of awkward degrees (empty ones too), with and without
-    regularisation; rows not asked for keep their start. With ``wide_degree`` the four
-    heaviest rows get a block of warps each (``rowsolve.WIDE_DEGREE``)."""
+    regularisation and a shared preconditioner; rows not asked for keep their start. With
+    ``wide_degree`` the four heaviest rows get a block of warps each
+    (``rowsolve.WIDE_DEGREE``)."""
     import cupy
 
     from mx.kernels import lsq, rowsolve
@@ -670,16 +671,19 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
     y = rng.standard_normal((n, k)) * np.geomspace(1, 5, k)
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
+    # a preconditioner every row shares: the inverse of an average row's Gram matrix
+    precond = np.linalg.inv(y.T @ y * (3 * k / n) + np.eye(k))
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
     for refine, storage, tol in _cases(dtype, tol):
         with _lsq_settings(refine, storage):
-            for reg, steps in [(0.0, 1), (0.0, 4), (0.9, 3)]:
-                want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps)
+            for reg, steps, p in [(0.0, 1, None), (0.0, 4, None), (0.9, 3, None),
+                                  (0.0, 4, precond), (0.9, 3, precond)]:
+                want = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, reg, rows, steps, p)
                 got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
-                                        g(rows), steps).get()
+                                        g(rows), steps, None if p is None else g(p)).get()
                 moved = np.linalg.norm(want[rows] - x0[rows])
                 err = np.linalg.norm(got[rows] - want[rows]) / moved
-                assert err < tol, (refine, storage, reg, steps, err)
+                assert err < tol, (refine, storage, reg, steps, p is None, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
 

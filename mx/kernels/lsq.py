@@ -211,7 +211,8 @@ def _chol_solve(xp, gram, b):
 def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_subset=None,
              tol=0.0):
     """Batched (preconditioned) CG on every row's normal equations, warm-started at x0.
-    ``precond`` is a stack of k×k matrices applied to residuals (rows with none: identity).
+    ``precond`` is a stack of k×k matrices applied to residuals (rows with none: identity),
+    or one k×k matrix for every row.
     ``rows_subset`` limits the update to those rows (the others keep x0). Returns (x,
     iterations run)."""
     shape = (indptr.size - 1, y.shape[0])
@@ -246,9 +247,10 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_s
     return (x if mask is None else xp.where(mask[:, None] > 0, x, x0)), run
 
 
-def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
-    """``steps`` plain CG steps from x0 for the rows ``rows_subset`` (other rows keep x0), as
-    GPU ALS libraries run them. On a GPU one warp per row does all the steps in registers
+def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, precond=None):
+    """``steps`` CG steps from x0 for the rows ``rows_subset`` (other rows keep x0): plain,
+    as GPU ALS libraries run them, or preconditioned by ``precond`` (one symmetric k × k
+    matrix for every row). On a GPU one warp per row does all the steps in registers
     (``rowsolve.cg_solve``); this is its reference. In float64 there, the steps solve for
     the correction to x0 in float32 (``REFINE``)."""
     if rows_subset.size == 0:
@@ -257,13 +259,14 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps):
         delta, _ = _correction(xp, y, x0, indptr, cols, values, reg, rows_subset,
                                lambda y32, d, r32: rowsolve.cg_solve(
                                    xp, y32, None, indptr, cols, None, reg, rows_subset, steps, d,
-                                   r0=r32, storage=CORRECTION_STORAGE))
+                                   r0=r32, storage=CORRECTION_STORAGE, precond=precond))
         return x0 + delta
     if rowsolve.warp_supported(xp, y):
         out = x0.copy()
-        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, rows_subset, steps, out)
+        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, rows_subset, steps, out,
+                          precond=precond)
         return out
-    return solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps,
+    return solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, precond=precond,
                     rows_subset=rows_subset)[0]
 
 

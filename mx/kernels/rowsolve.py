@@ -346,22 +346,37 @@ extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
     store_own(r_out, i, k, r);
 }
 
-// Plain CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp (or NW) per row,
-// every vector in registers, one pass over Ω_i per step. From x0, with one more pass for its
-// residual; or, given that residual r0 (row i at i·k), from zero: the correction to x0
-// (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot products
-// back into Y's.
+// z = P r in the lane's C components, for a symmetric P (KP × KP, zero-padded) that every row
+// shares, or z = r where there is none; r's other components come from the group's lanes.
+__device__ inline void precondition(const T* __restrict__ P, const T* r, T* z) {
+    if (P == nullptr) { for (int c = 0; c < C; c++) z[c] = r[c]; return; }
+    const int l = (threadIdx.x % 32) % L;
+    for (int c = 0; c < C; c++) z[c] = 0;
+    for (int src = 0; src < L; src++)
+        for (int c2 = 0; c2 < C; c2++) {
+            const T rj = __shfl_sync(0xffffffff, r[c2], src, L);
+            const T* row = P + (long long)(src * C + c2) * KP + l * C;  // P's row j = column j
+            for (int c = 0; c < C; c++) z[c] += row[c] * rj;
+        }
+}
+
+// CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp (or NW) per row,
+// every vector in registers, one pass over Ω_i per step: plain, or preconditioned by P where
+// ``precond`` is not null (one KP × KP matrix for every row). From x0, with one more pass
+// for its residual; or, given that residual r0 (row i at i·k), from zero: the correction to
+// x0 (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot
+// products back into Y's.
 extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
         const long long nrows, const int k, const int steps, const T reg, const T scale,
-        T* __restrict__ out)
+        const T* __restrict__ precond, T* __restrict__ out)
 {
     const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
     const long long start = indptr[i], end = indptr[i + 1];
-    T x[C], r[C], p[C], q[C];
+    T x[C], r[C], p[C], q[C], z[C];
     if (r0 != nullptr) {
         for (int c = 0; c < C; c++) x[c] = 0;
         load_own(r0, i, k, r);
@@ -369,8 +384,9 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         load_own(x0, i, k, x);
         residual_pass(cols, vals, y, start, end, reg, x, r);
     }
-    T rr = 0;
-    for (int c = 0; c < C; c++) { p[c] = r[c]; rr += r[c] * r[c]; }
+    precondition(precond, r, z);
+    T rr = 0;  // rᵀz
+    for (int c = 0; c < C; c++) { p[c] = z[c]; rr += r[c] * z[c]; }
     rr = group_sum(rr);
     const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
     for (int step = 0; step < steps; step++) {
@@ -388,11 +404,13 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         for (int c = 0; c < C; c++) { q[c] += reg * p[c]; pq += p[c] * q[c]; }
         pq = group_sum(pq);
         const T alpha = pq > (T)0 && rr > done ? rr / pq : (T)0;
+        for (int c = 0; c < C; c++) { x[c] += alpha * p[c]; r[c] -= alpha * q[c]; }
+        precondition(precond, r, z);
         T rn = 0;
-        for (int c = 0; c < C; c++) { x[c] += alpha * p[c]; r[c] -= alpha * q[c]; rn += r[c] * r[c]; }
+        for (int c = 0; c < C; c++) rn += r[c] * z[c];
         rn = group_sum(rn);
         const T beta = rr > (T)0 ? rn / rr : (T)0;
-        for (int c = 0; c < C; c++) p[c] = r[c] + beta * p[c];
+        for (int c = 0; c < C; c++) p[c] = z[c] + beta * p[c];
         rr = rn;
     }
     store_own(out, i, k, x);
@@ -825,22 +843,29 @@ def normal_apply(xp, p, y, indptr, cols, reg):
     return out
 
 
-def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None):
-    """``steps`` plain CG steps for the rows ``rows`` (int64 ids), one warp per row (a block
-    for the heaviest, ``_rows_launch``), into ``out``: from x0, or, given x0's residual
-    ``r0`` (``residual``), from zero, which is the correction to x0 (``values`` and ``x0``
-    are then not read: None will do). The arithmetic is in y's type; ``storage`` (default
-    the same) is the type Y is gathered in: float16 moves half float32's bytes, at float16's
-    precision in the operator (a correction's solve can afford it: the next residual, in
-    float64, sees the difference)."""
+def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None,
+             precond=None):
+    """``steps`` CG steps for the rows ``rows`` (int64 ids), one warp per row (a block for
+    the heaviest, ``_rows_launch``), into ``out``: from x0, or, given x0's residual ``r0``
+    (``residual``), from zero, which is the correction to x0 (``values`` and ``x0`` are then
+    not read: None will do). Plain steps, or preconditioned by ``precond``, one symmetric
+    k × k matrix for every row. The arithmetic is in y's type; ``storage`` (default the same)
+    is the type Y is gathered in: float16 moves half float32's bytes, at float16's precision
+    in the operator (a correction's solve can afford it: the next residual, in float64,
+    sees the difference)."""
     k = y.shape[1]
     dtype = y.dtype
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
     ys, storage, scale = _operand(xp, y, storage)
+    p = _NULL
+    if precond is not None:
+        width = ys.shape[1]  # the layout's padded rank, KP
+        p = xp.zeros((width, width), dtype=dtype)
+        p[:k, :k] = xp.asarray(precond, dtype=dtype)
     _rows_launch("cg_rows", dtype, storage, k, indptr, _i64(rows),
                  lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, r0, part,
                                       np.int64(count), np.int32(k), np.int32(steps),
-                                      dtype.type(reg), dtype.type(scale), out))
+                                      dtype.type(reg), dtype.type(scale), p, out))
 
 
 _NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
