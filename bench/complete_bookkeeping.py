@@ -42,14 +42,14 @@ VARIANTS = {"als-cg": ("als-cg", True, True),
             "altmin-sketch, cond and row classes every half-sweep": ("altmin-sketch", False, False)}
 
 
-def sweeps(cp, R, C, held, shape, k, method, keep_plan, keep_condition, count):
-    """Seconds of each sweep after the first, with the plan and the carried condition number
+def sweeps(cp, R, C, held, shape, k, method, keep_plan, keep_gram, count):
+    """Seconds of each sweep after the first, with the plan and the carried Gram matrix
     dropped where asked (``_solve`` then makes them itself)."""
     solve = altmin._solve
 
-    def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition=None):
+    def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, gram=None):
         return solve(xp, method, x, y, omega, reg, cg_iters, k, seed,
-                     plan if keep_plan else None, condition if keep_condition else None)
+                     plan if keep_plan else None, gram if keep_gram else None)
 
     altmin._solve = solving
     try:

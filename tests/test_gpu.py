@@ -719,7 +719,8 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
     well-conditioned factor every row gets plain CG on the GPU (light rows their own steps),
     as on NumPy told to iterate light rows; against an ill-conditioned one heavy rows get the
     sketch, which on the GPU at rank <= 32 gives way to the fused exact solve on rows below
-    64k observations, and the thin rows plain CG still."""
+    64k observations, and the thin rows CG steps still: plain where they are barely
+    determined, else preconditioned by the factor's Gram matrix."""
     import cupy
 
     from mx.kernels import altmin, lsq
@@ -728,7 +729,8 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
     degree = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=m)
     top = altmin.SMALL_RANK_SKETCH_DEGREE * k
     degree[:big] = rng.integers(top, top + 400, size=big)  # sketched at any rank
-    degree[-7:] = rng.integers(k, 3 * k, size=7)  # light and thin
+    degree[-7:-3] = rng.integers(k, np.ceil(altmin.GRAM_CG_DEGREE * k), size=4)  # thin
+    degree[-3:] = rng.integers(np.ceil(altmin.GRAM_CG_DEGREE * k), 3 * k, size=3)  # thin
     cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
     indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
     vals = rng.standard_normal(cols.size)
@@ -744,9 +746,10 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
                                        None, k, 0)
         got, used_gpu = altmin._solve(cupy, "altmin-sketch", g(x0), g(y),
                                       (g(indptr), g(cols), g(vals)), reg, None, k, 0)
-        assert used == ({"plain-cg": m} if scale == 1.0 else {"plain-cg": 7, "sketch": m - 7}), used
+        thin = {"plain-cg": 4, "gram-cg": 3}
+        assert used == ({"plain-cg": m} if scale == 1.0 else {**thin, "sketch": m - 7}), used
         if scale == 30.0 and k <= altmin.FUSED_EXACT_MAX_RANK:
-            assert used_gpu == {"exact": m - big - 7, "sketch": big, "plain-cg": 7}, used_gpu
+            assert used_gpu == {"exact": m - big - 7, "sketch": big, **thin}, used_gpu
             want = np.concatenate([want[:big], exact[big:-7], want[-7:]])
         else:
             assert used_gpu == used, used_gpu

@@ -14,9 +14,10 @@ only factor blocks move between workers, never Ω.
   CG steps, like GPU ALS libraries), or, for ``altmin-sketch``, on heavy rows plain CG where
   the other factor is so well conditioned that the sketch cannot help, else
   sketch-preconditioned CG (on a GPU at rank <= 32 only on rows of 64k observations or
-  more: below that the exact solve is cheaper there); on light rows exact solves, but plain
-  CG on thin ones, and on a GPU on all of them against a well-conditioned factor
-  (``_solve``, ``mx.kernels.lsq``). The log counts the row solves of each kind.
+  more: below that the exact solve is cheaper there); on light rows exact solves, but CG on
+  thin ones (preconditioned by the other factor's Gram matrix where that is ill conditioned),
+  and on a GPU on all of them against a well-conditioned factor (``_solve``,
+  ``mx.kernels.lsq``). The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
 - **Checkpoints:** U and V go to one of two checkpoint slots, the one not committed last,
@@ -78,6 +79,16 @@ WELL_CONDITIONED = 3.0
 # those rows stalled at 0.24 or stopped at 0.79, as exact ALS did; at κ = 100 4.8e-2 (als-cg:
 # 7.7e-2); without skew at κ = 2.5, 7.3e-3 against 9.1e-3.
 THIN_DEGREE = 4
+# Against an ill-conditioned factor (cond(YᵀY) > WELL_CONDITIONED), thin rows of at least
+# GRAM_CG_DEGREE·k observations take those steps preconditioned by the inverse of
+# (d/n)·YᵀY + reg·I ("gram-cg", ``gram_preconditioner``): plain steps leave the factor's weak
+# directions unsolved, exact solves amplify its error, and this one k × k matrix is what
+# every evenly sampled row's Gram matrix is near, up to the sampling's own distortion. Below
+# GRAM_CG_DEGREE·k a row's problem is barely determined, and plain steps, which move only
+# where the data pin it down, did best. NumPy, MovieLens's shape at a tenth, k = 64, held-out
+# error after 12 sweeps (bench/complete_light_rows.py): uniform at κ = 10, 1.8e-2 against
+# plain steps' 5.0e-2 (exact solves: 1.6e-2); skewed at κ = 100, 4.2e-2 against 4.8e-2.
+GRAM_CG_DEGREE = 1.5
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -162,9 +173,9 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     plan_v = plan_u = None
     if method == "altmin-sketch":
         plan_v, plan_u = row_plan(xp, C[0], k), row_plan(xp, R[0], k)
-    # cond(UᵀU) of u as the last sweep left it, where the V half-sweep needs it (else None)
-    carry_cond_u = plan_v is not None and conditioning_matters(plan_v)
-    cond_u = None
+    # UᵀU of u as the last sweep left it, where the V half-sweep needs it (else None)
+    carry_gram_u = plan_v is not None and conditioning_matters(plan_v)
+    gram_u = None
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
@@ -172,7 +183,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         with ctx.timed("sweep"):
             u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
             v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep,
-                               plan_v, cond_u)
+                               plan_v, gram_u)
             v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
                 u, v, v_full = _balance(ctx, u, v, v_full, ("balance", sweep))
@@ -185,14 +196,14 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         metrics = np.array([lsq.squared_error(xp, u, v_full, *R),
                             lsq.squared_error(xp, u, v_full, *held),
                             float(save is None or save.ready())])
-        if carry_cond_u:
+        if carry_gram_u:
             # and UᵀU, as the errors sync the device anyway: the next V half-sweep's choice of
             # solvers then needs no sync of its own
             metrics = np.concatenate([metrics, _host(xp, u.T @ u).ravel()])
         metrics = sum(_gather(ctx, metrics, ("metrics", sweep)))
         t_err, h_err, ready = metrics[:3]
-        if carry_cond_u:
-            cond_u = _condition_of(metrics[3:].reshape(k, k))
+        if carry_gram_u:
+            gram_u = metrics[3:].reshape(k, k)
         train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
         # relative error on held-out entries (on the training entries when none are held out)
@@ -227,11 +238,11 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 
 # ------------------------------------------------------------------------------ solving
-def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition=None):
+def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, gram=None):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
-    the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, and
-    ``condition``: cond(YᵀY), each computed here if not given). Returns the new x and how
-    many rows each solver took ({solver: rows})."""
+    the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, and ``gram``:
+    YᵀY on the host, each computed here if not given). Returns the new x and how many rows
+    each solver took ({solver: rows})."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
@@ -241,8 +252,8 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition
                                  cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
     plan = row_plan(xp, indptr, k) if plan is None else plan
     if conditioning_matters(plan):
-        condition = _condition(xp, y) if condition is None else condition
-        parts = plan[condition <= WELL_CONDITIONED]
+        gram = _host(xp, y.T @ y) if gram is None else gram
+        parts = plan[_condition_of(gram) <= WELL_CONDITIONED]
     else:
         parts = plan[True]
     out, used = x, {}
@@ -263,6 +274,12 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, condition
             out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, subset,
                                     cg_steps(method, solver, cg_iters))
             used["plain-cg"] = used.get("plain-cg", 0) + int(subset.size)
+    whitened = parts.get("gram-cg")
+    if whitened is not None and whitened.size:
+        precond = xp.asarray(gram_preconditioner(gram, y.shape[0], k, reg))
+        out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, whitened,
+                                cg_steps(method, "plain-cg-light", cg_iters), precond)
+        used["gram-cg"] = int(whitened.size)
     heavy_rows = parts.get("sketch")
     if heavy_rows is not None and heavy_rows.size:
         out = lsq.solve_sketch(xp, out, y, indptr, cols, vals, reg, heavy_rows,
@@ -289,10 +306,25 @@ def row_plan(xp, indptr, k) -> dict:
         # other factor's error), or where the factor is well conditioned and the device makes
         # it cheaper
         iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(gpu, k)))
+        # against an ill-conditioned factor, plain steps leave its weak directions unsolved:
+        # thin rows the data determine well enough take steps preconditioned by its Gram
+        whitened = iterated & (degree >= GRAM_CG_DEGREE * k) & (not well)
         plan[well] = {"exact": xp.nonzero(~heavy & ~iterated)[0],
-                      "plain-cg-light": xp.nonzero(iterated)[0],
+                      "plain-cg-light": xp.nonzero(iterated & ~whitened)[0],
+                      "gram-cg": xp.nonzero(whitened)[0],
                       "plain-cg" if well else "sketch": xp.nonzero(heavy)[0]}
     return plan
+
+
+def gram_preconditioner(gram, n: int, k: int, reg: float):
+    """The preconditioner of "gram-cg" rows: the inverse of what such a row's Gram matrix
+    would be if its columns were sampled evenly, (d/n)·YᵀY + reg·I (``gram``: YᵀY, Y n × k),
+    at d halfway through their degrees. Singular values below 1e-12 of the largest are
+    raised to it: a factor of lower rank still gets a positive definite preconditioner."""
+    degree = (GRAM_CG_DEGREE + THIN_DEGREE) / 2 * k
+    evals, evecs = np.linalg.eigh(np.asarray(gram) * (degree / n) + reg * np.eye(k))
+    evals = np.maximum(evals, evals[-1] * 1e-12 if evals[-1] > 0 else 1.0)
+    return (evecs / evals) @ evecs.T
 
 
 def conditioning_matters(plan) -> bool:
@@ -337,11 +369,6 @@ def light_rows_iterative(gpu: bool, k: int) -> bool:
     k = 64); with 2 steps a row of 4k lost two sweeps in twelve. On the CPU the batched exact
     solve costs less than the CG steps' gathers. The job's plan calls this too."""
     return rowsolve.warp_runs(gpu, k)
-
-
-def _condition(xp, y) -> float:
-    """Condition number of YᵀY (k×k: cheap beside a pass over Ω)."""
-    return _condition_of(_host(xp, y.T @ y))
 
 
 def _condition_of(gram) -> float:

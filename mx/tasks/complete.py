@@ -8,6 +8,7 @@ of M) are split across the workers; the sweeps run as one gang (``mx.kernels.alt
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -92,8 +93,10 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
                       f"{altmin.FUSED_EXACT_MAX_RANK} the fused exact solve costs less there)")
     lighter = (f"lighter rows with < {altmin.THIN_DEGREE * k} observations (thin: an exact "
                f"solve would amplify the other factor's error) get "
-               f"{altmin.cg_steps(p.method, 'plain-cg-light', p.cg_iters)} plain CG steps from "
-               f"the last sweep's value, ")
+               f"{altmin.cg_steps(p.method, 'plain-cg-light', p.cg_iters)} CG steps from the "
+               f"last sweep's value, plain ones, but in a half-sweep whose other factor is not "
+               f"well conditioned those of >= {math.ceil(altmin.GRAM_CG_DEGREE * k)} "
+               f"observations get them preconditioned by its Gram matrix; ")
     if altmin.light_rows_iterative(gpus > 0, k):
         lighter += ("and the other lighter rows get them too in a well-conditioned half-sweep "
                     "(on a GPU they cost a fraction of the exact solve), and are solved exactly "
