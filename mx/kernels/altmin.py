@@ -86,8 +86,9 @@ THIN_DEGREE = 4
 # every evenly sampled row's Gram matrix is near, up to the sampling's own distortion. Below
 # GRAM_CG_DEGREE·k a row's problem is barely determined, and plain steps, which move only
 # where the data pin it down, did best. NumPy, MovieLens's shape at a tenth, k = 64, held-out
-# error after 12 sweeps (bench/complete_light_rows.py): uniform at κ = 10, 1.8e-2 against
-# plain steps' 5.0e-2 (exact solves: 1.6e-2); skewed at κ = 100, 4.2e-2 against 4.8e-2.
+# error after 12 sweeps (bench/complete_light_rows.py), against plain steps and exact
+# solves: uniform at κ = 5, 1.1e-2 against 1.6e-2 and 1.3e-2; at κ = 10, 2.4e-2 against
+# 5.0e-2 and 1.6e-2; skewed at κ = 100, 4.2e-2 against 4.8e-2 (exact solves diverge there).
 GRAM_CG_DEGREE = 1.5
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
@@ -291,8 +292,9 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, gram=None
 def row_plan(xp, indptr, k) -> dict:
     """Which rows each solver of altmin-sketch takes, for a well-conditioned other factor
     (cond(YᵀY) <= WELL_CONDITIONED: key True) and for any other (False): {solver: row ids},
-    the solvers "exact", "plain-cg-light" (light rows' CG steps), and "plain-cg" (heavy rows,
-    well conditioned) or "sketch" (heavy rows, otherwise). A row's degree does not change
+    the solvers "exact", "plain-cg-light" (light rows' CG steps), "gram-cg" (thin rows' steps
+    preconditioned by YᵀY, ill conditioned only), and "plain-cg" (heavy rows, well
+    conditioned) or "sketch" (heavy rows, otherwise). A row's degree does not change
     between sweeps, so ``iterate`` makes this once for each form of Ω: each half-sweep then
     only decides which of the two applies (three row selections, each a device sync, were
     a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``xp``
