@@ -62,6 +62,14 @@ def rel_error(got, ref):
     return np.linalg.norm(np.asarray(got, dtype=np.float64) - ref) / (denom if denom else 1.0)
 
 
+def random_rows(rng, degree, n):
+    """A CSR pattern (indptr, cols, vals) of len(degree) rows over n columns: row i has
+    degree[i] distinct columns, sorted, and standard normal values."""
+    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    return indptr, cols, rng.standard_normal(cols.size)
+
+
 def leftovers(folder):
     """Dot-named temporaries mx may have left in a folder."""
     return [e for e in os.listdir(folder) if ".mx-tmp-" in e or ".mx-old-" in e]

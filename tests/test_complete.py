@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import mx
-from conftest import mx_cli
+from conftest import mx_cli, random_rows
 from mx.errors import JobFailed, UserError
 from mx.kernels import lsq
 from mx.storage import generate, sparse
@@ -77,10 +77,8 @@ def test_sketch_preconditioned_steps_solve_ill_conditioned_rows(rng):
     rows not asked for are left as they were."""
     k, m, n = int(rng.integers(30, 50)), 23, 5001
     degree = rng.integers(16 * k, 30 * k, size=m)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    indptr, cols, vals = random_rows(rng, degree, n)
     y = rng.standard_normal((n, k)) * np.geomspace(1, 1e4, k)
-    vals = rng.standard_normal(cols.size)
     exact = lsq.solve_exact(np, y, indptr, cols, vals, 0.0)
     x0 = exact + 0.1 * rng.standard_normal((m, k)) * np.abs(exact).mean()  # a warm start
     rows = lsq.row_ids(np, indptr)
@@ -117,9 +115,7 @@ def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketc
     degree[-8:-3] = rng.integers(altmin.THIN_DEGREE * k, altmin.HEAVY_DEGREE * k, size=5)  # light
     degree[-3:-1] = rng.integers(k, altmin.GRAM_CG_DEGREE * k, size=2)  # thin, barely determined
     degree[-1] = rng.integers(np.ceil(altmin.GRAM_CG_DEGREE * k), altmin.THIN_DEGREE * k)  # thin
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     rows = lsq.row_ids(np, indptr)
     for scale, want in [(1.0, "plain-cg"), (30.0, "sketch")]:
         y = rng.standard_normal((n, k)) * np.geomspace(1, scale, k)
@@ -154,9 +150,7 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
     k, m, n = int(rng.integers(8, 14)), 41, 3001
     degree = rng.integers(2 * k, altmin.HEAVY_DEGREE * k, size=m)  # light
     degree[:6] = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=6)  # heavy
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     rows = lsq.row_ids(np, indptr)
     thin = int((degree < altmin.THIN_DEGREE * k).sum())
     for scale, want in [(1.0, {"plain-cg": m}),
@@ -219,9 +213,7 @@ def test_a_half_sweep_of_barely_determined_rows_does_not_look_at_the_conditionin
 
     k, m, n = int(rng.integers(6, 10)), 37, 501
     degree = rng.integers(k, altmin.GRAM_CG_DEGREE * k, size=m)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     y = rng.standard_normal((n, k)) * np.geomspace(1, 30, k)
     x0 = rng.standard_normal((m, k))
     plan = altmin.row_plan(np, indptr, k)
@@ -494,9 +486,7 @@ def test_thin_rows_against_an_ill_conditioned_factor_gain_from_its_gram_precondi
 
     k, m, n = int(rng.integers(8, 14)), 60, 3001
     degree = rng.integers(np.ceil(altmin.GRAM_CG_DEGREE * k), altmin.THIN_DEGREE * k, size=m)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     rows = lsq.row_ids(np, indptr)
     y = rng.standard_normal((n, k)) * np.geomspace(1, 10, k)  # cond(YᵀY) about 100
     exact = lsq.solve_exact(np, y, indptr, cols, vals, reg)

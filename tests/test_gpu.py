@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mx
-from conftest import read_dense, rel_error, write_dense
+from conftest import random_rows, read_dense, rel_error, write_dense
 from test_service import head  # noqa: F401  (the fixture: a `mx cluster up` head)
 from mx.cluster import devices
 from mx.kernels import abft, gemm, precision as prec
@@ -529,9 +529,8 @@ def test_fused_row_solves_match_the_numpy_reference(rng, dtype, k):
     degree = rng.integers(0, 3 * k + 5, size=m)
     degree[rng.choice(m, 5, replace=False)] = rng.integers(1000, n, size=5)  # heavy rows
     degree[:3] = 0
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size).astype(dtype)
+    indptr, cols, vals = random_rows(rng, degree, n)
+    vals = vals.astype(dtype)
     y = rng.standard_normal((n, k)).astype(dtype)
     subset = np.sort(rng.choice(m, m // 2, replace=False)).astype(np.int64)
     g = lambda a: cupy.asarray(a)  # noqa: E731
@@ -615,9 +614,7 @@ def test_fused_sketch_solves_match_the_numpy_reference(rng, dtype, tol, k):
     m, n = 203, 2311
     degree = rng.integers(4 * k, 4 * k + 300, size=m)
     degree[rng.choice(m, 4, replace=False)] = rng.integers(1500, n, size=4)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     y = rng.standard_normal((n, k)) * np.geomspace(1, 30, k)  # unequal scales: preconditioning matters
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 17, replace=False)).astype(np.int64)
@@ -665,9 +662,7 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
     m, n = 211, 1907
     degree = rng.integers(0, 3 * k + 40, size=m)
     degree[rng.choice(m, 4, replace=False)] = rng.integers(900, n, size=4)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     y = rng.standard_normal((n, k)) * np.geomspace(1, 5, k)
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
@@ -699,8 +694,8 @@ def test_cg_steps_gathering_float16_hold_at_any_magnitude(rng, magnitude):
 
     m, n, k = 150, 1100, 24
     degree = rng.integers(3 * k, 10 * k, size=m)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = cupy.asarray(np.concatenate([[0], np.cumsum(degree)]).astype(np.int64))
+    indptr, cols, _ = random_rows(rng, degree, n)
+    indptr = cupy.asarray(indptr)
     y = cupy.asarray((rng.standard_normal((n, k)) * magnitude).astype(np.float32))
     r0 = cupy.asarray((rng.standard_normal((m, k)) * magnitude).astype(np.float32))
     rows = cupy.arange(m, dtype=np.int64)
@@ -731,9 +726,7 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
     degree[:big] = rng.integers(top, top + 400, size=big)  # sketched at any rank
     degree[-7:-3] = rng.integers(k, np.ceil(altmin.GRAM_CG_DEGREE * k), size=4)  # thin
     degree[-3:] = rng.integers(np.ceil(altmin.GRAM_CG_DEGREE * k), 3 * k, size=3)  # thin
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     g = cupy.asarray
     for scale in (1.0, 30.0):
         y = rng.standard_normal((n, k)) * np.geomspace(1, scale, k)
@@ -771,9 +764,7 @@ def test_float64_solves_refined_in_float32_reach_the_float64_solution(rng, k, so
 
     m, n, reg = 97, 2003, 0.4
     degree = rng.integers(8 * k, 8 * k + 200, size=m)  # well-conditioned rows: CG converges
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
-    vals = rng.standard_normal(cols.size)
+    indptr, cols, vals = random_rows(rng, degree, n)
     y = rng.standard_normal((n, k)) * np.geomspace(1, 3, k)
     best = np.empty((m, k))
     for i in range(m):
@@ -832,8 +823,7 @@ def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):
     m, n = 257, 1301
     degree = rng.integers(0, 40, size=m)
     degree[rng.choice(m, 3, replace=False)] = rng.integers(900, n, size=3)
-    cols = np.concatenate([np.sort(rng.choice(n, d, replace=False)) for d in degree]).astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(degree)]).astype(np.int64)
+    indptr, cols, _ = random_rows(rng, degree, n)
     x = rng.standard_normal((m, k)).astype(dtype)
     y = rng.standard_normal((n, k)).astype(dtype)
     g = lambda a: cupy.asarray(a)  # noqa: E731
