@@ -9,7 +9,7 @@ the other factor, and its rows' solvers by degree. Four variants run the sweeps 
 their sweeps after the first is compared:
 - als-cg;
 - altmin-sketch as it is: each form of Ω's row classes made once (``altmin.row_plan``), and the
-  V half-sweep's cond(UᵀU) carried with the last sweep's error sums;
+  V half-sweep's UᵀU (which gives cond(UᵀU)) carried with the last sweep's error sums;
 - with cond(YᵀY) computed in every half-sweep (a device sync and a host eigensolve);
 - and with the row classes made again in every half-sweep too (three row selections, each a
   device sync): the bookkeeping before these two.

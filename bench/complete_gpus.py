@@ -43,7 +43,8 @@ def run(g: int, observed: str, args, sweeps: int, checkpoint: bool = True) -> di
     history = zarr.open_group(store=output, mode="r").attrs["history"]
     times = [h["sweep_seconds"] for h in history]
     return {"gpus": g, "checkpoint": checkpoint, "sweeps": len(history),
-            "sweep_s": float(np.median(times[1:] or times)), "sweep_seconds": times, "gpu_sweep_s": step["phases"]["gang:sweep"] / len(history),
+            "sweep_s": float(np.median(times[1:] or times)), "sweep_seconds": times,
+            "gpu_sweep_s": step["phases"]["gang:sweep"] / len(history),
             "job_s": rec["seconds"],
             "final_rel_error": history[-1]["holdout_rel_error"], "phases": step["phases"],
             "counters": step.get("counters", {})}
