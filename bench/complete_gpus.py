@@ -8,7 +8,8 @@ the GPU kernels. Each run is a whole job. The figure compared is the median of t
 the first (each sweep's `sweep_seconds` in the output's history: wall time, every worker's part
 done, its checkpoint left out); the first sweep also pays for NCCL's connections and the
 balancing of the factors. Beside it: the slowest worker's GPU time inside all the sweeps (the
-step's `gang:sweep` phase) per sweep, and the job's end-to-end seconds.
+step's `gang:sweep` phase) per sweep, split into its row solves and factor all-gathers, the
+errors' GPU time after each sweep and their host exchange, and the job's end-to-end seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import mx  # noqa: E402
 from mx.storage import generate  # noqa: E402
+
+
+PARTS = ("row-solves", "factor-allgather", "errors", "metrics-gather")
 
 
 def run(g: int, observed: str, args, sweeps: int, checkpoint: bool = True) -> dict:
@@ -45,6 +49,9 @@ def run(g: int, observed: str, args, sweeps: int, checkpoint: bool = True) -> di
     return {"gpus": g, "checkpoint": checkpoint, "sweeps": len(history),
             "sweep_s": float(np.median(times[1:] or times)), "sweep_seconds": times,
             "gpu_sweep_s": step["phases"]["gang:sweep"] / len(history),
+            # the slowest worker's seconds in each part of a sweep, per sweep
+            "parts_s": {part: step["phases"].get(f"gang:{part}", 0.0) / len(history)
+                        for part in PARTS},
             "job_s": rec["seconds"],
             "final_rel_error": history[-1]["holdout_rel_error"], "phases": step["phases"],
             "counters": step.get("counters", {})}
@@ -90,12 +97,15 @@ def main(argv=None):
     print(f"\ncomplete ({args.method}, k = {args.rank}) on {device}: n = {args.n}, "
           f"fraction {args.fraction:g}")
     print(f"{'GPUs':>4} {'ckpt':>4} {'s/sweep':>9} {'speed-up':>9} {'first':>8} "
-          f"{'GPU s/sweep':>12} {'ckpt s':>7} {'job s':>8} {'final err':>10}")
+          f"{'GPU s/sweep':>12} {'solves':>7} {'gather':>7} {'errors':>7} {'host':>7} "
+          f"{'ckpt s':>7} {'job s':>8} {'final err':>10}")
     for r in rows:
         ckpt = sum(t for phase, t in r["phases"].items() if "checkpoint" in phase)
         print(f"{r['gpus']:>4} {'on' if r['checkpoint'] else 'off':>4} {r['sweep_s']:>9.4f} "
               f"{base / r['sweep_s']:>8.2f}× {r['sweep_seconds'][0]:>8.3f} "
-              f"{r['gpu_sweep_s']:>12.4f} {ckpt:>7.2f} {r['job_s']:>8.1f} "
+              f"{r['gpu_sweep_s']:>12.4f} "
+              + "".join(f"{r['parts_s'][part]:>7.4f} " for part in PARTS)
+              + f"{ckpt:>7.2f} {r['job_s']:>8.1f} "
               f"{r['final_rel_error']:>10.2e}")
 
 

@@ -181,27 +181,35 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
         t_sweep = time.perf_counter()
+        # "sweep" encloses its row solves and the factors' all-gathers, each timed apart so
+        # a job's record shows what of a sweep does not shrink with more workers
         with ctx.timed("sweep"):
-            u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
-            v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k, seed + 2 * sweep,
-                               plan_v, gram_u)
-            v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
+            with ctx.timed("factor-allgather"):
+                u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
+            with ctx.timed("row-solves"):
+                v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k,
+                                   seed + 2 * sweep, plan_v, gram_u)
+            with ctx.timed("factor-allgather"):
+                v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
                 u, v, v_full = _balance(ctx, u, v, v_full, ("balance", sweep))
-            u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
-                               seed + 2 * sweep + 1, plan_u)
+            with ctx.timed("row-solves"):
+                u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
+                                   seed + 2 * sweep + 1, plan_u)
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
         # with the errors, summed over the workers: whether each one's checkpoint write is done
-        metrics = np.array([lsq.squared_error(xp, u, v_full, *R),
-                            lsq.squared_error(xp, u, v_full, *held),
-                            float(save is None or save.ready())])
-        if carry_gram_u:
-            # and UᵀU, as the errors sync the device anyway: the next V half-sweep's choice of
-            # solvers then needs no sync of its own
-            metrics = np.concatenate([metrics, _host(xp, u.T @ u).ravel()])
-        metrics = sum(_gather(ctx, metrics, ("metrics", sweep)))
+        with ctx.timed("errors"):
+            metrics = np.array([lsq.squared_error(xp, u, v_full, *R),
+                                lsq.squared_error(xp, u, v_full, *held),
+                                float(save is None or save.ready())])
+            if carry_gram_u:
+                # and UᵀU, as the errors sync the device anyway: the next V half-sweep's
+                # choice of solvers then needs no sync of its own
+                metrics = np.concatenate([metrics, _host(xp, u.T @ u).ravel()])
+        with ctx.timed_host("metrics-gather"):
+            metrics = sum(_gather(ctx, metrics, ("metrics", sweep)))
         t_err, h_err, ready = metrics[:3]
         if carry_gram_u:
             gram_u = metrics[3:].reshape(k, k)

@@ -31,8 +31,9 @@ IO_WORDS = ("read", "write", "checkpoint")
 IO_TOKENS = ("io",)
 
 # gang phases that time a span already split into other phases (cannon and summa wrap their
-# "compute" and "shift-wait"/"bcast-wait" in "rounds"); counting them too would count twice
-ENCLOSING = ("rounds",)
+# "compute" and "shift-wait"/"bcast-wait" in "rounds", complete its "row-solves" and
+# "factor-allgather" in "sweep"); counting them too would count twice
+ENCLOSING = ("rounds", "sweep")
 
 
 def write(job_id: str, out_dir: str | None = None) -> list[str]:
