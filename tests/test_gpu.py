@@ -833,9 +833,10 @@ def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):
     want = np.bincount(rows, weights=miss * miss, minlength=m)
     got = rowsolve.row_sq_error(cupy, g(x), g(y), g(indptr), g(cols), g(values)).get()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
-    total = lsq.squared_error(cupy, g(x), g(y), g(indptr), g(cols), g(values))
+    total = float(lsq.squared_error(cupy, g(x), g(y), g(indptr), g(cols), g(values)))
     assert abs(total - want.sum()) / want.sum() < tol
-    assert abs(lsq.squared_error(np, x, y, indptr, cols, values) - want.sum()) / want.sum() < tol
+    total = float(lsq.squared_error(np, x, y, indptr, cols, values))
+    assert abs(total - want.sum()) / want.sum() < tol
     reg = 0.3
     want = lsq.normal_apply(np, x.astype(np.float64), y.astype(np.float64), rows, cols, indptr,
                             (m, n), reg)

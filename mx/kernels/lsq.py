@@ -71,13 +71,14 @@ def predictions(xp, x, y, rows, cols):
     return out
 
 
-def squared_error(xp, x, y, indptr, cols, values) -> float:
-    """Σ (x_i·y_j − M_ij)² over the stored entries (i, j) of a CSR pattern: on a GPU one pass
-    over Ω that writes a sum a row, elsewhere ``predictions``."""
+def squared_error(xp, x, y, indptr, cols, values):
+    """Σ (x_i·y_j − M_ij)² over the stored entries (i, j) of a CSR pattern, as a 0-d array
+    on xp's device (reading it is the caller's sync): on a GPU one pass over Ω that writes a
+    sum a row, elsewhere ``predictions``."""
     if rowsolve.warp_supported(xp, y):
-        return float(rowsolve.row_sq_error(xp, x, y, indptr, cols, values).sum())
+        return rowsolve.row_sq_error(xp, x, y, indptr, cols, values).sum()
     miss = predictions(xp, x, y, row_ids(xp, indptr), cols) - values
-    return float((miss * miss).sum())
+    return (miss * miss).sum()
 
 
 def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
