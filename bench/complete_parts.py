@@ -9,7 +9,9 @@ planted rank-k factors), so no planted problem is written to disk. Each figure i
 of ``--reps`` timed runs after one untimed, host clock around a synchronised call, so it
 holds the host's syncs and launch gaps as well as the kernels; beside it the GPU time of the
 same call (CUDA events). A part of the time that does not shrink as 1/g is a fixed cost per
-worker, which bounds the speed-up of g GPUs however fast the rows go.
+worker, which bounds the speed-up of g GPUs however fast the rows go. Last, ``--sweeps`` whole
+sweeps of ``altmin.iterate`` in this process, one worker, no Ray: their gang phases a sweep,
+to set beside a job's (bench/complete_gpus.py).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def omega(cupy, n: int, degree: int, k: int, seed: int):
     dup[:, 1:] = cols[:, 1:] == cols[:, :-1]
     cols = cupy.where(dup, (cols + 1) % n, cols)
     cols.sort(axis=1)
-    u = rng.standard_normal((n, k), dtype=np.float32)
-    v = rng.standard_normal((n, k), dtype=np.float32)
+    # float64, as the op's factors and values are (its CG steps solve a float32 correction)
+    u = rng.standard_normal((n, k))
+    v = rng.standard_normal((n, k))
     rows = cupy.repeat(cupy.arange(n, dtype=np.int64), degree)
     cols = cols.ravel()
     vals = lsq.predictions(cupy, u, v, rows, cols)
@@ -70,6 +73,28 @@ def timed(cupy, fn, reps: int) -> tuple[float, float]:
     return float(np.median(host)), float(np.median(gpu))
 
 
+def sweep_parts(cupy, csr, n: int, k: int, method: str, sweeps: int) -> dict:
+    """Seconds a sweep in each gang phase of ``altmin.iterate`` on one worker in this process
+    (no Ray), over the sweeps after the first two: a job of ``sweeps`` less one of 2."""
+    from mx.cluster.comm import GangContext, LocalComm, Mailroom
+
+    indptr, cols, vals = csr
+    by_columns = altmin.sorted_csr(cupy, cols, lsq.row_ids(cupy, indptr), vals, n, n)
+    held = (cupy.zeros(n + 1, dtype=np.int64), cupy.empty(0, dtype=np.int64),
+            cupy.empty(0, dtype=vals.dtype))
+
+    def phases(count):
+        ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cupy)
+        altmin.iterate(ctx, csr, by_columns, held, (n, n), k, [(0, n)], [(0, n)], method,
+                       1e-14, count, 0.0, None, 0)
+        ctx.finish()
+        return ctx.stats
+
+    short, whole = phases(2), phases(sweeps)
+    return {part: (whole[part] - short.get(part, 0.0)) / (sweeps - 2) for part in whole
+            if part != "init"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -78,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--method", default="altmin-sketch")
     ap.add_argument("--parts", default="1,2,4")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--sweeps", type=int, default=6,
+                    help="also run this many whole sweeps in one process (0: not)")
     ap.add_argument("--out", default="complete-parts.json")
     args = ap.parse_args(argv)
     import cupy
@@ -86,7 +113,7 @@ def main(argv=None):
     full, u_true, v_true = omega(cupy, args.n, args.degree, k, seed=1)
     rng = cupy.random.default_rng(2)
     # a start near the answer, as in a late sweep
-    u0 = u_true + 0.01 * rng.standard_normal(u_true.shape, dtype=np.float32)
+    u0 = u_true + 0.01 * rng.standard_normal(u_true.shape)
     device = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     rows = []
     for g in (int(x) for x in args.parts.split(",")):
@@ -106,9 +133,11 @@ def main(argv=None):
         row["errors_s"], row["errors_gpu_s"] = timed(cupy, errors, args.reps)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    swept = sweep_parts(cupy, full, args.n, k, args.method, args.sweeps) if args.sweeps else {}
     with open(args.out, "w") as f:
         json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "device": device,
-                            "argv": sys.argv[1:]}, "results": rows}, f, indent=1)
+                            "argv": sys.argv[1:]}, "results": rows, "sweep_parts": swept},
+                  f, indent=1)
     base = rows[0]
     print(f"\nU half-sweep ({args.method}, k = {k}) on {device}: n = {args.n}, "
           f"degree {args.degree}; worker 0 of g")
@@ -119,6 +148,9 @@ def main(argv=None):
               f"{r['solve_s'] * r['g'] / base['solve_s']:>7.2f} {r['errors_s']:>9.5f} "
               f"{r['errors_gpu_s']:>9.5f} {r['errors_s'] * r['g'] / base['errors_s']:>7.2f}")
     print("(× 1/g: the time over 1/g of one worker's; 1.00 is perfect scaling)")
+    if swept:
+        print("\nwhole sweeps in one process (altmin.iterate, one worker), s a sweep after "
+              "the first two: " + ", ".join(f"{part} {t:.5f}" for part, t in swept.items()))
 
 
 if __name__ == "__main__":
