@@ -47,9 +47,9 @@ def sweeps(cp, R, C, held, shape, k, method, keep_plan, keep_gram, count):
     dropped where asked (``_solve`` then makes them itself)."""
     solve = altmin._solve
 
-    def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, gram=None):
+    def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None):
         return solve(xp, method, x, y, omega, reg, cg_iters, k, seed,
-                     plan if keep_plan else None, gram if keep_gram else None)
+                     plan if keep_plan else None, stats if keep_gram else None)
 
     altmin._solve = solving
     try:

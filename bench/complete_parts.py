@@ -120,7 +120,7 @@ def main(argv=None):
         count = args.n // g
         part = first_rows(cupy, full, count)
         x0 = u0[:count].copy()
-        plan = altmin.row_plan(cupy, part[0], k) if args.method == "altmin-sketch" else None
+        plan = altmin.row_plan(cupy, part[0], k, args.method) if args.method != "als" else None
 
         def solve():
             altmin._solve(cupy, args.method, x0, v_true, part, 0.0, None, k, 0, plan)

@@ -681,6 +681,23 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
                 assert err < tol, (refine, storage, reg, steps, p is None, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
+            # disjoint groups of rows in one call, each its own steps and preconditioner, two
+            # with their launch split and max |Y| given: as each group solved on its own
+            parts = np.array_split(rng.permutation(rows), 3)
+            specs = [(g(part), steps, None if p is None else g(p)) for part, steps, p in
+                     [(parts[0], 2, None), (parts[1], 4, precond), (parts[2], 3, None)]]
+            gx0, gy, gi, gc, gv = g(x0), g(y), g(indptr), g(cols), g(vals)
+            want = gx0
+            for part, steps, p in specs:
+                want = lsq.solve_cg_rows(cupy, want, gy, gi, gc, gv, 0.4, part, steps, p)
+            groups = [lsq.cg_group(part, steps, p, rowsolve.split_rows(cupy, gi, part) if i
+                                   else None) for i, (part, steps, p) in enumerate(specs)]
+            got = lsq.solve_cg_groups(cupy, gx0, gy, gi, gc, gv, 0.4, groups,
+                                      float(cupy.abs(gy).max()))
+            want, got = want.get(), got.get()
+            err = np.linalg.norm(got - want) / np.linalg.norm(want - x0.astype(dtype))
+            assert err < 1e-6, (refine, storage, "groups", err)
+            assert np.array_equal(got[others], x0[others].astype(dtype))
 
 
 @pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6])

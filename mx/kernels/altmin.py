@@ -172,11 +172,11 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         if reason is not None:
             return u, v, history, reason
     plan_v = plan_u = None
-    if method == "altmin-sketch":
-        plan_v, plan_u = row_plan(xp, C[0], k), row_plan(xp, R[0], k)
-    # UᵀU of u as the last sweep left it, where the V half-sweep needs it (else None)
+    if method != "als":
+        plan_v, plan_u = row_plan(xp, C[0], k, method), row_plan(xp, R[0], k, method)
+    # UᵀU of u as the last sweep left it, where the V half-sweep needs it
     carry_gram_u = plan_v is not None and conditioning_matters(plan_v)
-    gram_u = None
+    stats_u = None  # ``factor_stats`` of u as the last sweep left it, from its metrics
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
@@ -188,7 +188,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
                 u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
             with ctx.timed("row-solves"):
                 v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k,
-                                   seed + 2 * sweep, plan_v, gram_u)
+                                   seed + 2 * sweep, plan_v, stats_u)
             with ctx.timed("factor-allgather"):
                 v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
@@ -201,18 +201,22 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
                 ctx.count(f"row-solves-{solver}", count)
         # with the errors, summed over the workers: whether each one's checkpoint write is done
         with ctx.timed("errors"):
+            # and max |u| and UᵀU, as reading the errors syncs the device anyway: the next
+            # V half-sweep's choice of solvers and its float16 operand then need no sync
             parts = [lsq.squared_error(xp, u, v_full, *R), lsq.squared_error(xp, u, v_full, *held),
-                     xp.asarray(float(save is None or save.ready()))]
+                     xp.asarray(float(save is None or save.ready())), _top(xp, u)]
             if carry_gram_u:
-                # and UᵀU, as reading the errors syncs the device anyway: the next V
-                # half-sweep's choice of solvers then needs no sync of its own
                 parts.append((u.T @ u).ravel())
             metrics = xp.concatenate([xp.ravel(part).astype(np.float64) for part in parts])
         with ctx.timed("metrics-exchange"):
-            metrics = _host(xp, _sum_over_workers(ctx, metrics, ("metrics", sweep)))
-        t_err, h_err, ready = metrics[:3]
+            every = _host(xp, _exchange_small(ctx, metrics, ("metrics", sweep)))
+        # each worker's row, in rank order: every worker adds the same numbers in the same
+        # order, so all take the same stopping and solver decisions
+        totals = every.sum(axis=0)
+        t_err, h_err, ready = totals[:3]
+        stats_u = {"top": float(every[:, 3].max())}
         if carry_gram_u:
-            gram_u = metrics[3:].reshape(k, k)
+            stats_u["gram"] = totals[4:].reshape(k, k)
         train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
         # relative error on held-out entries (on the training entries when none are held out)
@@ -247,27 +251,27 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 
 # ------------------------------------------------------------------------------ solving
-def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, gram=None):
+def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
-    the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, and ``gram``:
-    YᵀY on the host, each computed here if not given). Returns the new x and how many rows
-    each solver took ({solver: rows})."""
+    the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, made here if
+    not given; ``stats``: what of ``factor_stats(y)`` the caller has read already, the rest
+    read here where needed). Returns the new x and how many rows each solver took ({solver:
+    rows})."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
         return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}
-    if method == "als-cg":
-        return lsq.solve_cg_rows(xp, x, y, indptr, cols, vals, reg, xp.arange(rows),
-                                 cg_steps(method, "plain-cg", cg_iters)), {"plain-cg": rows}
-    plan = row_plan(xp, indptr, k) if plan is None else plan
+    plan = row_plan(xp, indptr, k, method) if plan is None else plan
+    stats = stats or {}
+    well = True
     if conditioning_matters(plan):
-        gram = _host(xp, y.T @ y) if gram is None else gram
-        parts = plan[_condition_of(gram) <= WELL_CONDITIONED]
-    else:
-        parts = plan[True]
+        if "gram" not in stats:
+            stats = factor_stats(xp, y)
+        well = _condition_of(stats["gram"]) <= WELL_CONDITIONED
+    parts, splits = plan[well], plan["splits"][well]
     out, used = x, {}
-    exact_rows = parts["exact"]
-    if exact_rows.size:
+    exact_rows = parts.get("exact")
+    if exact_rows is not None and exact_rows.size:
         everything = exact_rows.size == rows
         solved = lsq.solve_exact(xp, y, indptr, cols, vals, reg,
                                  rows_subset=None if everything else exact_rows, x0=x)
@@ -277,27 +281,49 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, gram=None
             out = x.copy()
             out[exact_rows] = solved[exact_rows]
         used["exact"] = int(exact_rows.size)
-    for solver in ("plain-cg-light", "plain-cg"):
+    # the CG rows in one call: they share its preparation of y (lsq.solve_cg_groups)
+    groups = []
+    for solver in ("plain-cg-light", "plain-cg", "gram-cg"):
         subset = parts.get(solver)
-        if subset is not None and subset.size:
-            out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, subset,
-                                    cg_steps(method, solver, cg_iters))
-            used["plain-cg"] = used.get("plain-cg", 0) + int(subset.size)
-    whitened = parts.get("gram-cg")
-    if whitened is not None and whitened.size:
-        precond = xp.asarray(gram_preconditioner(gram, y.shape[0], k, reg))
-        out = lsq.solve_cg_rows(xp, out, y, indptr, cols, vals, reg, whitened,
-                                cg_steps(method, "plain-cg-light", cg_iters), precond)
-        used["gram-cg"] = int(whitened.size)
+        if subset is None or not subset.size:
+            continue
+        precond = None
+        if solver == "gram-cg":
+            precond = xp.asarray(gram_preconditioner(stats["gram"], y.shape[0], k, reg))
+        # gram-cg rows are thin rows: they take the light rows' steps
+        steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
+        groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver)))
+        name = "gram-cg" if solver == "gram-cg" else "plain-cg"
+        used[name] = used.get(name, 0) + int(subset.size)
+    if groups:
+        out = lsq.solve_cg_groups(xp, out, y, indptr, cols, vals, reg, groups, stats.get("top"))
     heavy_rows = parts.get("sketch")
     if heavy_rows is not None and heavy_rows.size:
         out = lsq.solve_sketch(xp, out, y, indptr, cols, vals, reg, heavy_rows,
-                               cg_steps(method, "sketch", cg_iters), seed)
+                               cg_steps(method, "sketch", cg_iters), seed, top=stats.get("top"))
         used["sketch"] = int(heavy_rows.size)
     return out, used
 
 
-def row_plan(xp, indptr, k) -> dict:
+def factor_stats(xp, y) -> dict:
+    """What a half-sweep against the factor y needs to know of it on the host, in one device
+    read: "gram", YᵀY (its conditioning picks the solvers; gram-cg's preconditioner), and
+    "top", max |Y| (the float16 operand's scale, ``rowsolve.operand``)."""
+    k = y.shape[1]
+    packed = _host(xp, xp.concatenate([(y.T @ y).ravel(), _top(xp, y)]))
+    return {"gram": packed[:k * k].reshape(k, k), "top": float(packed[-1])}
+
+
+def _top(xp, a):
+    """max |a| as a 1-element array on a's device (0 for an empty a)."""
+    return xp.abs(a).max().reshape(1) if a.size else xp.zeros(1, dtype=a.dtype)
+
+
+# the solvers whose rows a row plan keeps a launch split for (``rowsolve.split_rows``)
+CG_SOLVERS = ("plain-cg-light", "plain-cg", "gram-cg")
+
+
+def row_plan(xp, indptr, k, method: str = "altmin-sketch") -> dict:
     """Which rows each solver of altmin-sketch takes, for a well-conditioned other factor
     (cond(YᵀY) <= WELL_CONDITIONED: key True) and for any other (False): {solver: row ids},
     the solvers "exact", "plain-cg-light" (light rows' CG steps), "gram-cg" (thin rows' steps
@@ -306,9 +332,24 @@ def row_plan(xp, indptr, k) -> dict:
     between sweeps, so ``iterate`` makes this once for each form of Ω: each half-sweep then
     only decides which of the two applies (three row selections, each a device sync, were
     a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``xp``
-    decides the device, whose kernels set some thresholds."""
+    decides the device, whose kernels set some thresholds. Under als-cg every row is
+    "plain-cg". On a GPU the plan keeps each CG set's launch split too ("splits": {well:
+    {solver: split}}), which finding anew would cost a device sync a launch."""
     degree = xp.diff(indptr)
     gpu = xp is not np
+    if method == "als-cg":
+        every = xp.arange(degree.size)
+        plan = {True: {"plain-cg": every}, False: {"plain-cg": every}}
+    else:
+        plan = _altmin_plan(xp, degree, k, gpu)
+    plan["splits"] = {well: {solver: rowsolve.split_rows(xp, indptr, ids)
+                             for solver, ids in plan[well].items()
+                             if gpu and solver in CG_SOLVERS and ids.size}
+                      for well in (True, False)}
+    return plan
+
+
+def _altmin_plan(xp, degree, k, gpu) -> dict:
     plan = {}
     for well in (True, False):
         heavy = degree >= (heavy_degree(k) if well else sketch_degree(gpu, k))
@@ -582,22 +623,18 @@ def _host(xp, a):
     return a if xp is np else xp.asnumpy(a)
 
 
-def _sum_over_workers(ctx, a, tag):
-    """The sum of every worker's array ``a`` (same shape everywhere), on the data transport:
-    device to device on GPUs, where the host transport (the Ray object store) took 3.4 ms a
-    sweep on two GPUs for a few numbers (bench/complete_gpus.py)."""
+def _exchange_small(ctx, a, tag):
+    """Every worker's 1-d array ``a`` (same length everywhere) as the rows of one array, in
+    rank order, on the data transport: device to device on GPUs, where the host transport
+    (the Ray object store) took 3.4 ms a sweep on two GPUs for a few numbers
+    (bench/complete_gpus.py)."""
     comm = ctx.comm
     peers = [p for p in range(comm.size) if p != comm.rank]
-    got = comm.start([(a, p, ("sum", tag)) for p in peers],
-                     [(p, ("sum", tag), a.shape, a.dtype) for p in peers]).wait()
+    got = comm.start([(a, p, ("small", tag)) for p in peers],
+                     [(p, ("small", tag), a.shape, a.dtype) for p in peers]).wait()
     parts = dict(zip(peers, got))
     parts[comm.rank] = a
-    # added in rank order on every worker, so all hold the same bits: they take the same
-    # stopping and solver decisions from them
-    total = ctx.xp.asarray(parts[0])
-    for p in range(1, comm.size):
-        total = total + ctx.xp.asarray(parts[p])
-    return total
+    return ctx.xp.stack([ctx.xp.asarray(parts[p]) for p in range(comm.size)])
 
 
 def _gather(ctx, value, tag) -> list:

@@ -254,21 +254,51 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, prec
     matrix for every row). On a GPU one warp per row does all the steps in registers
     (``rowsolve.cg_solve``); this is its reference. In float64 there, the steps solve for
     the correction to x0 in float32 (``REFINE``)."""
-    if rows_subset.size == 0:
+    return solve_cg_groups(xp, x0, y, indptr, cols, values, reg,
+                           [cg_group(rows_subset, steps, precond)])
+
+
+def cg_group(rows, steps: int, precond=None, split=None) -> dict:
+    """Rows that take ``steps`` CG steps (preconditioned by ``precond``, one k × k matrix for
+    all of them, or plain), for ``solve_cg_groups``; ``split``: their
+    ``rowsolve.split_rows``, where the caller keeps it (one device sync less a launch)."""
+    return {"rows": rows, "steps": steps, "precond": precond, "split": split}
+
+
+def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
+    """``solve_cg_rows`` for several disjoint ``cg_group``s of rows at once (other rows keep
+    x0). On a GPU they share what depends only on Y (its float32 and float16 copies, the
+    latter's scale from max |Y|: ``top`` where the caller knows it) and, refined, one
+    residual pass: each of those otherwise waits on a device sync, a fixed cost that more
+    workers do not divide (bench/complete_parts.py)."""
+    groups = [g for g in groups if g["rows"].size]
+    if not groups:
         return x0.copy()
-    if rowsolve.warp_supported(xp, y) and _refined(xp, y):
-        delta, _ = _correction(xp, y, x0, indptr, cols, values, reg, rows_subset,
-                               lambda y32, d, r32: rowsolve.cg_solve(
-                                   xp, y32, None, indptr, cols, None, reg, rows_subset, steps, d,
-                                   r0=r32, storage=CORRECTION_STORAGE, precond=precond))
-        return x0 + delta
-    if rowsolve.warp_supported(xp, y):
-        out = x0.copy()
-        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, rows_subset, steps, out,
-                          precond=precond)
+    if not rowsolve.warp_supported(xp, y):
+        out = x0
+        for g in groups:
+            out = solve_cg(xp, out, y, indptr, cols, values, reg, iters=g["steps"],
+                           precond=g["precond"], rows_subset=g["rows"])[0]
         return out
-    return solve_cg(xp, x0, y, indptr, cols, values, reg, iters=steps, precond=precond,
-                    rows_subset=rows_subset)[0]
+    splits = [g["split"] or rowsolve.split_rows(xp, indptr, g["rows"]) for g in groups]
+    if _refined(xp, y):
+        union = tuple(xp.concatenate([split[i] for split in splits]) for i in (0, 1))
+        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=union)
+        y32 = y.astype(np.float32)
+        prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
+        delta = xp.zeros(x0.shape, dtype=np.float32)
+        r32 = r0.astype(np.float32)
+        for g, split in zip(groups, splits):
+            rowsolve.cg_solve(xp, y32, None, indptr, cols, None, reg, g["rows"], g["steps"],
+                              delta, r0=r32, precond=g["precond"], split=split,
+                              prepared=prepared)
+        return x0 + delta
+    out = x0.copy()
+    prepared = rowsolve.operand(xp, y)
+    for g, split in zip(groups, splits):
+        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, g["rows"], g["steps"], out,
+                          precond=g["precond"], split=split, prepared=prepared)
+    return out
 
 
 def _apply(xp, precond, r):
@@ -340,11 +370,12 @@ def sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed=0, buckets
 
 
 def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=0,
-                 buckets=None):
+                 buckets=None, top=None):
     """Sketch-preconditioned CG for the rows ``rows_subset``: ``steps`` steps from x0 (other
     rows keep x0), with ``buckets`` per sketch (default ``sketch_buckets(k)``). On a GPU one
     fused kernel per row (where the fused exact kernel runs too); rows whose sketch is
-    singular there (Y_Ωi of rank below k) get the exact solve."""
+    singular there (Y_Ωi of rank below k) get the exact solve. ``top``: max |Y| where the
+    caller knows it (``solve_cg_groups``)."""
     if rows_subset.size == 0:
         return x0.copy()
     buckets = buckets or sketch_buckets(y.shape[1])
@@ -353,7 +384,7 @@ def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=
                                     lambda y32, d, r32: rowsolve.sketch_solve(
                                         xp, y32, None, indptr, cols, None, reg, rows_subset,
                                         steps, buckets, seed, d, r0=r32,
-                                        storage=CORRECTION_STORAGE))
+                                        storage=CORRECTION_STORAGE, top=top))
         out = x0 + delta
         if failed.size:  # singular in float32: the exact float64 solve
             out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]

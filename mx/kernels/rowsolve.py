@@ -771,16 +771,19 @@ def _group_kernel(name: str, dtype, storage, k: int, nw: int = 1):
 _HALF_TOP = 14
 
 
-def _operand(xp, y, storage=None):
+def operand(xp, y, storage=None, top=None):
     """Y as the group kernels gather it: C-contiguous, 16-byte aligned, ``storage`` typed
     (default y's), zero-padded to the layout's C·L columns; and the factor that turns its
     dot products back into Y's (1 but for float16, whose operand is scaled into range).
-    A float16 operand falls back to float32 where no scale fits float32's range."""
+    A float16 operand falls back to float32 where no scale fits float32's range. Its scale
+    needs max |Y|: ``top`` where the caller knows it, else read here (a device sync).
+    Returns (array, storage, scale): what the kernels below take as ``prepared``."""
     storage = np.dtype(storage or y.dtype)
     m, k = y.shape
     scale = 1.0
     if storage == np.float16:
-        top = float(xp.abs(y).max()) if y.size else 0.0
+        if top is None:
+            top = float(xp.abs(y).max()) if y.size else 0.0
         shift = _HALF_TOP - int(np.ceil(np.log2(top))) if top > 0 else 0
         if abs(shift) > 60:  # the 2^-2·shift undoing it would leave float32's range
             storage, shift = np.dtype(np.float32), 0
@@ -803,29 +806,36 @@ def _warp_launch(fn, m: int, args) -> None:
         fn((blocks,), (threads,), args)
 
 
-def _rows_launch(name, dtype, storage, k, indptr, rows, args) -> None:
-    """Launch the row kernel ``name`` over ``rows`` (int64 ids; ``args(rows, count)`` gives its
-    arguments for a subset): one warp a row, and WIDE_WARPS warps (a block) for rows of at
-    least WIDE_DEGREE entries, which would otherwise keep the whole launch waiting on one
-    warp."""
-    degree = indptr[rows + 1] - indptr[rows]
-    wide = degree >= WIDE_DEGREE
+def split_rows(xp, indptr, rows) -> tuple:
+    """(narrow, wide): the rows ``rows`` (int64 ids) of fewer than WIDE_DEGREE entries, which
+    the row kernels give a warp each, and the others, which get a block (``_rows_launch``).
+    Finding them reads the device (a sync): a caller that launches on the same rows again
+    and again (a completion's row plan) splits them once and passes the split."""
+    rows = _i64(rows)
+    wide = (indptr[rows + 1] - indptr[rows]) >= WIDE_DEGREE
     if not bool(wide.any()):
-        _warp_launch(_group_kernel(name, dtype, storage, k), int(rows.size),
-                     args(rows, rows.size))
-        return
-    narrow, wide = rows[~wide], rows[wide]
+        return rows, rows[:0]
+    return rows[~wide], rows[wide]
+
+
+def _rows_launch(name, dtype, storage, k, split, args) -> None:
+    """Launch the row kernel ``name`` over the rows of ``split`` (``split_rows``; ``args(rows,
+    count)`` gives its arguments for a subset): one warp a row, and WIDE_WARPS warps (a
+    block) for rows of at least WIDE_DEGREE entries, which would otherwise keep the whole
+    launch waiting on one warp."""
+    narrow, wide = split
     _warp_launch(_group_kernel(name, dtype, storage, k), int(narrow.size),
                  args(narrow, narrow.size))
-    _group_kernel(name, dtype, storage, k, WIDE_WARPS)(
-        (int(wide.size),), (32 * WIDE_WARPS,), args(wide, wide.size))
+    if wide.size:
+        _group_kernel(name, dtype, storage, k, WIDE_WARPS)(
+            (int(wide.size),), (32 * WIDE_WARPS,), args(wide, wide.size))
 
 
 def row_sq_error(xp, x, y, indptr, cols, values):
     """Σ_j (x_i·y_j − M_ij)² over each row's stored entries (i, j) of a CSR pattern."""
     m, k = x.shape[0], x.shape[1]
     out = xp.empty(m, dtype=x.dtype)
-    ys, storage, _ = _operand(xp, y.astype(x.dtype, copy=False))
+    ys, storage, _ = operand(xp, y.astype(x.dtype, copy=False))
     _warp_launch(_group_kernel("row_sq_error", x.dtype, storage, k), m,
                  (_i64(indptr), _i64(cols), xp.ascontiguousarray(values, dtype=x.dtype),
                   xp.ascontiguousarray(x), ys, np.int64(m), np.int32(k), out))
@@ -836,7 +846,7 @@ def normal_apply(xp, p, y, indptr, cols, reg):
     """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, in one pass over Ω."""
     m, k = p.shape[0], p.shape[1]
     out = xp.empty((m, k), dtype=p.dtype)
-    ys, storage, _ = _operand(xp, y.astype(p.dtype, copy=False))
+    ys, storage, _ = operand(xp, y.astype(p.dtype, copy=False))
     _warp_launch(_group_kernel("normal_apply", p.dtype, storage, k), m,
                  (_i64(indptr), _i64(cols), xp.ascontiguousarray(p), ys, np.int64(m),
                   np.int32(k), p.dtype.type(reg), out))
@@ -844,7 +854,7 @@ def normal_apply(xp, p, y, indptr, cols, reg):
 
 
 def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None,
-             precond=None):
+             precond=None, split=None, prepared=None):
     """``steps`` CG steps for the rows ``rows`` (int64 ids), one warp per row (a block for
     the heaviest, ``_rows_launch``), into ``out``: from x0, or, given x0's residual ``r0``
     (``residual``), from zero, which is the correction to x0 (``values`` and ``x0`` are then
@@ -852,17 +862,18 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
     k × k matrix for every row. The arithmetic is in y's type; ``storage`` (default the same)
     is the type Y is gathered in: float16 moves half float32's bytes, at float16's precision
     in the operator (a correction's solve can afford it: the next residual, in float64,
-    sees the difference)."""
+    sees the difference). ``split`` (``split_rows`` of rows) and ``prepared`` (``operand`` of
+    y and storage), where given, spare finding them again."""
     k = y.shape[1]
     dtype = y.dtype
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
-    ys, storage, scale = _operand(xp, y, storage)
+    ys, storage, scale = prepared or operand(xp, y, storage)
     p = _NULL
     if precond is not None:
         width = ys.shape[1]  # the layout's padded rank, KP
         p = xp.zeros((width, width), dtype=dtype)
         p[:k, :k] = xp.asarray(precond, dtype=dtype)
-    _rows_launch("cg_rows", dtype, storage, k, indptr, _i64(rows),
+    _rows_launch("cg_rows", dtype, storage, k, split or split_rows(xp, indptr, rows),
                  lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, r0, part,
                                       np.int64(count), np.int32(k), np.int32(steps),
                                       dtype.type(reg), dtype.type(scale), p, out))
@@ -880,16 +891,16 @@ def _start(xp, dtype, values, x0, r0):
     return _NULL, _NULL, xp.ascontiguousarray(r0, dtype=dtype)
 
 
-def residual(xp, y, x0, indptr, cols, values, reg, rows):
-    """Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for the rows ``rows`` (int64 ids), one warp per row
-    (a block for the heaviest), one pass over their entries; other rows of the result are
-    zero."""
+def residual(xp, y, x0, indptr, cols, values, reg, rows, split=None):
+    """Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for the rows ``rows`` (int64 ids, or None where
+    ``split``, their ``split_rows``, is given), one warp per row (a block for the heaviest),
+    one pass over their entries; other rows of the result are zero."""
     k = y.shape[1]
     out = xp.zeros((int(indptr.size) - 1, k), dtype=y.dtype)
-    ys, storage, _ = _operand(xp, y)
+    ys, storage, _ = operand(xp, y)
     values = xp.ascontiguousarray(values, dtype=y.dtype)
     x0 = xp.ascontiguousarray(x0, dtype=y.dtype)
-    _rows_launch("residual_rows", y.dtype, storage, k, indptr, _i64(rows),
+    _rows_launch("residual_rows", y.dtype, storage, k, split or split_rows(xp, indptr, rows),
                  lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, part,
                                       np.int64(count), np.int32(k), y.dtype.type(reg), out))
     return out
@@ -986,20 +997,20 @@ def _sketch_kernel(dtype, kmax: int, storage, k: int):
 
 
 def sketch_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, buckets, seed, out,
-                 r0=None, storage=None):
+                 r0=None, storage=None, top=None):
     """``steps`` sketch-preconditioned CG steps for the rows ``rows`` (int64 ids), with
     ``buckets`` (a multiple of CHUNK) per row's sketch, into ``out``: from x0, or, given x0's
     residual ``r0`` (``residual``), from zero, for the correction to x0 (``values`` and ``x0``
-    are then not read: None will do). The CG steps gather Y as ``storage`` (``cg_solve``).
-    Returns the ids of the rows whose sketch was singular (their output is not a
-    solution)."""
+    are then not read: None will do). The CG steps gather Y as ``storage`` (``cg_solve``;
+    ``top``: max |y| where known, ``operand``). Returns the ids of the rows whose sketch was
+    singular (their output is not a solution)."""
     k = y.shape[1]
     n = int(rows.size)
     if n == 0:
         return rows[:0]
     dtype = y.dtype
     kmax = padded_rank(k)
-    ys, storage, scale = _operand(xp, y, storage)
+    ys, storage, scale = operand(xp, y, storage, top)
     fn = _sketch_kernel(dtype, kmax, storage, k)
     smem = (kmax * kmax + CHUNK * kmax + 6 * kmax) * dtype.itemsize
     if smem > 48 * 1024:
