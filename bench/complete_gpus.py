@@ -8,9 +8,10 @@ the GPU kernels. Each run is a whole job. The figure compared is the median of t
 the first (each sweep's `sweep_seconds` in the output's history: wall time, every worker's part
 done, its checkpoint left out); the first sweep also pays for NCCL's connections and the
 balancing of the factors. Beside it: the slowest worker's GPU time inside all the sweeps (the
-step's `gang:sweep` phase) per sweep; the parts of a sweep after the first two (its row solves,
-factor all-gathers, the errors' GPU time and their exchange between workers: a 2-sweep job's
-phases taken from the whole job's, over the sweeps between); and the job's end-to-end seconds.
+step's `gang:sweep` phase) per sweep, and its parts per sweep (its row solves, factor
+all-gathers, the errors' GPU time and their exchange between workers; the first sweep's
+included, whose first exchanges wait on the other workers' set-up); and the job's end-to-end
+seconds.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def run(g: int, observed: str, args, sweeps: int, checkpoint: bool = True) -> di
     return {"gpus": g, "checkpoint": checkpoint, "sweeps": len(history),
             "sweep_s": float(np.median(times[1:] or times)), "sweep_seconds": times,
             "gpu_sweep_s": step["phases"]["gang:sweep"] / len(history),
-            "parts": {part: step["phases"].get(f"gang:{part}", 0.0) for part in PARTS},
+            # the slowest worker's seconds in each part of a sweep, per sweep
+            "parts_s": {part: step["phases"].get(f"gang:{part}", 0.0) / len(history)
+                        for part in PARTS},
             "job_s": rec["seconds"],
             "final_rel_error": history[-1]["holdout_rel_error"], "phases": step["phases"],
             "counters": step.get("counters", {})}
@@ -84,13 +87,7 @@ def main(argv=None):
     ways = {"on": [True], "off": [False], "both": [True, False]}[args.checkpoints]
     for g in counts:
         for checkpoint in ways:
-            short = run(g, observed, args, 2, checkpoint)
-            row = run(g, observed, args, args.sweeps, checkpoint)
-            # the slowest worker's seconds in each part of a sweep, per sweep after the first
-            # two (those pay for NCCL's first exchanges and the balancing of the factors)
-            row["parts_s"] = {part: (row["parts"][part] - short["parts"][part])
-                              / max(row["sweeps"] - short["sweeps"], 1) for part in PARTS}
-            rows.append(row)
+            rows.append(run(g, observed, args, args.sweeps, checkpoint))
             print(json.dumps(rows[-1]), flush=True)
     import cupy
 
