@@ -681,8 +681,9 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
                 assert err < tol, (refine, storage, reg, steps, p is None, err)
                 others = np.setdiff1d(np.arange(m), rows)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
-            # disjoint groups of rows in one call, each its own steps and preconditioner, two
-            # with their launch split and max |Y| given: as each group solved on its own
+            # disjoint groups of rows in one call, each its own steps and preconditioner (the
+            # plain ones share a launch), two with their launch split and max |Y| given: as
+            # each group solved on its own
             parts = np.array_split(rng.permutation(rows), 3)
             specs = [(g(part), steps, None if p is None else g(p)) for part, steps, p in
                      [(parts[0], 2, None), (parts[1], 4, precond), (parts[2], 3, None)]]
@@ -695,8 +696,10 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
             got = lsq.solve_cg_groups(cupy, gx0, gy, gi, gc, gv, 0.4, groups,
                                       float(cupy.abs(gy).max()))
             want, got = want.get(), got.get()
+            # at the case's tolerance: a row at its convergence threshold may take a step more
+            # or less where the wide rows' warps add in another order
             err = np.linalg.norm(got - want) / np.linalg.norm(want - x0.astype(dtype))
-            assert err < 1e-6, (refine, storage, "groups", err)
+            assert err < tol, (refine, storage, "groups", err)
             assert np.array_equal(got[others], x0[others].astype(dtype))
 
 

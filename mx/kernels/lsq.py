@@ -288,17 +288,34 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
         prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
         delta = xp.zeros(x0.shape, dtype=np.float32)
         r32 = r0.astype(np.float32)
-        for g, split in zip(groups, splits):
-            rowsolve.cg_solve(xp, y32, None, indptr, cols, None, reg, g["rows"], g["steps"],
-                              delta, r0=r32, precond=g["precond"], split=split,
-                              prepared=prepared)
+        for split, steps, precond in _launches(xp, groups, splits):
+            rowsolve.cg_solve(xp, y32, None, indptr, cols, None, reg, None, steps, delta,
+                              r0=r32, precond=precond, split=split, prepared=prepared)
         return x0 + delta
     out = x0.copy()
     prepared = rowsolve.operand(xp, y)
-    for g, split in zip(groups, splits):
-        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, g["rows"], g["steps"], out,
-                          precond=g["precond"], split=split, prepared=prepared)
+    for split, steps, precond in _launches(xp, groups, splits):
+        rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, None, steps, out,
+                          precond=precond, split=split, prepared=prepared)
     return out
+
+
+def _launches(xp, groups, splits) -> list:
+    """The kernel launches of ``solve_cg_groups``: (split, steps, precond). The groups with no
+    preconditioner share one, each row taking its group's steps: apart, a launch of a few
+    thousand long rows (MovieLens's heavy films) left most of the GPU idle until its last
+    row was done, and the next launch's rows waited for it."""
+    plain = [(g, split) for g, split in zip(groups, splits) if g["precond"] is None]
+    launches = [(split, g["steps"], g["precond"]) for g, split in zip(groups, splits)
+                if g["precond"] is not None]
+    if len(plain) == 1:
+        launches.append((plain[0][1], plain[0][0]["steps"], None))
+    elif plain:
+        split = tuple(xp.concatenate([s[part] for _, s in plain]) for part in (0, 1))
+        steps = tuple(xp.concatenate([xp.full(s[part].size, g["steps"], dtype=np.int32)
+                                      for g, s in plain]) for part in (0, 1))
+        launches.append((split, steps, None))
+    return launches
 
 
 def _apply(xp, precond, r):

@@ -365,16 +365,18 @@ __device__ inline void precondition(const T* __restrict__ P, const T* r, T* z) {
 // ``precond`` is not null (one KP × KP matrix for every row). From x0, with one more pass
 // for its residual; or, given that residual r0 (row i at i·k), from zero: the correction to
 // x0 (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot
-// products back into Y's.
+// products back into Y's. Each row takes ``steps`` steps, or row_steps[w] for the w-th row
+// of ``rows`` where row_steps is not null.
 extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
-        const long long nrows, const int k, const int steps, const T reg, const T scale,
-        const T* __restrict__ precond, T* __restrict__ out)
+        const long long nrows, const int k, const int steps, const int* __restrict__ row_steps,
+        const T reg, const T scale, const T* __restrict__ precond, T* __restrict__ out)
 {
     const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
+    const int nsteps = row_steps != nullptr ? row_steps[w] : steps;
     const long long start = indptr[i], end = indptr[i + 1];
     T x[C], r[C], p[C], q[C], z[C];
     if (r0 != nullptr) {
@@ -389,7 +391,7 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
     for (int c = 0; c < C; c++) { p[c] = z[c]; rr += r[c] * z[c]; }
     rr = group_sum(rr);
     const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
-    for (int step = 0; step < steps; step++) {
+    for (int step = 0; step < nsteps; step++) {
         for (int c = 0; c < C; c++) q[c] = 0;
         for (long long base = start + part() * GROUPS * U; base < end;
              base += NW * GROUPS * U) {
@@ -820,15 +822,15 @@ def split_rows(xp, indptr, rows) -> tuple:
 
 def _rows_launch(name, dtype, storage, k, split, args) -> None:
     """Launch the row kernel ``name`` over the rows of ``split`` (``split_rows``; ``args(rows,
-    count)`` gives its arguments for a subset): one warp a row, and WIDE_WARPS warps (a
-    block) for rows of at least WIDE_DEGREE entries, which would otherwise keep the whole
-    launch waiting on one warp."""
+    count, part)`` gives its arguments for the narrow (part 0) or wide (1) ones): one warp a
+    row, and WIDE_WARPS warps (a block) for rows of at least WIDE_DEGREE entries, which would
+    otherwise keep the whole launch waiting on one warp."""
     narrow, wide = split
     _warp_launch(_group_kernel(name, dtype, storage, k), int(narrow.size),
-                 args(narrow, narrow.size))
+                 args(narrow, narrow.size, 0))
     if wide.size:
         _group_kernel(name, dtype, storage, k, WIDE_WARPS)(
-            (int(wide.size),), (32 * WIDE_WARPS,), args(wide, wide.size))
+            (int(wide.size),), (32 * WIDE_WARPS,), args(wide, wide.size, 1))
 
 
 def row_sq_error(xp, x, y, indptr, cols, values):
@@ -863,7 +865,8 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
     is the type Y is gathered in: float16 moves half float32's bytes, at float16's precision
     in the operator (a correction's solve can afford it: the next residual, in float64,
     sees the difference). ``split`` (``split_rows`` of rows) and ``prepared`` (``operand`` of
-    y and storage), where given, spare finding them again."""
+    y and storage), where given, spare finding them again. ``steps`` is one count for every
+    row, or, with a split, (narrow, wide): each part's int32 steps a row, in its order."""
     k = y.shape[1]
     dtype = y.dtype
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
@@ -873,10 +876,15 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
         width = ys.shape[1]  # the layout's padded rank, KP
         p = xp.zeros((width, width), dtype=dtype)
         p[:k, :k] = xp.asarray(precond, dtype=dtype)
+    per_row = isinstance(steps, tuple)
+    if per_row and split is None:
+        raise ValueError("cg_solve: steps a row follow their split's order; pass the split")
     _rows_launch("cg_rows", dtype, storage, k, split or split_rows(xp, indptr, rows),
-                 lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, r0, part,
-                                      np.int64(count), np.int32(k), np.int32(steps),
-                                      dtype.type(reg), dtype.type(scale), p, out))
+                 lambda part, count, which: (
+                     _i64(indptr), _i64(cols), values, ys, x0, r0, part, np.int64(count),
+                     np.int32(k), np.int32(0 if per_row else steps),
+                     steps[which] if per_row else _NULL, dtype.type(reg), dtype.type(scale), p,
+                     out))
 
 
 _NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
@@ -901,7 +909,7 @@ def residual(xp, y, x0, indptr, cols, values, reg, rows, split=None):
     values = xp.ascontiguousarray(values, dtype=y.dtype)
     x0 = xp.ascontiguousarray(x0, dtype=y.dtype)
     _rows_launch("residual_rows", y.dtype, storage, k, split or split_rows(xp, indptr, rows),
-                 lambda part, count: (_i64(indptr), _i64(cols), values, ys, x0, part,
+                 lambda part, count, _: (_i64(indptr), _i64(cols), values, ys, x0, part,
                                       np.int64(count), np.int32(k), y.dtype.type(reg), out))
     return out
 
