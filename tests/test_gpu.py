@@ -755,10 +755,10 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
         x0 = exact + 0.1 * rng.standard_normal((m, k)) * np.abs(exact).mean()
         with monkeypatch.context() as patch:  # the NumPy reference of the GPU's rule
             patch.setattr(altmin, "light_rows_iterative", lambda gpu, k: True)
-            want, used = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), reg,
-                                       None, k, 0)
-        got, used_gpu = altmin._solve(cupy, "altmin-sketch", g(x0), g(y),
-                                      (g(indptr), g(cols), g(vals)), reg, None, k, 0)
+            want, used, _ = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), reg,
+                                          None, k, 0)
+        got, used_gpu, _ = altmin._solve(cupy, "altmin-sketch", g(x0), g(y),
+                                         (g(indptr), g(cols), g(vals)), reg, None, k, 0)
         thin = {"plain-cg": 4, "gram-cg": 3}
         assert used == ({"plain-cg": m} if scale == 1.0 else {**thin, "sketch": m - 7}), used
         if scale == 30.0 and k <= altmin.FUSED_EXACT_MAX_RANK:

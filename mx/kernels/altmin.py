@@ -177,6 +177,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     # UᵀU of u as the last sweep left it, where the V half-sweep needs it
     carry_gram_u = plan_v is not None and conditioning_matters(plan_v)
     stats_u = None  # ``factor_stats`` of u as the last sweep left it, from its metrics
+    cond_u = cond_v = None  # cond(UᵀU), cond(VᵀV) when last solved against (``_solve``)
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
@@ -187,15 +188,15 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             with ctx.timed("factor-allgather"):
                 u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
             with ctx.timed("row-solves"):
-                v, used_v = _solve(xp, method, v, u_full, C, reg, cg_iters, k,
-                                   seed + 2 * sweep, plan_v, stats_u)
+                v, used_v, cond_u = _solve(xp, method, v, u_full, C, reg, cg_iters, k,
+                                           seed + 2 * sweep, plan_v, stats_u, cond_u)
             with ctx.timed("factor-allgather"):
                 v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
                 u, v, v_full = _balance(ctx, u, v, v_full, ("balance", sweep))
             with ctx.timed("row-solves"):
-                u, used_u = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
-                                   seed + 2 * sweep + 1, plan_u)
+                u, used_u, cond_v = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
+                                           seed + 2 * sweep + 1, plan_u, last=cond_v)
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
@@ -251,23 +252,74 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 
 # ------------------------------------------------------------------------------ solving
-def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None):
+def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None, last=None):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
     the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, made here if
     not given; ``stats``: what of ``factor_stats(y)`` the caller has read already, the rest
-    read here where needed). Returns the new x and how many rows each solver took ({solver:
-    rows})."""
+    read here where needed; ``last``: cond(YᵀY) as the last half-sweep on this side found
+    it, or None). Returns the new x, how many rows each solver took ({solver: rows};
+    "again": rows solved a second time after a wrong guess), and cond(YᵀY) (None where the
+    solvers do not depend on it).
+
+    Where they do, and the last half-sweep's factor was far from WELL_CONDITIONED, the rows
+    are launched under its regime before cond(YᵀY) is known (``_guess``): the host's
+    eigensolve (0.15 ms at k = 64, 0.65 ms at k = 128 on the H100's host, twice a sweep)
+    then runs while the device solves, where it left the device idle
+    (bench/complete_trace.py). A wrong guess is solved again under the right regime from
+    the same x: the answer is the one an eigensolve first gives."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
-        return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}
+        return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}, None
     plan = row_plan(xp, indptr, k, method) if plan is None else plan
     stats = stats or {}
-    well = True
-    if conditioning_matters(plan):
-        if "gram" not in stats:
-            stats = factor_stats(xp, y)
-        well = _condition_of(stats["gram"]) <= WELL_CONDITIONED
+    if not conditioning_matters(plan):
+        return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, True, stats),
+                None)
+    if "gram" not in stats:
+        stats = factor_stats(xp, y)
+    guess = _guess(last)
+    if guess is False and _needs_preconditioner(plan[False]):
+        # the preconditioner needs YᵀY's eigendecomposition, which gives cond(YᵀY) too
+        eig = np.linalg.eigh(stats["gram"])
+        cond = _condition_of_eigenvalues(eig[0])
+        return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
+                             cond <= WELL_CONDITIONED, stats, eig), cond)
+    if guess is None:
+        cond = _condition_of(stats["gram"])
+        return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
+                             cond <= WELL_CONDITIONED, stats), cond)
+    out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, guess, stats)
+    cond = _condition_of(stats["gram"])  # on the host, while the device solves
+    if (cond <= WELL_CONDITIONED) != guess:
+        out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
+                                not guess, stats)
+        used["again"] = rows
+    return out, used, cond
+
+
+# A half-sweep guesses its factor's regime only where the last one on its side found
+# cond(YᵀY) more than GUESS_MARGIN times from WELL_CONDITIONED. A wrong guess costs a
+# half-sweep's solves (4 ms on MovieLens-sized data, H100), the eigensolve it hides 0.15 ms:
+# guessing pays only if it is wrong less than once in 25. On the skewed MovieLens-sized
+# problem one side's cond(YᵀY) stayed between 2 and 5.1 for ten sweeps and moved by up to
+# 36% from one of its half-sweeps to the next (bench/complete_trace.py).
+GUESS_MARGIN = 1.5
+
+
+def _guess(last):
+    """Whether to launch a half-sweep's rows as if its factor were well conditioned (True),
+    or not (False), before knowing, from ``last``: None to know first."""
+    if last is None or WELL_CONDITIONED / GUESS_MARGIN < last < WELL_CONDITIONED * GUESS_MARGIN:
+        return None
+    return last <= WELL_CONDITIONED
+
+
+def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats, eig=None):
+    """The row solves of ``_solve`` under the row plan's regime ``well`` (``eig``: YᵀY's
+    eigendecomposition where the caller has it). Returns the new x and {solver: rows}."""
+    indptr, cols, vals = omega
+    rows = int(indptr.size) - 1
     parts, splits = plan[well], plan["splits"][well]
     out, used = x, {}
     exact_rows = parts.get("exact")
@@ -289,7 +341,7 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
             continue
         precond = None
         if solver == "gram-cg":
-            precond = xp.asarray(gram_preconditioner(stats["gram"], y.shape[0], k, reg))
+            precond = xp.asarray(gram_preconditioner(stats["gram"], y.shape[0], k, reg, eig))
         # gram-cg rows are thin rows: they take the light rows' steps
         steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
         groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver)))
@@ -303,6 +355,11 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
                                cg_steps(method, "sketch", cg_iters), seed, top=stats.get("top"))
         used["sketch"] = int(heavy_rows.size)
     return out, used
+
+
+def _needs_preconditioner(parts) -> bool:
+    """Whether a row plan's solvers of one regime include gram-cg (YᵀY's preconditioner)."""
+    return "gram-cg" in parts and bool(parts["gram-cg"].size)
 
 
 def factor_stats(xp, y) -> dict:
@@ -367,13 +424,15 @@ def _altmin_plan(xp, degree, k, gpu) -> dict:
     return plan
 
 
-def gram_preconditioner(gram, n: int, k: int, reg: float):
+def gram_preconditioner(gram, n: int, k: int, reg: float, eig=None):
     """The preconditioner of "gram-cg" rows: the inverse of what such a row's Gram matrix
-    would be if its columns were sampled evenly, (d/n)·YᵀY + reg·I (``gram``: YᵀY, Y n × k),
-    at d halfway through their degrees. Singular values below 1e-12 of the largest are
-    raised to it: a factor of lower rank still gets a positive definite preconditioner."""
+    would be if its columns were sampled evenly, (d/n)·YᵀY + reg·I (``gram``: YᵀY, Y n × k;
+    ``eig``: its ``np.linalg.eigh``, where the caller has it), at d halfway through their
+    degrees. Eigenvalues below 1e-12 of the largest are raised to it: a factor of lower rank
+    still gets a positive definite preconditioner."""
     degree = (GRAM_CG_DEGREE + THIN_DEGREE) / 2 * k
-    evals, evecs = np.linalg.eigh(np.asarray(gram) * (degree / n) + reg * np.eye(k))
+    evals, evecs = np.linalg.eigh(np.asarray(gram)) if eig is None else eig
+    evals = np.asarray(evals) * (degree / n) + reg
     evals = np.maximum(evals, evals[-1] * 1e-12 if evals[-1] > 0 else 1.0)
     return (evecs / evals) @ evecs.T
 
@@ -424,7 +483,11 @@ def light_rows_iterative(gpu: bool, k: int) -> bool:
 
 def _condition_of(gram) -> float:
     """Condition number of a symmetric positive semidefinite matrix on the host."""
-    evals = np.linalg.eigvalsh(gram)
+    return _condition_of_eigenvalues(np.linalg.eigvalsh(gram))
+
+
+def _condition_of_eigenvalues(evals) -> float:
+    """Condition number from a symmetric positive semidefinite matrix's eigenvalues, ascending."""
     return float(evals[-1] / evals[0]) if evals[0] > 0 else float("inf")
 
 
@@ -550,6 +613,8 @@ def _allgather_rows(ctx, block, blocks, width, tag):
     """The whole factor (all workers' row blocks stacked), k (or width) columns wide."""
     comm, xp = ctx.comm, ctx.xp
     block = xp.ascontiguousarray(block)
+    if comm.size == 1:  # the block is the whole: no copy of it (a factor, twice a sweep)
+        return block
     peers = [p for p in range(comm.size) if p != comm.rank]
     got = comm.start([(block, p, ("factor", tag)) for p in peers],
                      [(p, ("factor", tag), (blocks[p][1] - blocks[p][0], width), block.dtype)

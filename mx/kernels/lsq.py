@@ -282,7 +282,8 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
         return out
     splits = [g["split"] or rowsolve.split_rows(xp, indptr, g["rows"]) for g in groups]
     if _refined(xp, y):
-        union = tuple(xp.concatenate([split[i] for split in splits]) for i in (0, 1))
+        union = splits[0] if len(splits) == 1 else tuple(
+            xp.concatenate([split[i] for split in splits]) for i in (0, 1))
         r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=union)
         y32 = y.astype(np.float32)
         prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
