@@ -144,8 +144,9 @@ def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketc
 def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypatch):
     """Where light rows are iterated (on a GPU; here the NumPy reference of its CG), a
     well-conditioned half-sweep gives them the light-row steps from the last sweep's value,
-    heavy rows their own; against an ill-conditioned factor only thin ones are iterated
-    (preconditioned), and the others solved exactly again."""
+    heavy rows their own; against an ill-conditioned factor they take those steps
+    preconditioned by its Gram matrix, as thin rows do, and come as close to the exact
+    solves."""
     from mx.kernels import altmin
 
     monkeypatch.setattr(altmin, "light_rows_iterative", lambda gpu, k: True)
@@ -154,9 +155,9 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
     degree[:6] = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=6)  # heavy
     indptr, cols, vals = random_rows(rng, degree, n)
     rows = lsq.row_ids(np, indptr)
-    thin = int((degree < altmin.THIN_DEGREE * k).sum())
-    for scale, want in [(1.0, {"plain-cg": m}),
-                        (30.0, {"exact": m - 6 - thin, "sketch": 6, "gram-cg": thin})]:
+    light = np.arange(6, m)
+    steps = altmin.cg_steps("altmin-sketch", "plain-cg-light")
+    for scale, want in [(1.0, {"plain-cg": m}), (30.0, {"sketch": 6, "gram-cg": m - 6})]:
         y = rng.standard_normal((n, k)) * np.geomspace(1, scale, k)
         exact = lsq.solve_exact(np, y, indptr, cols, vals, 0.0)
         x0 = exact + 0.3 * rng.standard_normal((m, k)) * np.abs(exact).mean()
@@ -166,11 +167,10 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
         err = np.linalg.norm(((got - exact)[rows] * y[cols]).sum(axis=1))
         err0 = np.linalg.norm(((x0 - exact)[rows] * y[cols]).sum(axis=1))
         assert err < 0.2 * err0, (want, err / err0)
-        if scale == 1.0:  # the light rows took exactly the light-row steps of plain CG
-            light = np.arange(6, m)
-            steps = altmin.cg_steps("altmin-sketch", "plain-cg-light")
-            ref = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, 0.0, light, steps)
-            assert np.allclose(got[light], ref[light], rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+        # the light rows took exactly the light-row steps of CG: plain, or preconditioned
+        precond = None if scale == 1.0 else altmin.gram_preconditioner(y.T @ y, n, k, 0.0)
+        ref = lsq.solve_cg_rows(np, x0, y, indptr, cols, vals, 0.0, light, steps, precond)
+        assert np.allclose(got[light], ref[light], rtol=1e-9, atol=1e-9 * np.abs(ref).max())
 
 
 def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_against(rng, monkeypatch):

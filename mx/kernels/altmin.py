@@ -15,8 +15,8 @@ only factor blocks move between workers, never Ω.
   the other factor is so well conditioned that the sketch cannot help, else
   sketch-preconditioned CG (on a GPU at rank <= 32 only on rows of 64k observations or
   more: below that the exact solve is cheaper there); on light rows exact solves, but CG on
-  thin ones (preconditioned by the other factor's Gram matrix where that is ill conditioned),
-  and on a GPU on all of them against a well-conditioned factor (``_solve``,
+  thin ones, and on a GPU on all of them: plain, or, against an ill-conditioned factor,
+  preconditioned by its Gram matrix, except where they are barely determined (``_solve``,
   ``mx.kernels.lsq``). The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
@@ -57,10 +57,13 @@ SMALL_RANK_SKETCH_DEGREE = 64
 # CG steps per row and half-sweep, by method and row solver, unless the job sets cg_iters.
 # 3 sketch-preconditioned steps reached a held-out error of 1e-4 in the fewest seconds on
 # planted matrices (k = 64 and 128; 2 steps take more sweeps). Against a well-conditioned
-# factor 2 plain steps cut the error at least as fast per second as 3 (H100, planted: at
-# k = 64 and 128, κ = 1, as much a sweep for 0.8 of the time; at k = 64, κ = 2, 10× a sweep
-# against 17× in 0.8 of the time). 4 plain steps are what GPU ALS libraries run.
-CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 2,
+# factor heavy rows take 3 plain steps: on planted matrices 2 cut the error as fast per
+# second (at k = 64 and 128, κ = 1, as much a sweep for 0.8 of the time; at k = 64, κ = 2,
+# 10× a sweep against 17× in 0.8 of the time), but where the heavy rows are popular films
+# (MovieLens-20M-sized with popularity skew, k = 64) 2 steps ended 12 sweeps at 4.37e-2
+# where 3 ended at 4.10e-2 and als-cg's 4 at 4.09e-2, for 3% more time a sweep
+# (bench/complete_rules.py). 4 plain steps are what GPU ALS libraries run.
+CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 3,
             ("altmin-sketch", "plain-cg-light"): 4, ("als-cg", "plain-cg"): 4}
 # The sketch's own distortion leaves its preconditioned rows a condition number of about 3 to
 # 4.5 (8k buckets; 6 to 10 with the 4k this threshold was chosen against). Where the other
@@ -80,7 +83,8 @@ WELL_CONDITIONED = 3.0
 # 7.7e-2); without skew at κ = 2.5, 7.3e-3 against 9.1e-3.
 THIN_DEGREE = 4
 # Against an ill-conditioned factor (cond(YᵀY) > WELL_CONDITIONED), thin rows of at least
-# GRAM_CG_DEGREE·k observations take those steps preconditioned by the inverse of
+# GRAM_CG_DEGREE·k observations (and on a GPU the other light rows: ``light_rows_iterative``)
+# take those steps preconditioned by the inverse of
 # (d/n)·YᵀY + reg·I ("gram-cg", ``gram_preconditioner``): plain steps leave the factor's weak
 # directions unsolved, exact solves amplify its error, and this one k × k matrix is what
 # every evenly sampled row's Gram matrix is near, up to the sampling's own distortion. Below
@@ -90,6 +94,11 @@ THIN_DEGREE = 4
 # solves: uniform at κ = 5, 1.1e-2 against 1.6e-2 and 1.3e-2; at κ = 10, 2.4e-2 against
 # 5.0e-2 and 1.6e-2; skewed at κ = 100, 4.2e-2 against 4.8e-2 (exact solves diverge there).
 GRAM_CG_DEGREE = 1.5
+# On the H100 the light rows' exact solves were half of an ill-conditioned sweep: with these
+# steps for them too, MovieLens-20M-sized at k = 64 (films of 750) took 12.5 against 25.3 ms
+# a sweep at κ = 5 for the same error after 12 sweeps (6.8e-2), at κ = 10 12.9 against 25.5
+# (1.12e-1 against 1.10e-1), and, skewed at κ = 100, 19.3 against 33.4 ms and 5.8e-2 against
+# 6.1e-2 (bench/complete_rules.py).
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -410,12 +419,14 @@ def _altmin_plan(xp, degree, k, gpu) -> dict:
     plan = {}
     for well in (True, False):
         heavy = degree >= (heavy_degree(k) if well else sketch_degree(gpu, k))
-        # light rows take plain CG steps where they are thin (exact solves there amplify the
-        # other factor's error), or where the factor is well conditioned and the device makes
-        # it cheaper
-        iterated = ~heavy & ((degree < THIN_DEGREE * k) | (well and light_rows_iterative(gpu, k)))
+        # rows below heavy_degree take CG steps where they are thin (exact solves there
+        # amplify the other factor's error), or where the device makes them cheaper (against
+        # a factor that is not well conditioned, rows up to sketch_degree are not heavy
+        # either: from heavy_degree on those are solved exactly, as the sketch would cost more)
+        light = degree < heavy_degree(k)
+        iterated = ~heavy & ((degree < THIN_DEGREE * k) | (light & light_rows_iterative(gpu, k)))
         # against an ill-conditioned factor, plain steps leave its weak directions unsolved:
-        # thin rows the data determine well enough take steps preconditioned by its Gram
+        # rows the data determine well enough take steps preconditioned by its Gram
         whitened = iterated & (degree >= GRAM_CG_DEGREE * k) & (not well)
         plan[well] = {"exact": xp.nonzero(~heavy & ~iterated)[0],
                       "plain-cg-light": xp.nonzero(iterated & ~whitened)[0],
@@ -469,9 +480,9 @@ def sketch_degree(gpu: bool, k: int) -> int:
 
 
 def light_rows_iterative(gpu: bool, k: int) -> bool:
-    """Whether light rows (below heavy_degree, and not thin: THIN_DEGREE) get plain CG steps,
-    not the exact solve, in a half-sweep whose other factor is well conditioned: on a GPU with
-    the warp-row kernels.
+    """Whether light rows (below heavy_degree, and not thin: THIN_DEGREE) get CG steps, not
+    the exact solve (plain ones in a half-sweep whose other factor is well conditioned, else
+    "gram-cg"): on a GPU with the warp-row kernels.
     There CG_STEPS' 4 steps from the last sweep's value cost a seventh of the exact solve
     (MovieLens-20M-sized rows of 145 and 750 at k = 64, H100: 0.009 against 0.064 s a sweep)
     and, on planted matrices of 2 to 11k observations a row (NumPy, 12 sweeps), left a held-out

@@ -98,9 +98,9 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
                f"well conditioned those of >= {math.ceil(altmin.GRAM_CG_DEGREE * k)} "
                f"observations get them preconditioned by its Gram matrix; ")
     if altmin.light_rows_iterative(gpus > 0, k):
-        lighter += ("and the other lighter rows get them too in a well-conditioned half-sweep "
-                    "(on a GPU they cost a fraction of the exact solve), and are solved exactly "
-                    "otherwise")
+        lighter += (f"and the other lighter rows (< {altmin.heavy_degree(k)}) get them too, "
+                    f"preconditioned as the thin ones are (on a GPU they cost a fraction of the "
+                    f"exact solve)")
     else:
         lighter += "and the other lighter rows are solved exactly"
     return [f"rows with >= {altmin.heavy_degree(k)} observations: in a half-sweep whose other "

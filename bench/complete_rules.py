@@ -1,0 +1,146 @@
+"""altmin-sketch's row rules against variants of them and against als-cg, side by side on one
+GPU: error a sweep, seconds a sweep, and seconds to als-cg's final error and to 1e-4.
+
+    python bench/complete_rules.py [--cases skewed-1,uniform-5,p64-100] [--variants now,light-exact]
+
+A case is ``uniform-κ`` or ``skewed-κ`` (MovieLens-20M-sized, 138k × 27k, 20M entries, k = 64,
+planted with condition number κ; skewed: users and films drawn with popularity, as
+bench/complete.py --skewed) or ``p<k>-κ`` (planted m = n = ``--n`` with ``--per-row``
+entries a row at rank k). Each runs ``altmin.iterate`` in this process (one worker, no Ray)
+for ``--sweeps`` sweeps from the same start, als-cg first, then altmin-sketch under each
+variant of its rules:
+- ``now``: the rules as they are;
+- ``light-exact``: light rows (THIN_DEGREE·k to heavy_degree) solved exactly against an
+  ill-conditioned factor, as before they took Gram-preconditioned steps there;
+- ``heavy<s>``: heavy rows take s plain CG steps against a well-conditioned factor
+  (CG_STEPS' "plain-cg").
+Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
+variant shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import complete as bench  # noqa: E402
+from mx.cluster.comm import GangContext, LocalComm, Mailroom  # noqa: E402
+from mx.kernels import altmin  # noqa: E402
+
+MOVIELENS = (138_493, 26_744, 20_000_263, 64)
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """altmin's rules changed as the variant ``name`` says, for the duration."""
+    steps, plan = dict(altmin.CG_STEPS), altmin._altmin_plan
+    try:
+        if name.startswith("heavy"):
+            altmin.CG_STEPS[("altmin-sketch", "plain-cg")] = int(name[len("heavy"):])
+        elif name == "light-exact":
+            def light_exact(xp, degree, k, gpu):
+                made = plan(xp, degree, k, gpu)
+                ill = made[False]
+                preconditioned = ill["gram-cg"]
+                light = degree[preconditioned] >= altmin.THIN_DEGREE * k
+                ill["exact"] = xp.sort(xp.concatenate([ill["exact"], preconditioned[light]]))
+                ill["gram-cg"] = preconditioned[~light]
+                return made
+            altmin._altmin_plan = light_exact
+        elif name != "now":
+            raise SystemExit(f"unknown variant {name!r}: now, light-exact or heavy<steps>")
+        yield
+    finally:
+        altmin.CG_STEPS.clear()
+        altmin.CG_STEPS.update(steps)
+        altmin._altmin_plan = plan
+
+
+def problem(cp, case: str, n: int, per_row: int):
+    """(R, C, held, (m, n), k) of a case (see the module's doc)."""
+    kind, condition = case.rsplit("-", 1)
+    if kind.startswith("p"):
+        k, m, entries, skew = int(kind[1:]), n, n * per_row, None
+    elif kind in ("uniform", "skewed"):
+        m, n, entries, k = MOVIELENS
+        skew = (0.4, 0.5) if kind == "skewed" else None
+    else:
+        raise SystemExit(f"unknown case {case!r}: uniform-κ, skewed-κ or p<k>-κ")
+    R, C, held = bench.planted(cp, m, n, k, entries, float(condition), seed=1, skew=skew)
+    return R, C, held, (m, n), k
+
+
+def sweeps(cp, R, C, held, shape, k, method, count):
+    ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cp)
+    history = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])], [(0, shape[1])],
+                             method, 0.0, count, 0.0, None, 0)[2]
+    cp.cuda.runtime.deviceSynchronize()
+    return {"errors": [h["holdout_rel_error"] for h in history],
+            "sweep_s": [h["sweep_seconds"] for h in history],
+            "row_solves": {name: count for name, count in ctx.counters.items()
+                           if name.startswith("row-solves-")}}
+
+
+def reach(run, target):
+    """Seconds of sweeps to a held-out error of at most target, and how many, or None."""
+    elapsed = np.cumsum(run["sweep_s"])
+    hit = next((i for i, e in enumerate(run["errors"]) if e <= target), None)
+    return None if hit is None else (float(elapsed[hit]), hit + 1)
+
+
+def main(argv=None):
+    import cupy as cp
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="uniform-1,uniform-5,uniform-10,skewed-1,skewed-100,"
+                                       "p16-1,p64-1,p64-100")
+    ap.add_argument("--variants", default="now,light-exact,heavy2,heavy4")
+    ap.add_argument("--n", type=int, default=100_000, help="m = n of the p<k> cases")
+    ap.add_argument("--per-row", type=int, default=3000, help="entries a row of the p<k> cases")
+    ap.add_argument("--sweeps", type=int, default=12)
+    ap.add_argument("--out", default="complete-rules.json")
+    args = ap.parse_args(argv)
+    device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    rows = []
+    print(f"{'case':>11} {'method':>14} {'variant':>12} {'error':>9} {'ms/sweep':>9} "
+          f"{'to als-cg error':>16} {'/ als-cg':>8} {'to 1e-4':>12} {'/ als-cg':>8}")
+    for case in args.cases.split(","):
+        R, C, held, shape, k = problem(cp, case, args.n, args.per_row)
+        for method in ("als-cg", "altmin-sketch"):  # every kernel compiled before the timing
+            sweeps(cp, R, C, held, shape, k, method, 6)
+        runs = [("als-cg", "-")] + [("altmin-sketch", v) for v in args.variants.split(",")]
+        base = None
+        for method, name in runs:
+            with variant("now" if method == "als-cg" else name):
+                run = sweeps(cp, R, C, held, shape, k, method, args.sweeps)
+            base = base or run
+            row = {"case": case, "k": k, "method": method, "variant": name, **run,
+                   "to_als_cg_error": reach(run, base["errors"][-1]),
+                   "to_1e-4": reach(run, 1e-4)}
+            rows.append(row)
+            cells = []
+            for key in ("to_als_cg_error", "to_1e-4"):
+                got, ref = row[key], reach(base, base["errors"][-1] if key != "to_1e-4" else 1e-4)
+                cells.append(f"{got[0]:.3f}s@{got[1]:<3}" if got else "-")
+                cells.append(f"{got[0] / ref[0]:.2f}×" if got and ref else "-")
+            print(f"{case:>11} {method:>14} {name:>12} {run['errors'][-1]:>9.2e} "
+                  f"{1e3 * np.median(run['sweep_s'][1:]):>9.2f} {cells[0]:>16} {cells[1]:>8} "
+                  f"{cells[2]:>12} {cells[3]:>8}", flush=True)
+        del R, C, held
+        cp.get_default_memory_pool().free_all_blocks()
+    with open(args.out, "w") as f:
+        json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "device": device,
+                            "argv": sys.argv[1:]}, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
