@@ -65,13 +65,15 @@ def variant(name: str):
         altmin._altmin_plan = plan
 
 
-def problem(cp, case: str, n: int, per_row: int):
-    """(R, C, held, (m, n), k) of a case (see the module's doc)."""
+def problem(cp, case: str, n: int, per_row: int, rank: int | None = None):
+    """(R, C, held, (m, n), k) of a case (see the module's doc); ``rank``: k of the
+    MovieLens-sized ones, if not 64."""
     kind, condition = case.rsplit("-", 1)
     if kind.startswith("p"):
         k, m, entries, skew = int(kind[1:]), n, n * per_row, None
     elif kind in ("uniform", "skewed"):
         m, n, entries, k = MOVIELENS
+        k = rank or k
         skew = (0.4, 0.5) if kind == "skewed" else None
     else:
         raise SystemExit(f"unknown case {case!r}: uniform-κ, skewed-κ or p<k>-κ")

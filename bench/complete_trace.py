@@ -1,9 +1,10 @@
 """Where a completion sweep's time goes on one GPU: the device's kernels, and the gaps where
 it waits for the host, per method, from a kernel trace.
 
-    python bench/complete_trace.py [--cases movielens,skewed] [--methods altmin-sketch,als-cg]
+    python bench/complete_trace.py [--cases uniform-1,skewed-1] [--methods altmin-sketch,als-cg]
 
-Each method runs ``altmin.iterate`` in this process (one worker, no Ray) from the same
+The cases are bench/complete_rules.py's (MovieLens-20M-sized ones at ``--rank``). Each
+method runs ``altmin.iterate`` in this process (one worker, no Ray) from the same
 start: ``--warm`` sweeps untraced, then ``--sweeps`` traced by PyTorch's profiler, which
 records every CUDA kernel and copy of the process through CUPTI, CuPy's included. Of the
 traced sweeps after the first, per sweep: the host's seconds (``sweep_seconds``), the
@@ -30,12 +31,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import complete as bench  # noqa: E402
+from complete_rules import problem  # noqa: E402
 from mx.cluster.comm import GangContext, LocalComm, Mailroom  # noqa: E402
 from mx.kernels import altmin  # noqa: E402
 
-CASES = {"movielens": (138_493, 26_744, 20_000_263, None),
-         "skewed": (138_493, 26_744, 20_000_263, (0.4, 0.5))}
 DEVICE_OPS = ("kernel", "gpu_memcpy", "gpu_memset")
 GAP = 20e-6  # gaps shorter than this are launch spacing, not counted by kind
 
@@ -103,7 +102,7 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="movielens,skewed")
+    ap.add_argument("--cases", default="uniform-1,skewed-1")
     ap.add_argument("--methods", default="altmin-sketch,als-cg")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--warm", type=int, default=3)
@@ -116,9 +115,7 @@ def main(argv=None):
     methods = args.methods.split(",")
     rows = []
     for case in args.cases.split(","):
-        m, n, entries, skew = CASES[case]
-        k = args.rank
-        R, C, held = bench.planted(cp, m, n, k, entries, 1.0, seed=1, skew=skew)
+        R, C, held, (m, n), k = problem(cp, case, 100_000, 3000, args.rank)
         for method in methods:  # compiles every kernel first
             sweeps(cp, R, C, held, (m, n), k, method, args.warm)
         for method in methods:

@@ -667,7 +667,11 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
     x0 = rng.standard_normal((m, k))
     rows = np.sort(rng.choice(m, m - 19, replace=False)).astype(np.int64)
     # a preconditioner every row shares: the inverse of an average row's Gram matrix
-    precond = np.linalg.inv(y.T @ y * (3 * k / n) + np.eye(k))
+    average = y.T @ y * (3 * k / n) + np.eye(k)
+    precond = np.linalg.inv(average)
+    # and as a whitening (W, s): W·Wᵀ = precond, WᵀW = diag(s)
+    evals, evecs = np.linalg.eigh(average)
+    whitening = (evecs / np.sqrt(evals), 1 / evals)
     g = lambda a: cupy.asarray(a.astype(dtype) if a.dtype == np.float64 else a)  # noqa: E731
     for refine, storage, tol in _cases(dtype, tol):
         with _lsq_settings(refine, storage):
@@ -680,6 +684,15 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
                 err = np.linalg.norm(got[rows] - want[rows]) / moved
                 assert err < tol, (refine, storage, reg, steps, p is None, err)
                 others = np.setdiff1d(np.arange(m), rows)
+                assert np.array_equal(got[others], x0[others].astype(dtype))
+                if p is None:
+                    continue
+                # the same steps as plain ones against the whitened Y (refined float64 only)
+                group = lsq.cg_group(g(rows), steps, g(p), whitening=whitening)
+                got = lsq.solve_cg_groups(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
+                                          [group], float(np.abs(y).max())).get()
+                err = np.linalg.norm(got[rows] - want[rows]) / moved
+                assert err < tol, (refine, storage, reg, steps, "whitened", err)
                 assert np.array_equal(got[others], x0[others].astype(dtype))
             # disjoint groups of rows in one call, each its own steps and preconditioner (the
             # plain ones share a launch), two with their launch split and max |Y| given: as

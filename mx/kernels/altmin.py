@@ -95,10 +95,11 @@ THIN_DEGREE = 4
 # 5.0e-2 and 1.6e-2; skewed at κ = 100, 4.2e-2 against 4.8e-2 (exact solves diverge there).
 GRAM_CG_DEGREE = 1.5
 # On the H100 the light rows' exact solves were half of an ill-conditioned sweep: with these
-# steps for them too, MovieLens-20M-sized at k = 64 (films of 750) took 12.5 against 25.3 ms
-# a sweep at κ = 5 for the same error after 12 sweeps (6.8e-2), at κ = 10 12.9 against 25.5
-# (1.12e-1 against 1.10e-1), and, skewed at κ = 100, 19.3 against 33.4 ms and 5.8e-2 against
-# 6.1e-2 (bench/complete_rules.py).
+# steps for them too, MovieLens-20M-sized at k = 64 (films of 750) took 13.0 against 26.0 ms
+# a sweep at κ = 5 for the same error after 12 sweeps (6.8e-2), at κ = 10 12.8 against 26.2
+# (1.12e-1 against 1.10e-1), and, skewed at κ = 100, 20.2 against 34.0 ms and 6.0e-2 against
+# 6.3e-2 (bench/complete_rules.py). On a GPU the steps are plain ones against the whitened
+# factor (``gram_whitening``): 10.9 ms at κ = 5.
 STAGNATION = 1e-3  # relative improvement of the held-out error below which a sweep is "no gain"
 
 
@@ -348,12 +349,13 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
         subset = parts.get(solver)
         if subset is None or not subset.size:
             continue
-        precond = None
+        precond = whitening = None
         if solver == "gram-cg":
-            precond = xp.asarray(gram_preconditioner(stats["gram"], y.shape[0], k, reg, eig))
+            whitening = gram_whitening(stats["gram"], y.shape[0], k, reg, eig)
+            precond = xp.asarray(whitening[0] @ whitening[0].T)
         # gram-cg rows are thin rows: they take the light rows' steps
         steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
-        groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver)))
+        groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver), whitening))
         name = "gram-cg" if solver == "gram-cg" else "plain-cg"
         used[name] = used.get(name, 0) + int(subset.size)
     if groups:
@@ -441,11 +443,19 @@ def gram_preconditioner(gram, n: int, k: int, reg: float, eig=None):
     ``eig``: its ``np.linalg.eigh``, where the caller has it), at d halfway through their
     degrees. Eigenvalues below 1e-12 of the largest are raised to it: a factor of lower rank
     still gets a positive definite preconditioner."""
+    w, _ = gram_whitening(gram, n, k, reg, eig)
+    return w @ w.T
+
+
+def gram_whitening(gram, n: int, k: int, reg: float, eig=None):
+    """``gram_preconditioner`` as W·Wᵀ, with WᵀW = diag(s): (W, s), W = Q·D^-½ from the
+    eigendecomposition Q·D·Qᵀ of (d/n)·YᵀY + reg·I. Against Y·W the preconditioned steps
+    are plain ones (``lsq.solve_cg_groups``)."""
     degree = (GRAM_CG_DEGREE + THIN_DEGREE) / 2 * k
     evals, evecs = np.linalg.eigh(np.asarray(gram)) if eig is None else eig
     evals = np.asarray(evals) * (degree / n) + reg
     evals = np.maximum(evals, evals[-1] * 1e-12 if evals[-1] > 0 else 1.0)
-    return (evecs / evals) @ evecs.T
+    return evecs / np.sqrt(evals), 1.0 / evals
 
 
 def conditioning_matters(plan) -> bool:

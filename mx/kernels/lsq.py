@@ -258,11 +258,14 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, prec
                            [cg_group(rows_subset, steps, precond)])
 
 
-def cg_group(rows, steps: int, precond=None, split=None) -> dict:
+def cg_group(rows, steps: int, precond=None, split=None, whitening=None) -> dict:
     """Rows that take ``steps`` CG steps (preconditioned by ``precond``, one k × k matrix for
     all of them, or plain), for ``solve_cg_groups``; ``split``: their
-    ``rowsolve.split_rows``, where the caller keeps it (one device sync less a launch)."""
-    return {"rows": rows, "steps": steps, "precond": precond, "split": split}
+    ``rowsolve.split_rows``, where the caller keeps it (one device sync less a launch);
+    ``whitening``: (W, s) with W·Wᵀ = precond and WᵀW = diag(s), host arrays, where the
+    caller has them (``solve_cg_groups`` then takes plain steps against Y·W on a GPU)."""
+    return {"rows": rows, "steps": steps, "precond": precond, "split": split,
+            "whitening": whitening}
 
 
 def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
@@ -289,33 +292,58 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
         prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
         delta = xp.zeros(x0.shape, dtype=np.float32)
         r32 = r0.astype(np.float32)
-        for split, steps, precond in _launches(xp, groups, splits):
+        for split, steps, precond, whitening in _launches(xp, groups, splits):
+            if whitening is not None:
+                delta += _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps,
+                                              whitening, top)
+                continue
             rowsolve.cg_solve(xp, y32, None, indptr, cols, None, reg, None, steps, delta,
                               r0=r32, precond=precond, split=split, prepared=prepared)
         return x0 + delta
     out = x0.copy()
     prepared = rowsolve.operand(xp, y)
-    for split, steps, precond in _launches(xp, groups, splits):
+    for split, steps, precond, _ in _launches(xp, groups, splits):
         rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, None, steps, out,
                           precond=precond, split=split, prepared=prepared)
     return out
 
 
+def _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps, whitening, top):
+    """The correction of preconditioned CG steps (preconditioner W·Wᵀ, WᵀW = diag(s)) for the
+    rows of ``split``, from their residual rows in r0 (others zero in the result), by plain
+    steps in whitened coordinates: x = W z turns (AᵀA + reg I) x = r into
+    ((AW)ᵀAW + reg·diag(s)) z = Wᵀr, so the steps gather Y·W and apply no k × k matrix a
+    step, which cost as much as a thin row's gathers (``rowsolve.cg_solve``'s precond). The
+    iterates are the preconditioned steps' own. ``top``: max |Y|, which bounds max |Y·W|
+    (by √k·top·max‖W's columns‖) for the float16 operand's scale without a device read."""
+    w, s = whitening
+    w32 = xp.asarray(w, dtype=np.float32)
+    bound = None if top is None else (
+        float(np.sqrt(w.shape[0]) * top * np.sqrt((np.asarray(w) ** 2).sum(axis=0)).max()))
+    y_white = y32 @ w32
+    prepared = rowsolve.operand(xp, y_white, CORRECTION_STORAGE, bound)
+    r_white = (r0 @ xp.asarray(w)).astype(np.float32)
+    z = xp.zeros(r_white.shape, dtype=np.float32)
+    rowsolve.cg_solve(xp, y_white, None, indptr, cols, None, reg, None, steps, z,
+                      r0=r_white, split=split, prepared=prepared, regv=reg * np.asarray(s))
+    return z @ w32.T
+
+
 def _launches(xp, groups, splits) -> list:
-    """The kernel launches of ``solve_cg_groups``: (split, steps, precond). The groups with no
-    preconditioner share one, each row taking its group's steps: apart, a launch of a few
-    thousand long rows (MovieLens's heavy films) left most of the GPU idle until its last
-    row was done, and the next launch's rows waited for it."""
+    """The kernel launches of ``solve_cg_groups``: (split, steps, precond, whitening). The
+    groups with no preconditioner share one, each row taking its group's steps: apart, a
+    launch of a few thousand long rows (MovieLens's heavy films) left most of the GPU idle
+    until its last row was done, and the next launch's rows waited for it."""
     plain = [(g, split) for g, split in zip(groups, splits) if g["precond"] is None]
-    launches = [(split, g["steps"], g["precond"]) for g, split in zip(groups, splits)
-                if g["precond"] is not None]
+    launches = [(split, g["steps"], g["precond"], g["whitening"])
+                for g, split in zip(groups, splits) if g["precond"] is not None]
     if len(plain) == 1:
-        launches.append((plain[0][1], plain[0][0]["steps"], None))
+        launches.append((plain[0][1], plain[0][0]["steps"], None, None))
     elif plain:
         split = tuple(xp.concatenate([s[part] for _, s in plain]) for part in (0, 1))
         steps = tuple(xp.concatenate([xp.full(s[part].size, g["steps"], dtype=np.int32)
                                       for g, s in plain]) for part in (0, 1))
-        launches.append((split, steps, None))
+        launches.append((split, steps, None, None))
     return launches
 
 

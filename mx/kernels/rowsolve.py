@@ -362,7 +362,8 @@ __device__ inline void precondition(const T* __restrict__ P, const T* r, T* z) {
 
 // CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp (or NW) per row,
 // every vector in registers, one pass over Ω_i per step: plain, or preconditioned by P where
-// ``precond`` is not null (one KP × KP matrix for every row). From x0, with one more pass
+// ``precond`` is not null (one KP × KP matrix for every row). Where ``regv`` is not null it
+// replaces reg I by diag(regv) (KP long): the regularisation of a whitened Y. From x0, with one more pass
 // for its residual; or, given that residual r0 (row i at i·k), from zero: the correction to
 // x0 (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot
 // products back into Y's. Each row takes ``steps`` steps, or row_steps[w] for the w-th row
@@ -371,14 +372,17 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
         const long long nrows, const int k, const int steps, const int* __restrict__ row_steps,
-        const T reg, const T scale, const T* __restrict__ precond, T* __restrict__ out)
+        const T reg, const T* __restrict__ regv, const T scale, const T* __restrict__ precond,
+        T* __restrict__ out)
 {
     const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
     const int nsteps = row_steps != nullptr ? row_steps[w] : steps;
     const long long start = indptr[i], end = indptr[i + 1];
-    T x[C], r[C], p[C], q[C], z[C];
+    T x[C], r[C], p[C], q[C], z[C], rg[C];
+    const int lane = (threadIdx.x % 32) % L;  // its C components start at lane·C
+    for (int c = 0; c < C; c++) rg[c] = regv != nullptr ? regv[lane * C + c] : reg;
     if (r0 != nullptr) {
         for (int c = 0; c < C; c++) x[c] = 0;
         load_own(r0, i, k, r);
@@ -403,7 +407,7 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         across_groups(q, C);
         across_warps(q, C);
         T pq = 0;
-        for (int c = 0; c < C; c++) { q[c] += reg * p[c]; pq += p[c] * q[c]; }
+        for (int c = 0; c < C; c++) { q[c] += rg[c] * p[c]; pq += p[c] * q[c]; }
         pq = group_sum(pq);
         const T alpha = pq > (T)0 && rr > done ? rr / pq : (T)0;
         for (int c = 0; c < C; c++) { x[c] += alpha * p[c]; r[c] -= alpha * q[c]; }
@@ -864,7 +868,7 @@ def normal_apply(xp, p, y, indptr, cols, reg):
 
 
 def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None,
-             precond=None, split=None, prepared=None):
+             precond=None, split=None, prepared=None, regv=None):
     """``steps`` CG steps for the rows ``rows`` (int64 ids), one warp per row (a block for
     the heaviest, ``_rows_launch``), into ``out``: from x0, or, given x0's residual ``r0``
     (``residual``), from zero, which is the correction to x0 (``values`` and ``x0`` are then
@@ -874,16 +878,21 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
     in the operator (a correction's solve can afford it: the next residual, in float64,
     sees the difference). ``split`` (``split_rows`` of rows) and ``prepared`` (``operand`` of
     y and storage), where given, spare finding them again. ``steps`` is one count for every
-    row, or, with a split, (narrow, wide): each part's int32 steps a row, in its order."""
+    row, or, with a split, (narrow, wide): each part's int32 steps a row, in its order.
+    ``regv`` (k long), where given, replaces reg·I by diag(regv): the regularisation in the
+    coordinates of a whitened y (``lsq.solve_cg_groups``)."""
     k = y.shape[1]
     dtype = y.dtype
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
     ys, storage, scale = prepared or operand(xp, y, storage)
-    p = _NULL
+    width = ys.shape[1]  # the layout's padded rank, KP
+    p = rv = _NULL
     if precond is not None:
-        width = ys.shape[1]  # the layout's padded rank, KP
         p = xp.zeros((width, width), dtype=dtype)
         p[:k, :k] = xp.asarray(precond, dtype=dtype)
+    if regv is not None:
+        rv = xp.zeros(width, dtype=dtype)
+        rv[:k] = xp.asarray(regv, dtype=dtype)
     per_row = isinstance(steps, tuple)
     if per_row and split is None:
         raise ValueError("cg_solve: steps a row follow their split's order; pass the split")
@@ -891,8 +900,8 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
                  lambda part, count, which: (
                      _i64(indptr), _i64(cols), values, ys, x0, r0, part, np.int64(count),
                      np.int32(k), np.int32(0 if per_row else steps),
-                     steps[which] if per_row else _NULL, dtype.type(reg), dtype.type(scale), p,
-                     out))
+                     steps[which] if per_row else _NULL, dtype.type(reg), rv, dtype.type(scale),
+                     p, out))
 
 
 _NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
