@@ -681,19 +681,33 @@ def test_fused_plain_cg_matches_the_numpy_reference(rng, dtype, tol, k, wide_deg
                 got = lsq.solve_cg_rows(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
                                         g(rows), steps, None if p is None else g(p)).get()
                 moved = np.linalg.norm(want[rows] - x0[rows])
-                err = np.linalg.norm(got[rows] - want[rows]) / moved
-                assert err < tol, (refine, storage, reg, steps, p is None, err)
+                # float16 steps stop once the residual is 4e-3 of the start's
+                # (rowsolve.HALF_CONVERGED): on a regularised row of fewer entries than
+                # unknowns the rest lies in reg·I's directions, where that leaves a large
+                # error (seen: 7.9 on a row of 2 at k = 64). Such rows must only not lose
+                # in the norm of their normal equations, in which CG steps only gain.
+                early = rows[(storage == np.float16) & (reg > 0) & (degree[rows] < k)]
+                checked = np.setdiff1d(rows, early)
                 others = np.setdiff1d(np.arange(m), rows)
-                assert np.array_equal(got[others], x0[others].astype(dtype))
-                if p is None:
-                    continue
-                # the same steps as plain ones against the whitened Y (refined float64 only)
-                group = lsq.cg_group(g(rows), steps, g(p), whitening=whitening)
-                got = lsq.solve_cg_groups(cupy, g(x0), g(y), g(indptr), g(cols), g(vals), reg,
-                                          [group], float(np.abs(y).max())).get()
-                err = np.linalg.norm(got[rows] - want[rows]) / moved
-                assert err < tol, (refine, storage, reg, steps, "whitened", err)
-                assert np.array_equal(got[others], x0[others].astype(dtype))
+
+                def a_norm(i, e):
+                    return np.sqrt(np.sum((y[cols[indptr[i]:indptr[i + 1]]] @ e) ** 2)
+                                   + reg * (e @ e))
+
+                def check(got, what):
+                    err = np.linalg.norm(got[checked] - want[checked]) / moved
+                    assert err < tol, (refine, storage, reg, steps, what, err)
+                    lost = [i for i in early if a_norm(i, got[i] - want[i])
+                            > a_norm(i, x0[i] - want[i]) * (1 + tol)]
+                    assert not lost, (what, lost)
+                    assert np.array_equal(got[others], x0[others].astype(dtype))
+
+                check(got, "plain" if p is None else "preconditioned")
+                if p is not None:  # as plain steps against the whitened Y (refined float64)
+                    group = lsq.cg_group(g(rows), steps, g(p), whitening=whitening)
+                    check(lsq.solve_cg_groups(cupy, g(x0), g(y), g(indptr), g(cols), g(vals),
+                                              reg, [group], float(np.abs(y).max())).get(),
+                          "whitened")
             # disjoint groups of rows in one call, each its own steps and preconditioner (the
             # plain ones share a launch), two with their launch split and max |Y| given: as
             # each group solved on its own

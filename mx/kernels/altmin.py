@@ -286,24 +286,31 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
     if not conditioning_matters(plan):
         return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, True, stats),
                 None)
-    if "gram" not in stats:
-        stats = factor_stats(xp, y)
+    started = None if "gram" in stats else _stats_start(xp, y)
+    # the CG rows' residual pass, where they are the same rows whatever the regime: the
+    # device runs it while the host waits for YᵀY and eigensolves it
+    r0 = None
+    if plan["cg_union"] is not None:
+        r0 = lsq.cg_residual(xp, x, y, indptr, cols, vals, reg, plan["cg_union"])
+    if started is not None:
+        stats = _stats_of(started)
     guess = _guess(last)
     if guess is False and _needs_preconditioner(plan[False]):
         # the preconditioner needs YᵀY's eigendecomposition, which gives cond(YᵀY) too
         eig = np.linalg.eigh(stats["gram"])
         cond = _condition_of_eigenvalues(eig[0])
         return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
-                             cond <= WELL_CONDITIONED, stats, eig), cond)
+                             cond <= WELL_CONDITIONED, stats, eig, r0), cond)
     if guess is None:
         cond = _condition_of(stats["gram"])
         return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
-                             cond <= WELL_CONDITIONED, stats), cond)
-    out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, guess, stats)
+                             cond <= WELL_CONDITIONED, stats, r0=r0), cond)
+    out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, guess, stats,
+                            r0=r0)
     cond = _condition_of(stats["gram"])  # on the host, while the device solves
     if (cond <= WELL_CONDITIONED) != guess:
         out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
-                                not guess, stats)
+                                not guess, stats, r0=r0)
         used["again"] = rows
     return out, used, cond
 
@@ -325,9 +332,11 @@ def _guess(last):
     return last <= WELL_CONDITIONED
 
 
-def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats, eig=None):
+def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats, eig=None,
+                r0=None):
     """The row solves of ``_solve`` under the row plan's regime ``well`` (``eig``: YᵀY's
-    eigendecomposition where the caller has it). Returns the new x and {solver: rows}."""
+    eigendecomposition, ``r0``: the CG rows' ``lsq.cg_residual``, where the caller has them).
+    Returns the new x and {solver: rows}."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     parts, splits = plan[well], plan["splits"][well]
@@ -359,7 +368,8 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
         name = "gram-cg" if solver == "gram-cg" else "plain-cg"
         used[name] = used.get(name, 0) + int(subset.size)
     if groups:
-        out = lsq.solve_cg_groups(xp, out, y, indptr, cols, vals, reg, groups, stats.get("top"))
+        out = lsq.solve_cg_groups(xp, out, y, indptr, cols, vals, reg, groups, stats.get("top"),
+                                  r0)
     heavy_rows = parts.get("sketch")
     if heavy_rows is not None and heavy_rows.size:
         out = lsq.solve_sketch(xp, out, y, indptr, cols, vals, reg, heavy_rows,
@@ -377,9 +387,27 @@ def factor_stats(xp, y) -> dict:
     """What a half-sweep against the factor y needs to know of it on the host, in one device
     read: "gram", YᵀY (its conditioning picks the solvers; gram-cg's preconditioner), and
     "top", max |Y| (the float16 operand's scale, ``rowsolve.operand``)."""
-    k = y.shape[1]
-    packed = _host(xp, xp.concatenate([(y.T @ y).ravel(), _top(xp, y)]))
-    return {"gram": packed[:k * k].reshape(k, k), "top": float(packed[-1])}
+    return _stats_of(_stats_start(xp, y))
+
+
+def _stats_start(xp, y):
+    """``factor_stats``' device work and its copy to the host, enqueued and not waited for
+    (``_stats_of`` waits): the device work enqueued after it runs meanwhile."""
+    packed = xp.concatenate([(y.T @ y).ravel(), _top(xp, y)])
+    if xp is np:
+        return packed, None, y.shape[1]
+    host = dense.pooled_pinned(packed.shape, np.float64)
+    stream = xp.cuda.get_current_stream()
+    xp.cuda.runtime.memcpyAsync(host.ctypes.data, packed.data.ptr, packed.nbytes,
+                                xp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+    return host, (stream.record(), packed), y.shape[1]
+
+
+def _stats_of(started) -> dict:
+    host, pending, k = started
+    if pending is not None:
+        pending[0].synchronize()  # the copy's event, not the work enqueued after it
+    return {"gram": host[:k * k].reshape(k, k).copy(), "top": float(host[-1])}
 
 
 def _top(xp, a):
@@ -414,7 +442,22 @@ def row_plan(xp, indptr, k, method: str = "altmin-sketch") -> dict:
                              for solver, ids in plan[well].items()
                              if gpu and solver in CG_SOLVERS and ids.size}
                       for well in (True, False)}
+    plan["cg_union"] = _cg_union(xp, plan)
     return plan
+
+
+def _cg_union(xp, plan):
+    """The split of all CG rows, where they are the same rows in both regimes (the residual
+    pass they start from can then run before the regime is known: ``_solve``), else None.
+    The CG rows against an ill-conditioned factor are among those against a well-conditioned
+    one (thin, light, and, well conditioned, heavy rows), so equal counts are equal sets."""
+    parts = {well: list(plan["splits"][well].values()) for well in (True, False)}
+    counts = {well: sum(int(s[0].size + s[1].size) for s in parts[well]) for well in parts}
+    if not parts[True] or counts[True] != counts[False]:
+        return None
+    if len(parts[True]) == 1:
+        return parts[True][0]
+    return tuple(xp.concatenate([s[i] for s in parts[True]]) for i in (0, 1))
 
 
 def _altmin_plan(xp, degree, k, gpu) -> dict:

@@ -268,12 +268,23 @@ def cg_group(rows, steps: int, precond=None, split=None, whitening=None) -> dict
             "whitening": whitening}
 
 
-def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
+def cg_residual(xp, x0, y, indptr, cols, values, reg, split):
+    """x0's residual rows for the rows of ``split`` (their ``rowsolve.split_rows``), which
+    ``solve_cg_groups`` starts from on a GPU (refined float64), launched now: a caller with
+    host work to do before it knows its groups passes it on (``r0``), and the device computes
+    it meanwhile. None where solve_cg_groups starts from none."""
+    if not (rowsolve.warp_supported(xp, y) and _refined(xp, y)):
+        return None
+    return rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=split)
+
+
+def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=None):
     """``solve_cg_rows`` for several disjoint ``cg_group``s of rows at once (other rows keep
     x0). On a GPU they share what depends only on Y (its float32 and float16 copies, the
     latter's scale from max |Y|: ``top`` where the caller knows it) and, refined, one
-    residual pass: each of those otherwise waits on a device sync, a fixed cost that more
-    workers do not divide (bench/complete_parts.py)."""
+    residual pass (``r0``: ``cg_residual`` of rows including theirs, where the caller launched
+    it): each of those otherwise waits on a device sync, a fixed cost that more workers do not
+    divide (bench/complete_parts.py)."""
     groups = [g for g in groups if g["rows"].size]
     if not groups:
         return x0.copy()
@@ -285,9 +296,10 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None):
         return out
     splits = [g["split"] or rowsolve.split_rows(xp, indptr, g["rows"]) for g in groups]
     if _refined(xp, y):
-        union = splits[0] if len(splits) == 1 else tuple(
-            xp.concatenate([split[i] for split in splits]) for i in (0, 1))
-        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=union)
+        if r0 is None:
+            union = splits[0] if len(splits) == 1 else tuple(
+                xp.concatenate([split[i] for split in splits]) for i in (0, 1))
+            r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=union)
         y32 = y.astype(np.float32)
         prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
         delta = xp.zeros(x0.shape, dtype=np.float32)
