@@ -254,6 +254,30 @@ def test_a_half_sweep_launched_under_a_wrong_guess_of_the_conditioning_is_solved
             assert np.array_equal(got, right[0])
 
 
+def test_the_sweeps_guess_no_regime_from_the_first_half_sweep(rng):
+    """The first V half-sweep solves against U's orthonormal basis (cond(UᵀU) = 1), which says
+    nothing of the balanced U the next one solves against: on an ill-conditioned matrix a
+    guess from it would be wrong, and its rows solved twice."""
+    from mx.cluster.comm import GangContext, LocalComm, Mailroom
+    from mx.kernels import altmin
+
+    m, n, k = int(rng.integers(150, 190)), int(rng.integers(140, 160)), int(rng.integers(3, 5))
+    scale = np.geomspace(1, 30, k)  # cond(UᵀU) of the balanced factors near 30
+    u = rng.standard_normal((m, k)) * np.sqrt(scale)
+    v = rng.standard_normal((n, k)) * np.sqrt(scale)
+    seen = rng.random((m, n)) < 0.6  # heavy rows: their solver depends on the conditioning
+    rows, cols = np.nonzero(seen)
+    vals = (u[rows] * v[cols]).sum(axis=1)
+    R = altmin.sorted_csr(np, rows, cols, vals, m, n)
+    C = altmin.sorted_csr(np, cols, rows, vals, n, m)
+    H = altmin.sorted_csr(np, rows[:0], cols[:0], vals[:0], m, n)
+    ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=np)
+    altmin.iterate(ctx, R, C, H, (m, n), k, [(0, m)], [(0, n)], "altmin-sketch", 0.0, 4, 0.0,
+                   None, 0)
+    assert ctx.counters.get("row-solves-sketch"), ctx.counters  # ill conditioned, as meant
+    assert "row-solves-again" not in ctx.counters, ctx.counters
+
+
 def test_a_half_sweep_of_barely_determined_rows_does_not_look_at_the_conditioning(rng, monkeypatch):
     """Thin rows of fewer than GRAM_CG_DEGREE·k observations take plain CG steps against any
     factor: where every row is one, cond(YᵀY) (a device sync and an eigensolve a half-sweep)

@@ -204,6 +204,8 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
                 v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
                 u, v, v_full = _balance(ctx, u, v, v_full, ("balance", sweep))
+                # whose cond(UᵀU) of 1 says nothing of the balanced U's: no guess from it
+                cond_u = None
             with ctx.timed("row-solves"):
                 u, used_u, cond_v = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
                                            seed + 2 * sweep + 1, plan_u, last=cond_v)
