@@ -12,6 +12,7 @@ Usage: python bench/complete.py --n 100000 --ranks 16,64,128 --out $OUT/complete
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -61,13 +62,41 @@ def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64, skew=None):
     return R, C, altmin.sorted_csr(cp, rows[held], cols[held], vals[held], m, n)
 
 
-def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
+def iterate_here(cp, R, C, held, shape, k, method, max_iters, cg_iters=None, target=0.0):
+    """``altmin.iterate`` on one worker in this process (no Ray), from the randomized-SVD
+    start: (ctx, history, why it stopped)."""
     ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cp)
+    _, _, history, reason = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])],
+                                           [(0, shape[1])], method, target, max_iters, 0.0,
+                                           cg_iters, 0)
+    return ctx, history, reason
+
+
+@contextlib.contextmanager
+def solve_wrapped(wrap):
+    """``altmin._solve`` replaced by ``wrap(altmin._solve)`` for the duration: a bench's
+    window on each half-sweep."""
+    solve = altmin._solve
+    altmin._solve = wrap(solve)
+    try:
+        yield
+    finally:
+        altmin._solve = solve
+
+
+def write_results(path, device, results, **more):
+    """A bench's JSON: when, on what, from which command line, and its results."""
+    with open(path, "w") as f:
+        json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "device": device,
+                            "argv": sys.argv[1:]}, "results": results, **more}, f, indent=1)
+
+
+def run_method(cp, R, C, held, shape, k, method, max_iters, cg_iters, target):
     sync = cp.cuda.runtime.deviceSynchronize if cp is not np else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    _, _, history, reason = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])], [(0, shape[1])],
-                                           method, target, max_iters, 0.0, cg_iters, 0)
+    ctx, history, reason = iterate_here(cp, R, C, held, shape, k, method, max_iters, cg_iters,
+                                        target)
     sync()
     total = time.perf_counter() - t0
     ctx.finish()

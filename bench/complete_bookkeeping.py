@@ -20,10 +20,8 @@ rows exactly or by the sketch, so its sweep differs from als-cg's by more than b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -31,8 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import complete as bench  # noqa: E402
-from mx.cluster.comm import GangContext, LocalComm, Mailroom  # noqa: E402
-from mx.kernels import altmin  # noqa: E402
 
 CASES = {"movielens": (138_493, 26_744, 64, 20_000_263, None),
          "skewed": (138_493, 26_744, 64, 20_000_263, (0.4, 0.5))}
@@ -45,19 +41,15 @@ VARIANTS = {"als-cg": ("als-cg", True, True),
 def sweeps(cp, R, C, held, shape, k, method, keep_plan, keep_gram, count):
     """Seconds of each sweep after the first, with the plan and the carried Gram matrix
     dropped where asked (``_solve`` then makes them itself)."""
-    solve = altmin._solve
+    def dropping(solve):
+        def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None,
+                    last=None):
+            return solve(xp, method, x, y, omega, reg, cg_iters, k, seed,
+                         plan if keep_plan else None, stats if keep_gram else None, last)
+        return solving
 
-    def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None):
-        return solve(xp, method, x, y, omega, reg, cg_iters, k, seed,
-                     plan if keep_plan else None, stats if keep_gram else None)
-
-    altmin._solve = solving
-    try:
-        ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cp)
-        history = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])], [(0, shape[1])],
-                                 method, 0.0, count, 0.0, None, 0)[2]
-    finally:
-        altmin._solve = solve
+    with bench.solve_wrapped(dropping):
+        history = bench.iterate_here(cp, R, C, held, shape, k, method, count)[1]
     return [h["sweep_seconds"] for h in history[1:]]
 
 
@@ -88,9 +80,7 @@ def main(argv=None):
                          "sweep_times_s": times[name]})
         del R, C, held
         cp.get_default_memory_pool().free_all_blocks()
-    with open(args.out, "w") as f:
-        json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "device": device,
-                            "argv": sys.argv[1:]}, "results": rows}, f, indent=1)
+    bench.write_results(args.out, device, rows)
     print(f"\naltmin-sketch's bookkeeping on one {device}: median sweep after the first, "
           f"{args.rounds} rounds of {args.sweeps} sweeps")
     print(f"{'case':>10} {'variant':>54} {'ms/sweep':>9} {'/ als-cg':>9}")

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -33,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import complete as bench  # noqa: E402
-from mx.cluster.comm import GangContext, LocalComm, Mailroom  # noqa: E402
 from mx.kernels import altmin  # noqa: E402
 
 MOVIELENS = (138_493, 26_744, 20_000_263, 64)
@@ -82,9 +79,7 @@ def problem(cp, case: str, n: int, per_row: int, rank: int | None = None):
 
 
 def sweeps(cp, R, C, held, shape, k, method, count):
-    ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cp)
-    history = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])], [(0, shape[1])],
-                             method, 0.0, count, 0.0, None, 0)[2]
+    ctx, history, _ = bench.iterate_here(cp, R, C, held, shape, k, method, count)
     cp.cuda.runtime.deviceSynchronize()
     return {"errors": [h["holdout_rel_error"] for h in history],
             "sweep_s": [h["sweep_seconds"] for h in history],
@@ -139,9 +134,7 @@ def main(argv=None):
                   f"{cells[2]:>12} {cells[3]:>8}", flush=True)
         del R, C, held
         cp.get_default_memory_pool().free_all_blocks()
-    with open(args.out, "w") as f:
-        json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "device": device,
-                            "argv": sys.argv[1:]}, "results": rows}, f, indent=1)
+    bench.write_results(args.out, device, rows)
 
 
 if __name__ == "__main__":

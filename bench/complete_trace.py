@@ -24,16 +24,14 @@ import collections
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import complete as bench  # noqa: E402
 from complete_rules import problem  # noqa: E402
-from mx.cluster.comm import GangContext, LocalComm, Mailroom  # noqa: E402
-from mx.kernels import altmin  # noqa: E402
 
 DEVICE_OPS = ("kernel", "gpu_memcpy", "gpu_memset")
 GAP = 20e-6  # gaps shorter than this are launch spacing, not counted by kind
@@ -42,20 +40,17 @@ GAP = 20e-6  # gaps shorter than this are launch spacing, not counted by kind
 def sweeps(cp, R, C, held, shape, k, method, count):
     """Each sweep's host seconds, and each half-sweep's cond(YᵀY) and whether it solved its
     rows twice (a wrong guess of the regime: ``altmin._solve``)."""
-    solve, halves = altmin._solve, []
+    halves = []
 
-    def recording(*args, **kwargs):
-        out, used, cond = solve(*args, **kwargs)
-        halves.append({"cond": cond, "again": "again" in used})
-        return out, used, cond
+    def recording(solve):
+        def solving(*args, **kwargs):
+            out, used, cond = solve(*args, **kwargs)
+            halves.append({"cond": cond, "again": "again" in used})
+            return out, used, cond
+        return solving
 
-    altmin._solve = recording
-    try:
-        ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cp)
-        history = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])], [(0, shape[1])],
-                                 method, 0.0, count, 0.0, None, 0)[2]
-    finally:
-        altmin._solve = solve
+    with bench.solve_wrapped(recording):
+        history = bench.iterate_here(cp, R, C, held, shape, k, method, count)[1]
     cp.cuda.runtime.deviceSynchronize()
     return [h["sweep_seconds"] for h in history], halves
 
@@ -136,9 +131,7 @@ def main(argv=None):
                   flush=True)
         del R, C, held
         cp.get_default_memory_pool().free_all_blocks()
-    with open(args.out, "w") as f:
-        json.dump({"meta": {"date": time.strftime("%Y-%m-%d"), "device": device,
-                            "argv": sys.argv[1:]}, "results": rows}, f, indent=1)
+    bench.write_results(args.out, device, rows)
     print(f"\nA sweep on one {device}, traced (median host time of sweeps after the first; "
           f"device time over the same sweeps)")
     print(f"{'case':>10} {'k':>4} {'method':>14} {'ms/sweep':>9} {'busy ms':>8} {'idle ms':>8}"
