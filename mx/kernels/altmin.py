@@ -451,8 +451,8 @@ def row_plan(xp, indptr, k, method: str = "altmin-sketch") -> dict:
 def _cg_union(xp, plan):
     """The split of all CG rows, where they are the same rows in both regimes (the residual
     pass they start from can then run before the regime is known: ``_solve``), else None.
-    The CG rows against an ill-conditioned factor are among those against a well-conditioned
-    one (thin, light, and, well conditioned, heavy rows), so equal counts are equal sets."""
+    The CG rows against an ill-conditioned factor (thin and light ones) are among those
+    against a well-conditioned one (those, and heavy ones), so equal counts are equal sets."""
     parts = {well: list(plan["splits"][well].values()) for well in (True, False)}
     counts = {well: sum(int(s[0].size + s[1].size) for s in parts[well]) for well in parts}
     if not parts[True] or counts[True] != counts[False]:

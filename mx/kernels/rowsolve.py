@@ -362,12 +362,12 @@ __device__ inline void precondition(const T* __restrict__ P, const T* r, T* z) {
 
 // CG on (Y_ΩiᵀY_Ωi + reg I) x = Y_Ωiᵀ m for the rows ``rows``, one warp (or NW) per row,
 // every vector in registers, one pass over Ω_i per step: plain, or preconditioned by P where
-// ``precond`` is not null (one KP × KP matrix for every row). Where ``regv`` is not null it
-// replaces reg I by diag(regv) (KP long): the regularisation of a whitened Y. From x0, with one more pass
-// for its residual; or, given that residual r0 (row i at i·k), from zero: the correction to
-// x0 (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled operand's dot
-// products back into Y's. Each row takes ``steps`` steps, or row_steps[w] for the w-th row
-// of ``rows`` where row_steps is not null.
+// ``precond`` is not null (one KP × KP matrix for every row); ``regv``, where not null,
+// replaces reg I by diag(regv) (KP long): the regularisation of a whitened Y. From x0, with
+// one more pass for its residual; or, given that residual r0 (row i at i·k), from zero: the
+// correction to x0 (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled
+// operand's dot products back into Y's. Each row takes ``steps`` steps, or row_steps[w] for
+// the w-th row of ``rows`` where row_steps is not null.
 extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
