@@ -285,13 +285,17 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
         return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}, None
     plan = row_plan(xp, indptr, k, method) if plan is None else plan
     stats = stats or {}
+    r0 = None
+
+    def solve(well, eig=None):  # the rows under one regime, with stats and r0 as they are then
+        return _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats,
+                           eig, r0)
+
     if not conditioning_matters(plan):
-        return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, True, stats),
-                None)
+        return (*solve(True), None)
     started = None if "gram" in stats else _stats_start(xp, y)
     # the CG rows' residual pass, where they are the same rows whatever the regime: the
     # device runs it while the host waits for YᵀY and eigensolves it
-    r0 = None
     if plan["cg_union"] is not None:
         r0 = lsq.cg_residual(xp, x, y, indptr, cols, vals, reg, plan["cg_union"])
     if started is not None:
@@ -301,18 +305,14 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
         # the preconditioner needs YᵀY's eigendecomposition, which gives cond(YᵀY) too
         eig = np.linalg.eigh(stats["gram"])
         cond = _condition_of_eigenvalues(eig[0])
-        return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
-                             cond <= WELL_CONDITIONED, stats, eig, r0), cond)
+        return (*solve(cond <= WELL_CONDITIONED, eig), cond)
     if guess is None:
         cond = _condition_of(stats["gram"])
-        return (*_solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
-                             cond <= WELL_CONDITIONED, stats, r0=r0), cond)
-    out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, guess, stats,
-                            r0=r0)
+        return (*solve(cond <= WELL_CONDITIONED), cond)
+    out, used = solve(guess)
     cond = _condition_of(stats["gram"])  # on the host, while the device solves
     if (cond <= WELL_CONDITIONED) != guess:
-        out, used = _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan,
-                                not guess, stats, r0=r0)
+        out, used = solve(not guess)
         used["again"] = rows
     return out, used, cond
 
@@ -363,7 +363,8 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
         precond = whitening = None
         if solver == "gram-cg":
             whitening = gram_whitening(stats["gram"], y.shape[0], k, reg, eig)
-            precond = xp.asarray(whitening[0] @ whitening[0].T)
+            # on the host: a GPU that whitens never reads it
+            precond = whitening[0] @ whitening[0].T
         # gram-cg rows are thin rows: they take the light rows' steps
         steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
         groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver), whitening))

@@ -217,6 +217,7 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_s
     ``rows_subset`` limits the update to those rows (the others keep x0). Returns (x,
     iterations run)."""
     shape = (indptr.size - 1, y.shape[0])
+    precond = None if precond is None else xp.asarray(precond)  # where it came from the host
     rows = row_ids(xp, indptr)
     b = spmm(xp, indptr, cols, values, y, shape)  # Y_Ωiᵀ m_Ωi for every row
     x = x0.copy()
@@ -329,12 +330,13 @@ def _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps, whitening
     iterates are the preconditioned steps' own. ``top``: max |Y|, which bounds max |Y·W|
     (by √k·top·max‖W's columns‖) for the float16 operand's scale without a device read."""
     w, s = whitening
-    w32 = xp.asarray(w, dtype=np.float32)
     bound = None if top is None else (
         float(np.sqrt(w.shape[0]) * top * np.sqrt((np.asarray(w) ** 2).sum(axis=0)).max()))
+    w_device = xp.asarray(w)
+    w32 = w_device.astype(np.float32)
     y_white = y32 @ w32
     prepared = rowsolve.operand(xp, y_white, CORRECTION_STORAGE, bound)
-    r_white = (r0 @ xp.asarray(w)).astype(np.float32)
+    r_white = (r0 @ w_device).astype(np.float32)
     z = xp.zeros(r_white.shape, dtype=np.float32)
     rowsolve.cg_solve(xp, y_white, None, indptr, cols, None, reg, None, steps, z,
                       r0=r_white, split=split, prepared=prepared, regv=reg * np.asarray(s))
