@@ -13,7 +13,9 @@ variant of its rules:
 - ``light-exact``: light rows (THIN_DEGREE·k to heavy_degree) solved exactly against an
   ill-conditioned factor, as before they took Gram-preconditioned steps there;
 - ``heavy<s>``: heavy rows take s plain CG steps against a well-conditioned factor
-  (CG_STEPS' "plain-cg").
+  (CG_STEPS' "plain-cg");
+- ``no-stop``: every CG row takes all its steps (no CG_STOP);
+- ``stop-all``: light rows' steps, plain and Gram-preconditioned, stop as heavy rows' do.
 Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
 variant shares.
 """
@@ -39,9 +41,15 @@ MOVIELENS = (138_493, 26_744, 20_000_263, 64)
 @contextlib.contextmanager
 def variant(name: str):
     """altmin's rules changed as the variant ``name`` says, for the duration."""
-    steps, plan = dict(altmin.CG_STEPS), altmin._altmin_plan
+    steps, plan, stop = dict(altmin.CG_STEPS), altmin._altmin_plan, dict(altmin.CG_STOP)
     try:
-        if name.startswith("heavy"):
+        if name == "no-stop":
+            altmin.CG_STOP.clear()
+        elif name == "stop-all":
+            heavy = altmin.CG_STOP[("altmin-sketch", "plain-cg")]
+            for solver in ("plain-cg-light", "gram-cg"):
+                altmin.CG_STOP[("altmin-sketch", solver)] = heavy
+        elif name.startswith("heavy"):
             altmin.CG_STEPS[("altmin-sketch", "plain-cg")] = int(name[len("heavy"):])
         elif name == "light-exact":
             def light_exact(xp, degree, k, gpu):
@@ -54,11 +62,14 @@ def variant(name: str):
                 return made
             altmin._altmin_plan = light_exact
         elif name != "now":
-            raise SystemExit(f"unknown variant {name!r}: now, light-exact or heavy<steps>")
+            raise SystemExit(f"unknown variant {name!r}: now, light-exact, heavy<steps>, "
+                             "no-stop or stop-all")
         yield
     finally:
         altmin.CG_STEPS.clear()
         altmin.CG_STEPS.update(steps)
+        altmin.CG_STOP.clear()
+        altmin.CG_STOP.update(stop)
         altmin._altmin_plan = plan
 
 

@@ -94,3 +94,39 @@ def wait_for(predicate, what: str, timeout: float = 180.0, poll: float = 0.1):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def cg_progress(y, x0, indptr, cols, vals, reg, steps, precond=None):
+    """Each row's residual norm (rᵀz's root, z = precond·r) after s = 0, …, ``steps`` CG
+    steps from x0, over its start's: (steps + 1) × rows, from NumPy's reference steps."""
+    from mx.kernels import lsq
+
+    shape = (indptr.size - 1, y.shape[0])
+    rows = lsq.row_ids(np, indptr)
+    b = lsq.spmm(np, indptr, cols, vals, y, shape)
+    out = []
+    for s in range(steps + 1):
+        x = lsq.solve_cg(np, x0, y, indptr, cols, vals, reg, iters=s, precond=precond)[0] \
+            if s else x0
+        r = b - lsq.normal_apply(np, x, y, rows, cols, indptr, shape, reg)
+        z = r if precond is None else r @ precond.T
+        out.append(np.sqrt(np.maximum((r * z).sum(axis=1), 0.0)))
+    out = np.array(out)
+    return out / np.where(out[0] > 0, out[0], 1.0)
+
+
+def steps_taken(progress, firm, ratio):
+    """The steps each row takes under ``lsq.solve_cg``'s stop (firm, ratio), from its
+    ``cg_progress``: the first s ≥ firm where its residual has fallen below ratio, else all."""
+    steps = progress.shape[0] - 1
+    took = np.full(progress.shape[1], steps)
+    for s in range(steps - 1, firm - 1, -1):
+        took[progress[s] <= ratio] = s
+    return took
+
+
+def near_the_stop(progress, firm, ratio, margin):
+    """Rows whose residual comes within ``margin`` (relative) of the stop's ratio at a step
+    where it may stop: rounding may take them a step more or less."""
+    checked = progress[firm:-1]
+    return (np.abs(checked / ratio - 1.0) < margin).any(axis=0)

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import mx
-from conftest import mx_cli, random_rows
+from conftest import cg_progress, mx_cli, random_rows, steps_taken
 from mx.errors import JobFailed, UserError
 from mx.kernels import lsq
 from mx.storage import generate, sparse
@@ -99,6 +99,36 @@ def test_sketch_preconditioned_steps_solve_ill_conditioned_rows(rng):
     part = lsq.solve_sketch(np, x0, y, indptr, cols, vals, 0.0, subset, 4, seed=3)
     assert np.array_equal(np.delete(part, subset, axis=0), np.delete(x0, subset, axis=0))
     assert np.allclose(part[subset], sketched[subset], rtol=1e-6, atol=1e-9 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_cg_rows_stop_once_their_residual_has_fallen_far_enough(rng, preconditioned):
+    """CG with a stop (firm, ratio): each row takes the steps it takes without one, up to the
+    first at or after ``firm`` where its residual has fallen below ``ratio`` of its start's,
+    and no more; rows not asked for keep their start."""
+    k, m, n = int(rng.integers(5, 40)), 97, 1500
+    degree = rng.integers(2 * k, 12 * k, size=m)
+    indptr, cols, vals = random_rows(rng, degree, n)
+    y = rng.standard_normal((n, k)) * np.geomspace(1, 3, k)
+    x0 = rng.standard_normal((m, k))
+    reg, steps, firm = float(rng.uniform(0, 1)), 4, int(rng.integers(1, 3))
+    precond = np.linalg.inv(y.T @ y * (7 * k / n) + reg * np.eye(k)) if preconditioned else None
+    progress = cg_progress(y, x0, indptr, cols, vals, reg, steps, precond)
+    # about half the rows stop before the end: a ratio between two rows', none at it
+    middle = np.sort(progress[steps - 1])[m // 2:m // 2 + 2]
+    ratio = float(np.sqrt(middle[0] * middle[1]))
+    took = steps_taken(progress, firm, ratio)
+    assert (took < steps).any() and (took == steps).any(), took
+    rows = np.sort(rng.choice(m, m - 11, replace=False))
+    got = lsq.solve_cg(np, x0, y, indptr, cols, vals, reg, iters=steps, precond=precond,
+                       rows_subset=rows, stop=(firm, ratio))[0]
+    for s in np.unique(took[rows]):
+        fixed = lsq.solve_cg(np, x0, y, indptr, cols, vals, reg, iters=int(s),
+                             precond=precond)[0] if s else x0
+        these = rows[took[rows] == s]
+        assert np.allclose(got[these], fixed[these], rtol=1e-10, atol=1e-10), s
+    others = np.setdiff1d(np.arange(m), rows)
+    assert np.array_equal(got[others], x0[others])
 
 
 def test_heavy_rows_get_plain_cg_against_a_well_conditioned_factor_and_the_sketch_otherwise(rng):

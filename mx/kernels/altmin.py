@@ -65,6 +65,9 @@ SMALL_RANK_SKETCH_DEGREE = 64
 # (bench/complete_rules.py). 4 plain steps are what GPU ALS libraries run.
 CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 3,
             ("altmin-sketch", "plain-cg-light"): 4, ("als-cg", "plain-cg"): 4}
+# (firm, ratio): after ``firm`` of those steps a row takes no more once its residual has
+# fallen below ``ratio`` of its start (``lsq.solve_cg``'s stop), by method and row solver.
+CG_STOP = {("altmin-sketch", "plain-cg"): (2, 0.03)}
 # The sketch's own distortion leaves its preconditioned rows a condition number of about 3 to
 # 4.5 (8k buckets; 6 to 10 with the 4k this threshold was chosen against). Where the other
 # factor is better conditioned than that (cond(YᵀY) at most WELL_CONDITIONED; a heavy row's
@@ -367,7 +370,8 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
             precond = whitening[0] @ whitening[0].T
         # gram-cg rows are thin rows: they take the light rows' steps
         steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
-        groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver), whitening))
+        groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver), whitening,
+                                   CG_STOP.get((method, solver))))
         name = "gram-cg" if solver == "gram-cg" else "plain-cg"
         used[name] = used.get(name, 0) + int(subset.size)
     if groups:

@@ -210,12 +210,13 @@ def _chol_solve(xp, gram, b):
 
 
 def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_subset=None,
-             tol=0.0):
+             stop=None):
     """Batched (preconditioned) CG on every row's normal equations, warm-started at x0.
     ``precond`` is a stack of k×k matrices applied to residuals (rows with none: identity),
     or one k×k matrix for every row.
-    ``rows_subset`` limits the update to those rows (the others keep x0). Returns (x,
-    iterations run)."""
+    ``rows_subset`` limits the update to those rows (the others keep x0). ``stop``: (firm,
+    ratio), or None: after ``firm`` steps a row takes no more once its residual norm (rᵀz's
+    root) has fallen below ``ratio`` times its start's. Returns (x, iterations run)."""
     shape = (indptr.size - 1, y.shape[0])
     precond = None if precond is None else xp.asarray(precond)  # where it came from the host
     rows = row_ids(xp, indptr)
@@ -230,17 +231,18 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_s
     z = _apply(xp, precond, r)
     p = z.copy()
     rz = (r * z).sum(axis=1)
-    done = rz * rowsolve.converged(y.dtype)  # rows converged this far take no more steps
-    b_norm = xp.sqrt((b * b).sum(axis=1)) + 1e-300
+    # rows converged this far take no more steps (a stopped row's rz stays as it was)
+    done = rz * rowsolve.converged(y.dtype)
+    firm, ratio = stop or (iters, 0.0)
+    enough = rz * ratio * ratio
     run = 0
     for run in range(1, iters + 1):
         hp = normal_apply(xp, p, y, rows, cols, indptr, shape, reg)
         php = (p * hp).sum(axis=1)
-        alpha = xp.where((php > 0) & (rz > done), rz / xp.where(php > 0, php, 1), 0)
+        going = (php > 0) & (rz > done) & ((run <= firm) | (rz > enough))
+        alpha = xp.where(going, rz / xp.where(php > 0, php, 1), 0)
         x += alpha[:, None] * p
         r -= alpha[:, None] * hp
-        if tol and float((xp.sqrt((r * r).sum(axis=1)) / b_norm).max()) < tol:
-            break
         z = _apply(xp, precond, r)
         rz_new = (r * z).sum(axis=1)
         beta = xp.where(rz > 0, rz_new / xp.where(rz > 0, rz, 1), 0)
@@ -249,24 +251,27 @@ def solve_cg(xp, x0, y, indptr, cols, values, reg, iters=3, precond=None, rows_s
     return (x if mask is None else xp.where(mask[:, None] > 0, x, x0)), run
 
 
-def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, precond=None):
-    """``steps`` CG steps from x0 for the rows ``rows_subset`` (other rows keep x0): plain,
-    as GPU ALS libraries run them, or preconditioned by ``precond`` (one symmetric k × k
-    matrix for every row). On a GPU one warp per row does all the steps in registers
-    (``rowsolve.cg_solve``); this is its reference. In float64 there, the steps solve for
-    the correction to x0 in float32 (``REFINE``)."""
+def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, precond=None,
+                  stop=None):
+    """``steps`` CG steps from x0 for the rows ``rows_subset`` (other rows keep x0), fewer
+    where ``stop`` says (``solve_cg``): plain, as GPU ALS libraries run them, or
+    preconditioned by ``precond`` (one symmetric k × k matrix for every row). On a GPU one
+    warp per row does all the steps in registers (``rowsolve.cg_solve``); this is its
+    reference. In float64 there, the steps solve for the correction to x0 in float32
+    (``REFINE``)."""
     return solve_cg_groups(xp, x0, y, indptr, cols, values, reg,
-                           [cg_group(rows_subset, steps, precond)])
+                           [cg_group(rows_subset, steps, precond, stop=stop)])
 
 
-def cg_group(rows, steps: int, precond=None, split=None, whitening=None) -> dict:
+def cg_group(rows, steps: int, precond=None, split=None, whitening=None, stop=None) -> dict:
     """Rows that take ``steps`` CG steps (preconditioned by ``precond``, one k × k matrix for
-    all of them, or plain), for ``solve_cg_groups``; ``split``: their
+    all of them, or plain), fewer where ``stop`` says (``solve_cg``), for
+    ``solve_cg_groups``; ``split``: their
     ``rowsolve.split_rows``, where the caller keeps it (one device sync less a launch);
     ``whitening``: (W, s) with W·Wᵀ = precond and WᵀW = diag(s), host arrays, where the
     caller has them (``solve_cg_groups`` then takes plain steps against Y·W on a GPU)."""
     return {"rows": rows, "steps": steps, "precond": precond, "split": split,
-            "whitening": whitening}
+            "whitening": whitening, "stop": stop}
 
 
 def cg_residual(xp, x0, y, indptr, cols, values, reg, split):
@@ -293,7 +298,7 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=N
         out = x0
         for g in groups:
             out = solve_cg(xp, out, y, indptr, cols, values, reg, iters=g["steps"],
-                           precond=g["precond"], rows_subset=g["rows"])[0]
+                           precond=g["precond"], rows_subset=g["rows"], stop=g["stop"])[0]
         return out
     splits = [g["split"] or rowsolve.split_rows(xp, indptr, g["rows"]) for g in groups]
     if _refined(xp, y):
@@ -305,23 +310,25 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=N
         prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
         delta = xp.zeros(x0.shape, dtype=np.float32)
         r32 = r0.astype(np.float32)
-        for split, steps, precond, whitening in _launches(xp, groups, splits):
+        for split, steps, precond, whitening, stop in _launches(xp, groups, splits):
             if whitening is not None:
                 delta += _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps,
-                                              whitening, top)
+                                              whitening, top, stop)
                 continue
             rowsolve.cg_solve(xp, y32, None, indptr, cols, None, reg, None, steps, delta,
-                              r0=r32, precond=precond, split=split, prepared=prepared)
+                              r0=r32, precond=precond, split=split, prepared=prepared,
+                              stop=stop)
         return x0 + delta
     out = x0.copy()
     prepared = rowsolve.operand(xp, y)
-    for split, steps, precond, _ in _launches(xp, groups, splits):
+    for split, steps, precond, _, stop in _launches(xp, groups, splits):
         rowsolve.cg_solve(xp, y, x0, indptr, cols, values, reg, None, steps, out,
-                          precond=precond, split=split, prepared=prepared)
+                          precond=precond, split=split, prepared=prepared, stop=stop)
     return out
 
 
-def _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps, whitening, top):
+def _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps, whitening, top,
+                         stop=None):
     """The correction of preconditioned CG steps (preconditioner W·Wᵀ, WᵀW = diag(s)) for the
     rows of ``split``, from their residual rows in r0 (others zero in the result), by plain
     steps in whitened coordinates: x = W z turns (AᵀA + reg I) x = r into
@@ -339,25 +346,40 @@ def _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps, whitening
     r_white = (r0 @ w_device).astype(np.float32)
     z = xp.zeros(r_white.shape, dtype=np.float32)
     rowsolve.cg_solve(xp, y_white, None, indptr, cols, None, reg, None, steps, z,
-                      r0=r_white, split=split, prepared=prepared, regv=reg * np.asarray(s))
+                      r0=r_white, split=split, prepared=prepared, regv=reg * np.asarray(s),
+                      stop=stop)
     return z @ w32.T
 
 
 def _launches(xp, groups, splits) -> list:
-    """The kernel launches of ``solve_cg_groups``: (split, steps, precond, whitening). The
-    groups with no preconditioner share one, each row taking its group's steps: apart, a
-    launch of a few thousand long rows (MovieLens's heavy films) left most of the GPU idle
-    until its last row was done, and the next launch's rows waited for it."""
-    plain = [(g, split) for g, split in zip(groups, splits) if g["precond"] is None]
-    launches = [(split, g["steps"], g["precond"], g["whitening"])
+    """The kernel launches of ``solve_cg_groups``: (split, steps, precond, whitening, stop).
+    The groups with no preconditioner and the same stop share one, each row taking its
+    group's steps: apart, a launch of a few thousand long rows (MovieLens's heavy films) left
+    most of the GPU idle until its last row was done, and the next launch's rows waited for
+    it."""
+    launches = [(split, g["steps"], g["precond"], g["whitening"], g["stop"])
                 for g, split in zip(groups, splits) if g["precond"] is not None]
-    if len(plain) == 1:
-        launches.append((plain[0][1], plain[0][0]["steps"], None, None))
-    elif plain:
-        split = tuple(xp.concatenate([s[part] for _, s in plain]) for part in (0, 1))
-        steps = tuple(xp.concatenate([xp.full(s[part].size, g["steps"], dtype=np.int32)
-                                      for g, s in plain]) for part in (0, 1))
-        launches.append((split, steps, None, None))
+    plain = {}  # by stop ratio: a group with no stop shares any launch, its firm steps all
+    for g, split in zip(groups, splits):
+        if g["precond"] is None:
+            ratio = g["stop"][1] if g["stop"] else None
+            plain.setdefault(ratio, []).append((g, split))
+    if None in plain and len(plain) > 1:
+        plain[next(r for r in plain if r is not None)] += plain.pop(None)
+    for ratio, shared in plain.items():
+        if len(shared) == 1:
+            launches.append((shared[0][1], shared[0][0]["steps"], None, None,
+                             shared[0][0]["stop"]))
+            continue
+
+        def per_row(count):  # each part's rows' ``count(group)``, in the split's order
+            return tuple(xp.concatenate([xp.full(s[part].size, count(g), dtype=np.int32)
+                                         for g, s in shared]) for part in (0, 1))
+
+        split = tuple(xp.concatenate([s[part] for _, s in shared]) for part in (0, 1))
+        steps = per_row(lambda g: g["steps"])
+        firm = per_row(lambda g: g["stop"][0] if g["stop"] else g["steps"])
+        launches.append((split, steps, None, None, (firm, ratio or 0.0)))
     return launches
 
 

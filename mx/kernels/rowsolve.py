@@ -367,18 +367,20 @@ __device__ inline void precondition(const T* __restrict__ P, const T* r, T* z) {
 // one more pass for its residual; or, given that residual r0 (row i at i·k), from zero: the
 // correction to x0 (``vals`` and ``x0`` are then not read). ``scale`` turns a scaled
 // operand's dot products back into Y's. Each row takes ``steps`` steps, or row_steps[w] for
-// the w-th row of ``rows`` where row_steps is not null.
+// the w-th row of ``rows`` where row_steps is not null; after ``firm`` of them (row_firm[w]
+// where row_steps is not null), fewer once its rᵀz has fallen below ``stop`` times its start.
 extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
         const long long nrows, const int k, const int steps, const int* __restrict__ row_steps,
-        const T reg, const T* __restrict__ regv, const T scale, const T* __restrict__ precond,
-        T* __restrict__ out)
+        const int firm, const int* __restrict__ row_firm, const T stop, const T reg, const T* __restrict__ regv, const T scale,
+        const T* __restrict__ precond, T* __restrict__ out)
 {
     const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
     const int nsteps = row_steps != nullptr ? row_steps[w] : steps;
+    const int nfirm = row_steps != nullptr ? row_firm[w] : firm;
     const long long start = indptr[i], end = indptr[i + 1];
     T x[C], r[C], p[C], q[C], z[C], rg[C];
     const int lane = (threadIdx.x % 32) % L;  // its C components start at lane·C
@@ -394,8 +396,11 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
     T rr = 0;  // rᵀz
     for (int c = 0; c < C; c++) { p[c] = z[c]; rr += r[c] * z[c]; }
     rr = group_sum(rr);
-    const T done = rr * (T)CONVERGED;  // a row converged this far takes no more steps
+    // a row converged this far takes no more steps; nor, after ``firm``, one this far along.
+    // rr is the same on every lane of the row (and every warp of its block): all stop at once
+    const T done = rr * (T)CONVERGED, enough = rr * stop;
     for (int step = 0; step < nsteps; step++) {
+        if (rr <= done || (step >= nfirm && rr <= enough)) break;
         for (int c = 0; c < C; c++) q[c] = 0;
         for (long long base = start + part() * GROUPS * U; base < end;
              base += NW * GROUPS * U) {
@@ -409,7 +414,7 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         T pq = 0;
         for (int c = 0; c < C; c++) { q[c] += rg[c] * p[c]; pq += p[c] * q[c]; }
         pq = group_sum(pq);
-        const T alpha = pq > (T)0 && rr > done ? rr / pq : (T)0;
+        const T alpha = pq > (T)0 ? rr / pq : (T)0;
         for (int c = 0; c < C; c++) { x[c] += alpha * p[c]; r[c] -= alpha * q[c]; }
         precondition(precond, r, z);
         T rn = 0;
@@ -868,7 +873,7 @@ def normal_apply(xp, p, y, indptr, cols, reg):
 
 
 def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, storage=None,
-             precond=None, split=None, prepared=None, regv=None):
+             precond=None, split=None, prepared=None, regv=None, stop=None):
     """``steps`` CG steps for the rows ``rows`` (int64 ids), one warp per row (a block for
     the heaviest, ``_rows_launch``), into ``out``: from x0, or, given x0's residual ``r0``
     (``residual``), from zero, which is the correction to x0 (``values`` and ``x0`` are then
@@ -880,9 +885,13 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
     y and storage), where given, spare finding them again. ``steps`` is one count for every
     row, or, with a split, (narrow, wide): each part's int32 steps a row, in its order.
     ``regv`` (k long), where given, replaces reg·I by diag(regv): the regularisation in the
-    coordinates of a whitened y (``lsq.solve_cg_groups``)."""
+    coordinates of a whitened y (``lsq.solve_cg_groups``). ``stop``, where given, is (firm,
+    ratio): after ``firm`` steps (with steps a row, a (narrow, wide) pair of int32 arrays
+    like them) a row takes no more once its residual norm (rᵀz's root) has fallen below
+    ``ratio`` times its start's."""
     k = y.shape[1]
     dtype = y.dtype
+    firm, ratio = stop or (steps, 0.0)
     values, x0, r0 = _start(xp, dtype, values, x0, r0)
     ys, storage, scale = prepared or operand(xp, y, storage)
     width = ys.shape[1]  # the layout's padded rank, KP
@@ -900,8 +909,9 @@ def cg_solve(xp, y, x0, indptr, cols, values, reg, rows, steps, out, r0=None, st
                  lambda part, count, which: (
                      _i64(indptr), _i64(cols), values, ys, x0, r0, part, np.int64(count),
                      np.int32(k), np.int32(0 if per_row else steps),
-                     steps[which] if per_row else _NULL, dtype.type(reg), rv, dtype.type(scale),
-                     p, out))
+                     steps[which] if per_row else _NULL, np.int32(0 if per_row else firm),
+                     firm[which] if per_row else _NULL, dtype.type(ratio * ratio),
+                     dtype.type(reg), rv, dtype.type(scale), p, out))
 
 
 _NULL = np.uint64(0)  # a null pointer argument: the kernel does not read that array
