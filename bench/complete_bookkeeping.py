@@ -43,9 +43,10 @@ def sweeps(cp, R, C, held, shape, k, method, keep_plan, keep_gram, count):
     dropped where asked (``_solve`` then makes them itself)."""
     def dropping(solve):
         def solving(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None,
-                    last=None):
+                    last=None, contraction=None):
             return solve(xp, method, x, y, omega, reg, cg_iters, k, seed,
-                         plan if keep_plan else None, stats if keep_gram else None, last)
+                         plan if keep_plan else None, stats if keep_gram else None, last,
+                         contraction)
         return solving
 
     with bench.solve_wrapped(dropping):

@@ -15,7 +15,8 @@ variant of its rules:
 - ``heavy<s>``: heavy rows take s plain CG steps against a well-conditioned factor
   (CG_STEPS' "plain-cg");
 - ``no-stop``: every CG row takes all its steps (no CG_STOP);
-- ``stop-all``: light rows' steps, plain and Gram-preconditioned, stop as heavy rows' do.
+- ``stop-all``: light rows' steps, plain and Gram-preconditioned, stop as heavy rows' do;
+- ``stop-always``: the stop's ratio is its cap from the first sweep on.
 Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
 variant shares.
 """
@@ -42,8 +43,11 @@ MOVIELENS = (138_493, 26_744, 20_000_263, 64)
 def variant(name: str):
     """altmin's rules changed as the variant ``name`` says, for the duration."""
     steps, plan, stop = dict(altmin.CG_STEPS), altmin._altmin_plan, dict(altmin.CG_STOP)
+    contraction = altmin._contraction
     try:
-        if name == "no-stop":
+        if name == "stop-always":
+            altmin._contraction = lambda history: 1.0
+        elif name == "no-stop":
             altmin.CG_STOP.clear()
         elif name == "stop-all":
             heavy = altmin.CG_STOP[("altmin-sketch", "plain-cg")]
@@ -63,7 +67,7 @@ def variant(name: str):
             altmin._altmin_plan = light_exact
         elif name != "now":
             raise SystemExit(f"unknown variant {name!r}: now, light-exact, heavy<steps>, "
-                             "no-stop or stop-all")
+                             "no-stop, stop-all or stop-always")
         yield
     finally:
         altmin.CG_STEPS.clear()
@@ -71,6 +75,7 @@ def variant(name: str):
         altmin.CG_STOP.clear()
         altmin.CG_STOP.update(stop)
         altmin._altmin_plan = plan
+        altmin._contraction = contraction
 
 
 def problem(cp, case: str, n: int, per_row: int, rank: int | None = None):

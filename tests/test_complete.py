@@ -220,25 +220,44 @@ def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_agains
     R = altmin.sorted_csr(np, rows[~held], cols[~held], vals[~held], m, n)
     C = altmin.sorted_csr(np, cols[~held], rows[~held], vals[~held], n, m)
     H = altmin.sorted_csr(np, rows[held], cols[held], vals[held], m, n)
-    passed, solve = [], altmin._solve
+    passed, contractions, solve = [], [], altmin._solve
 
     def recording(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None,
-                  last=None):
+                  last=None, contraction=None):
         assert plan is not None and altmin.conditioning_matters(plan)
         if stats:  # max |Y| rides with YᵀY: the float16 operand's scale
             assert stats["top"] == np.abs(y).max(), (stats["top"], np.abs(y).max())
         passed.append((stats and stats["gram"], y.T @ y, True))
-        return solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, stats, last)
+        contractions.append(contraction)
+        return solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, stats, last,
+                     contraction)
 
     monkeypatch.setattr(altmin, "_solve", recording)
     ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=np)
-    altmin.iterate(ctx, R, C, H, (m, n), k, [(0, m)], [(0, n)], "altmin-sketch", 0.0, 4, 0.0,
-                   None, 0)
+    history = altmin.iterate(ctx, R, C, H, (m, n), k, [(0, m)], [(0, n)], "altmin-sketch",
+                             0.0, 4, 0.0, None, 0)[2]
     assert len(passed) == 8 and all(made for _, _, made in passed)
+    # both halves of a sweep get the held-out error's ratio over the last one, once known
+    errors = [h["holdout_rel_error"] for h in history]
+    assert contractions == [None] * 4 + [b / a for a, b in zip(errors, errors[1:-1])
+                                         for _ in range(2)], (contractions, errors)
     assert sum(given is not None for given, _, _ in passed) == 3  # the V halves after the first
     for given, fresh, _ in passed:
         assert given is None or np.allclose(given, fresh, rtol=1e-9,
                                             atol=1e-9 * np.abs(fresh).max()), (given, fresh)
+
+
+def test_the_cg_rows_stop_follows_the_sweeps_contraction():
+    """Heavy plain-CG rows of altmin-sketch stop at FORCING times the held-out error's last
+    contraction, at most the cap, and not before it is known; als-cg's rows never stop."""
+    from mx.kernels import altmin
+
+    firm, cap = altmin.CG_STOP[("altmin-sketch", "plain-cg")]
+    assert altmin.cg_stop("altmin-sketch", "plain-cg", None) is None
+    assert altmin.cg_stop("altmin-sketch", "plain-cg", 1.0) == (firm, cap)
+    small = cap / altmin.FORCING / 7
+    assert altmin.cg_stop("altmin-sketch", "plain-cg", small) == (firm, altmin.FORCING * small)
+    assert altmin.cg_stop("als-cg", "plain-cg", 1.0) is None
 
 
 @pytest.mark.parametrize("thin", [True, False])

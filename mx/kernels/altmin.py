@@ -65,9 +65,18 @@ SMALL_RANK_SKETCH_DEGREE = 64
 # (bench/complete_rules.py). 4 plain steps are what GPU ALS libraries run.
 CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 3,
             ("altmin-sketch", "plain-cg-light"): 4, ("als-cg", "plain-cg"): 4}
-# (firm, ratio): after ``firm`` of those steps a row takes no more once its residual has
-# fallen below ``ratio`` of its start (``lsq.solve_cg``'s stop), by method and row solver.
+# (firm, cap): after ``firm`` of those steps a row takes no more once its residual has fallen
+# below a ratio of its start's (``lsq.solve_cg``'s stop), by method and row solver. The ratio
+# follows the sweeps (``cg_stop``): FORCING times the held-out error's last contraction, at
+# most ``cap``, and no stop before two sweeps have measured one. A row's start is off by about
+# the last sweep's error, so a residual cut by a fraction of what the sweeps cut the error
+# by costs them nothing (an inexact Newton method's forcing term), where more steps cost a
+# pass over the row each. H100, planted n = 10⁵, 3000 a row (bench/complete_rules.py): at
+# k = 64 with 2 % after 2 steps, a sweep took 95 against 106 ms, and from the third on each
+# ended lower (4.6e-6 against 5.8e-6 after 4); but a stop at 3 % from the first sweep left
+# the second 8 to 17 % higher (k = 16: 1.06e-4 against 9.8e-5).
 CG_STOP = {("altmin-sketch", "plain-cg"): (2, 0.03)}
+FORCING = 0.5
 # The sketch's own distortion leaves its preconditioned rows a condition number of about 3 to
 # 4.5 (8k buckets; 6 to 10 with the 4k this threshold was chosen against). Where the other
 # factor is better conditioned than that (cond(YᵀY) at most WELL_CONDITIONED; a heavy row's
@@ -195,6 +204,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
         t_sweep = time.perf_counter()
+        contraction = _contraction(history)
         # "sweep" encloses its row solves and the factors' all-gathers, each timed apart so
         # a job's record shows what of a sweep does not shrink with more workers
         with ctx.timed("sweep"):
@@ -202,7 +212,8 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
                 u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
             with ctx.timed("row-solves"):
                 v, used_v, cond_u = _solve(xp, method, v, u_full, C, reg, cg_iters, k,
-                                           seed + 2 * sweep, plan_v, stats_u, cond_u)
+                                           seed + 2 * sweep, plan_v, stats_u, cond_u,
+                                           contraction)
             with ctx.timed("factor-allgather"):
                 v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
@@ -211,7 +222,8 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
                 cond_u = None
             with ctx.timed("row-solves"):
                 u, used_u, cond_v = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
-                                           seed + 2 * sweep + 1, plan_u, last=cond_v)
+                                           seed + 2 * sweep + 1, plan_u, last=cond_v,
+                                           contraction=contraction)
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
@@ -252,6 +264,13 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     return u, v, history, reason
 
 
+def _contraction(history: list):
+    """The held-out error's ratio over the last sweep of ``history`` (None before two)."""
+    if len(history) < 2 or not history[-2]["holdout_rel_error"] > 0:
+        return None
+    return history[-1]["holdout_rel_error"] / history[-2]["holdout_rel_error"]
+
+
 def _stop_reason(history: list, tol: float) -> str | None:
     """Why the sweeps stop after the last one in ``history``, or None to go on."""
     if not history:
@@ -267,12 +286,14 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 
 # ------------------------------------------------------------------------------ solving
-def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None, last=None):
+def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None, last=None,
+           contraction=None):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
     the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, made here if
     not given; ``stats``: what of ``factor_stats(y)`` the caller has read already, the rest
     read here where needed; ``last``: cond(YᵀY) as the last half-sweep on this side found
-    it, or None). Returns the new x, how many rows each solver took ({solver: rows};
+    it, or None; ``contraction``: the held-out error's ratio over the last sweep, or None,
+    for the CG rows' stop: ``cg_stop``). Returns the new x, how many rows each solver took ({solver: rows};
     "again": rows solved a second time after a wrong guess), and cond(YᵀY) (None where the
     solvers do not depend on it).
 
@@ -292,7 +313,7 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
 
     def solve(well, eig=None):  # the rows under one regime, with stats and r0 as they are then
         return _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats,
-                           eig, r0)
+                           eig, r0, contraction)
 
     if not conditioning_matters(plan):
         return (*solve(True), None)
@@ -338,10 +359,10 @@ def _guess(last):
 
 
 def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats, eig=None,
-                r0=None):
+                r0=None, contraction=None):
     """The row solves of ``_solve`` under the row plan's regime ``well`` (``eig``: YᵀY's
-    eigendecomposition, ``r0``: the CG rows' ``lsq.cg_residual``, where the caller has them).
-    Returns the new x and {solver: rows}."""
+    eigendecomposition, ``r0``: the CG rows' ``lsq.cg_residual``, where the caller has them;
+    ``contraction``: as ``_solve``'s). Returns the new x and {solver: rows}."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     parts, splits = plan[well], plan["splits"][well]
@@ -371,7 +392,7 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
         # gram-cg rows are thin rows: they take the light rows' steps
         steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
         groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver), whitening,
-                                   CG_STOP.get((method, solver))))
+                                   cg_stop(method, solver, contraction)))
         name = "gram-cg" if solver == "gram-cg" else "plain-cg"
         used[name] = used.get(name, 0) + int(subset.size)
     if groups:
@@ -522,6 +543,17 @@ def cg_steps(method: str, solver: str, asked: int | None = None) -> int:
     """CG steps a row solved by ``solver`` takes under ``method``: the job's cg_iters if it
     set one, else CG_STEPS."""
     return asked or CG_STEPS[(method, solver)]
+
+
+def cg_stop(method: str, solver: str, contraction) -> tuple | None:
+    """The stop (firm, ratio) of the CG rows ``solver`` takes under ``method`` (CG_STOP), or
+    None: all their steps. ``contraction``: the held-out error's ratio over the last sweep
+    (None before two sweeps)."""
+    rule = CG_STOP.get((method, solver))
+    if rule is None or contraction is None:
+        return None
+    firm, cap = rule
+    return firm, min(cap, FORCING * contraction)
 
 
 def heavy_degree(k: int) -> int:
