@@ -279,9 +279,15 @@ def cg_residual(xp, x0, y, indptr, cols, values, reg, split):
     ``solve_cg_groups`` starts from on a GPU (refined float64), launched now: a caller with
     host work to do before it knows its groups passes it on (``r0``), and the device computes
     it meanwhile. None where solve_cg_groups starts from none."""
-    if not (rowsolve.warp_supported(xp, y) and _refined(xp, y)):
+    if not _from_residual(xp, y):
         return None
     return rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=split)
+
+
+def _from_residual(xp, y) -> bool:
+    """Whether ``solve_cg_groups`` starts from x0's residual rows: the warp-row kernels,
+    refined (their float32 correction starts there)."""
+    return rowsolve.warp_supported(xp, y) and _refined(xp, y)
 
 
 def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=None):
@@ -301,7 +307,7 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=N
                            precond=g["precond"], rows_subset=g["rows"], stop=g["stop"])[0]
         return out
     splits = [g["split"] or rowsolve.split_rows(xp, indptr, g["rows"]) for g in groups]
-    if _refined(xp, y):
+    if _from_residual(xp, y):
         if r0 is None:
             union = splits[0] if len(splits) == 1 else tuple(
                 xp.concatenate([split[i] for split in splits]) for i in (0, 1))

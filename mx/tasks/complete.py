@@ -103,10 +103,17 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
                     f"exact solve)")
     else:
         lighter += "and the other lighter rows are solved exactly"
+    stop = altmin.CG_STOP.get((p.method, "plain-cg"))
+    if stop is not None:
+        plain = (f"{plain} plain CG steps from the last sweep's value (from the third sweep, "
+                 f"no more after {stop[0]} once the row's residual is below "
+                 f"{altmin.FORCING:g}× the held-out error's last contraction, at most "
+                 f"{stop[1]:g} of its start)")
+    else:
+        plain = f"{plain} plain CG steps from the last sweep's value"
     return [f"rows with >= {altmin.heavy_degree(k)} observations: in a half-sweep whose other "
-            f"factor is well conditioned (cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain} "
-            f"plain CG steps from the last sweep's value; otherwise {otherwise}; {lighter} "
-            f"(row-solves counters below)"]
+            f"factor is well conditioned (cond(YᵀY) <= {altmin.WELL_CONDITIONED:g}), {plain}; "
+            f"otherwise {otherwise}; {lighter} (row-solves counters below)"]
 
 
 def _thin_warning(plan: CompletePlan) -> list[str]:
