@@ -68,7 +68,7 @@ def main(argv=None):
             ("als", "als", "als", thin, gram, False)):
         if chosen and name not in chosen:
             continue
-        altmin.light_rows_iterative = (lambda gpu, k: True) if light_cg else iterative
+        altmin.light_rows_iterative = (lambda gpu, k, well=True: True) if light_cg else iterative
         altmin.THIN_DEGREE, altmin.GRAM_CG_DEGREE = thin_degree, gram_degree
         t0 = time.perf_counter()
         try:

@@ -16,7 +16,10 @@ variant of its rules:
   (CG_STEPS' "plain-cg");
 - ``no-stop``: every CG row takes all its steps (no CG_STOP);
 - ``stop-all``: light rows' steps, plain and Gram-preconditioned, stop as heavy rows' do;
-- ``stop-always``: the stop's ratio is its cap from the first sweep on.
+- ``stop-always``: the stop's ratio is its cap from the first sweep on;
+- ``f32``: CG corrections gather the factor in float32, not float16 (lsq.CORRECTION_STORAGE);
+- ``precond``: Gram-preconditioned steps apply the k × k preconditioner each step, not
+  plain steps against the whitened factor.
 Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
 variant shares.
 """
@@ -34,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import complete as bench  # noqa: E402
-from mx.kernels import altmin  # noqa: E402
+from mx.kernels import altmin, lsq  # noqa: E402
 
 MOVIELENS = (138_493, 26_744, 20_000_263, 64)
 
@@ -43,9 +46,13 @@ MOVIELENS = (138_493, 26_744, 20_000_263, 64)
 def variant(name: str):
     """altmin's rules changed as the variant ``name`` says, for the duration."""
     steps, plan, stop = dict(altmin.CG_STEPS), altmin._altmin_plan, dict(altmin.CG_STOP)
-    contraction = altmin._contraction
+    contraction, storage, group = altmin._contraction, lsq.CORRECTION_STORAGE, lsq.cg_group
     try:
-        if name == "stop-always":
+        if name == "f32":
+            lsq.CORRECTION_STORAGE = None
+        elif name == "precond":
+            lsq.cg_group = lambda *args, **kw: {**group(*args, **kw), "whitening": None}
+        elif name == "stop-always":
             altmin._contraction = lambda history: 1.0
         elif name == "no-stop":
             altmin.CG_STOP.clear()
@@ -67,7 +74,7 @@ def variant(name: str):
             altmin._altmin_plan = light_exact
         elif name != "now":
             raise SystemExit(f"unknown variant {name!r}: now, light-exact, heavy<steps>, "
-                             "no-stop, stop-all or stop-always")
+                             "no-stop, stop-all, stop-always, f32 or precond")
         yield
     finally:
         altmin.CG_STEPS.clear()
@@ -76,6 +83,7 @@ def variant(name: str):
         altmin.CG_STOP.update(stop)
         altmin._altmin_plan = plan
         altmin._contraction = contraction
+        lsq.CORRECTION_STORAGE, lsq.cg_group = storage, group
 
 
 def problem(cp, case: str, n: int, per_row: int, rank: int | None = None):

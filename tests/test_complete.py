@@ -179,7 +179,7 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
     solves."""
     from mx.kernels import altmin
 
-    monkeypatch.setattr(altmin, "light_rows_iterative", lambda gpu, k: True)
+    monkeypatch.setattr(altmin, "light_rows_iterative", lambda gpu, k, well=True: True)
     k, m, n = int(rng.integers(8, 14)), 41, 3001
     degree = rng.integers(2 * k, altmin.HEAVY_DEGREE * k, size=m)  # light
     degree[:6] = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=6)  # heavy

@@ -780,7 +780,8 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
     well-conditioned factor every row gets plain CG on the GPU (light rows their own steps),
     as on NumPy told to iterate light rows; against an ill-conditioned one heavy rows get the
     sketch, which on the GPU at rank <= 32 gives way to the fused exact solve on rows below
-    64k observations, and the thin rows CG steps still: plain where they are barely
+    64k observations, light rows steps preconditioned by the factor's Gram matrix, but the
+    exact solve at rank <= 32, and the thin rows CG steps still: plain where they are barely
     determined, else preconditioned by the factor's Gram matrix."""
     import cupy
 
@@ -790,6 +791,9 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
     degree = rng.integers(altmin.HEAVY_DEGREE * k, 40 * k, size=m)
     top = altmin.SMALL_RANK_SKETCH_DEGREE * k
     degree[:big] = rng.integers(top, top + 400, size=big)  # sketched at any rank
+    light = 3  # light, not thin
+    degree[big:big + light] = rng.integers(altmin.THIN_DEGREE * k, altmin.HEAVY_DEGREE * k,
+                                           size=light)
     degree[-7:-3] = rng.integers(k, np.ceil(altmin.GRAM_CG_DEGREE * k), size=4)  # thin
     degree[-3:] = rng.integers(np.ceil(altmin.GRAM_CG_DEGREE * k), 3 * k, size=3)  # thin
     indptr, cols, vals = random_rows(rng, degree, n)
@@ -803,13 +807,14 @@ def test_heavy_rows_on_the_gpu_get_plain_cg_against_a_well_conditioned_factor(rn
         exact = lsq.solve_exact(np, y, indptr, cols, vals, reg)
         x0 = exact + 0.1 * rng.standard_normal((m, k)) * np.abs(exact).mean()
         with monkeypatch.context() as patch:  # the NumPy reference of the GPU's rule
-            patch.setattr(altmin, "light_rows_iterative", lambda gpu, k: True)
+            patch.setattr(altmin, "light_rows_iterative", lambda gpu, k, well=True: True)
             want, used, _ = altmin._solve(np, "altmin-sketch", x0, y, (indptr, cols, vals), reg,
                                           None, k, 0)
         got, used_gpu, _ = altmin._solve(cupy, "altmin-sketch", g(x0), g(y),
                                          (g(indptr), g(cols), g(vals)), reg, None, k, 0)
         thin = {"plain-cg": 4, "gram-cg": 3}
-        assert used == ({"plain-cg": m} if scale == 1.0 else {**thin, "sketch": m - 7}), used
+        assert used == ({"plain-cg": m} if scale == 1.0 else
+                        {"plain-cg": 4, "gram-cg": 3 + light, "sketch": m - 7 - light}), used
         if scale == 30.0 and k <= altmin.FUSED_EXACT_MAX_RANK:
             assert used_gpu == {"exact": m - big - 7, "sketch": big, **thin}, used_gpu
             want = np.concatenate([want[:big], exact[big:-7], want[-7:]])

@@ -497,7 +497,8 @@ def _altmin_plan(xp, degree, k, gpu) -> dict:
         # a factor that is not well conditioned, rows up to sketch_degree are not heavy
         # either: from heavy_degree on those are solved exactly, as the sketch would cost more)
         light = degree < heavy_degree(k)
-        iterated = ~heavy & ((degree < THIN_DEGREE * k) | (light & light_rows_iterative(gpu, k)))
+        iterated = ~heavy & ((degree < THIN_DEGREE * k)
+                             | (light & light_rows_iterative(gpu, k, well)))
         # against an ill-conditioned factor, plain steps leave its weak directions unsolved:
         # rows the data determine well enough take steps preconditioned by its Gram
         whitened = iterated & (degree >= GRAM_CG_DEGREE * k) & (not well)
@@ -571,17 +572,24 @@ def sketch_degree(gpu: bool, k: int) -> int:
     return heavy_degree(k)
 
 
-def light_rows_iterative(gpu: bool, k: int) -> bool:
+def light_rows_iterative(gpu: bool, k: int, well: bool = True) -> bool:
     """Whether light rows (below heavy_degree, and not thin: THIN_DEGREE) get CG steps, not
-    the exact solve (plain ones in a half-sweep whose other factor is well conditioned, else
-    "gram-cg"): on a GPU with the warp-row kernels.
+    the exact solve, in a half-sweep whose other factor is well conditioned (``well``: plain
+    ones) or not ("gram-cg"): on a GPU with the warp-row kernels, and against an
+    ill-conditioned factor only past rank FUSED_EXACT_MAX_RANK.
     There CG_STEPS' 4 steps from the last sweep's value cost a seventh of the exact solve
     (MovieLens-20M-sized rows of 145 and 750 at k = 64, H100: 0.009 against 0.064 s a sweep)
     and, on planted matrices of 2 to 11k observations a row (NumPy, 12 sweeps), left a held-out
     error as low as exact solves did or lower (6.5e-3 against 7.6e-3 at MovieLens's shape,
     k = 64); with 2 steps a row of 4k lost two sweeps in twelve. On the CPU the batched exact
-    solve costs less than the CG steps' gathers. The job's plan calls this too."""
-    return rowsolve.warp_runs(gpu, k)
+    solve costs less than the CG steps' gathers. Against an ill-conditioned factor, a row the
+    sampling gave a weak direction of its own that the factor's Gram matrix does not have
+    is not helped by that preconditioner: on a planted κ = 100 matrix (10⁶ rows of 300,
+    k = 16, H100) one such column of 253 observations (its Y_Ωi of condition 125) stayed
+    4.5 from its solution sweep after sweep, and the held-out error stalled at 1.2e-3 where
+    exact solves reached 1e-4 in 9 sweeps. At rank <= 32 the fused exact solve is cheap:
+    those rows get it. The job's plan calls this too."""
+    return rowsolve.warp_runs(gpu, k) and (well or k > FUSED_EXACT_MAX_RANK)
 
 
 def _condition_of(gram) -> float:

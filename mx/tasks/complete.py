@@ -97,10 +97,14 @@ def _row_treatment(p: CompleteParams, gpus: int) -> list[str]:
                f"last sweep's value, plain ones, but in a half-sweep whose other factor is not "
                f"well conditioned those of >= {math.ceil(altmin.GRAM_CG_DEGREE * k)} "
                f"observations get them preconditioned by its Gram matrix; ")
-    if altmin.light_rows_iterative(gpus > 0, k):
+    if altmin.light_rows_iterative(gpus > 0, k, well=False):
         lighter += (f"and the other lighter rows (< {altmin.heavy_degree(k)}) get them too, "
                     f"preconditioned as the thin ones are (on a GPU they cost a fraction of the "
                     f"exact solve)")
+    elif altmin.light_rows_iterative(gpus > 0, k):
+        lighter += (f"and the other lighter rows (< {altmin.heavy_degree(k)}) get them too, "
+                    f"plain, against a well-conditioned factor (on a GPU they cost a fraction "
+                    f"of the exact solve), else they are solved exactly")
     else:
         lighter += "and the other lighter rows are solved exactly"
     stop = altmin.CG_STOP.get((p.method, "plain-cg"))
