@@ -72,9 +72,9 @@ CG_STEPS = {("altmin-sketch", "sketch"): 3, ("altmin-sketch", "plain-cg"): 3,
 # the last sweep's error, so a residual cut by a fraction of what the sweeps cut the error
 # by costs them nothing (an inexact Newton method's forcing term), where more steps cost a
 # pass over the row each. H100, planted n = 10⁵, 3000 a row (bench/complete_rules.py): at
-# k = 64 with 2 % after 2 steps, a sweep took 95 against 106 ms, and from the third on each
-# ended lower (4.6e-6 against 5.8e-6 after 4); but a stop at 3 % from the first sweep left
-# the second 8 to 17 % higher (k = 16: 1.06e-4 against 9.8e-5).
+# k = 64 the stopped sweeps took 92 to 98 against 105 ms and ended lower (2.4e-8 against
+# 3.4e-8 after 6), at k = 16 25 against 29 ms; a stop at 3 % from the first sweep left the
+# second 8 to 17 % higher (k = 16: 1.06e-4 against 9.8e-5, a sweep more to 1e-4).
 CG_STOP = {("altmin-sketch", "plain-cg"): (2, 0.03)}
 FORCING = 0.5
 # The sketch's own distortion leaves its preconditioned rows a condition number of about 3 to
