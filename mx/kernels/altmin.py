@@ -16,9 +16,9 @@ only factor blocks move between workers, never Ω.
   sketch-preconditioned CG (on a GPU at rank <= 32 only on rows of 64k observations or
   more: below that the exact solve is cheaper there); on light rows exact solves, but CG on
   thin ones, and on a GPU on all of them: plain, or, against an ill-conditioned factor,
-  preconditioned by its Gram matrix, except where they are barely determined, and, at rank
-  <= 32, on light rows that are not thin, which get the exact solve (``_solve``,
-  ``light_rows_iterative``, ``mx.kernels.lsq``). Heavy rows' plain steps stop early once
+  preconditioned by its Gram matrix, except where they are barely determined; but at rank
+  <= 32 a GPU solves the light rows that are not thin exactly against an ill-conditioned
+  factor (``_solve``, ``light_rows_iterative``, ``mx.kernels.lsq``). Heavy rows' plain steps stop early once
   their residual is small against the sweeps' own progress (``cg_stop``). The log counts
   the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
