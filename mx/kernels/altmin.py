@@ -18,9 +18,9 @@ only factor blocks move between workers, never Ω.
   thin ones, and on a GPU on all of them: plain, or, against an ill-conditioned factor,
   preconditioned by its Gram matrix, except where they are barely determined; but at rank
   <= 32 a GPU solves the light rows that are not thin exactly against an ill-conditioned
-  factor (``_solve``, ``light_rows_iterative``, ``mx.kernels.lsq``). Heavy rows' plain steps stop early once
-  their residual is small against the sweeps' own progress (``cg_stop``). The log counts
-  the row solves of each kind.
+  factor (``_solve``, ``light_rows_iterative``, ``mx.kernels.lsq``). Heavy rows' plain
+  steps stop early once their residual is small against the sweeps' own progress
+  (``cg_stop``). The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
   sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
 - **Checkpoints:** U and V go to one of two checkpoint slots, the one not committed last,
@@ -296,9 +296,9 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
     not given; ``stats``: what of ``factor_stats(y)`` the caller has read already, the rest
     read here where needed; ``last``: cond(YᵀY) as the last half-sweep on this side found
     it, or None; ``contraction``: the held-out error's ratio over the last sweep, or None,
-    for the CG rows' stop: ``cg_stop``). Returns the new x, how many rows each solver took ({solver: rows};
-    "again": rows solved a second time after a wrong guess), and cond(YᵀY) (None where the
-    solvers do not depend on it).
+    for the CG rows' stop: ``cg_stop``). Returns the new x, how many rows each solver took
+    ({solver: rows}; "again": rows solved a second time after a wrong guess), and cond(YᵀY)
+    (None where the solvers do not depend on it).
 
     Where they do, and the last half-sweep's factor was far from WELL_CONDITIONED, the rows
     are launched under its regime before cond(YᵀY) is known (``_guess``): the host's

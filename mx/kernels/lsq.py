@@ -266,8 +266,8 @@ def solve_cg_rows(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, prec
 def cg_group(rows, steps: int, precond=None, split=None, whitening=None, stop=None) -> dict:
     """Rows that take ``steps`` CG steps (preconditioned by ``precond``, one k × k matrix for
     all of them, or plain), fewer where ``stop`` says (``solve_cg``), for
-    ``solve_cg_groups``; ``split``: their
-    ``rowsolve.split_rows``, where the caller keeps it (one device sync less a launch);
+    ``solve_cg_groups``; ``split``: their ``rowsolve.split_rows``, where the caller keeps it
+    (one device sync less a launch);
     ``whitening``: (W, s) with W·Wᵀ = precond and WᵀW = diag(s), host arrays, where the
     caller has them (``solve_cg_groups`` then takes plain steps against Y·W on a GPU)."""
     return {"rows": rows, "steps": steps, "precond": precond, "split": split,
@@ -365,7 +365,9 @@ def _launches(xp, groups, splits) -> list:
     it."""
     launches = [(split, g["steps"], g["precond"], g["whitening"], g["stop"])
                 for g, split in zip(groups, splits) if g["precond"] is not None]
-    plain = {}  # by stop ratio: a group with no stop shares any launch, its firm steps all
+    # plain groups by their stop's ratio; one with no stop joins another's launch, its rows'
+    # firm steps all their steps (they never stop early)
+    plain = {}
     for g, split in zip(groups, splits):
         if g["precond"] is None:
             ratio = g["stop"][1] if g["stop"] else None

@@ -373,8 +373,9 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
         const long long nrows, const int k, const int steps, const int* __restrict__ row_steps,
-        const int firm, const int* __restrict__ row_firm, const T stop, const T reg, const T* __restrict__ regv, const T scale,
-        const T* __restrict__ precond, T* __restrict__ out)
+        const int firm, const int* __restrict__ row_firm, const T stop, const T reg,
+        const T* __restrict__ regv, const T scale, const T* __restrict__ precond,
+        T* __restrict__ out)
 {
     const long long w = row_slot();
     if (w >= nrows) return;
