@@ -62,12 +62,13 @@ def planted(cp, m, n, k, entries, condition, seed, dtype=np.float64, skew=None):
     return R, C, altmin.sorted_csr(cp, rows[held], cols[held], vals[held], m, n)
 
 
-def iterate_here(cp, R, C, held, shape, k, method, max_iters, cg_iters=None, target=0.0):
+def iterate_here(cp, R, C, held, shape, k, method, max_iters, cg_iters=None, target=0.0,
+                 reg=0.0):
     """``altmin.iterate`` on one worker in this process (no Ray), from the randomized-SVD
     start: (ctx, history, why it stopped)."""
     ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cp)
     _, _, history, reason = altmin.iterate(ctx, R, C, held, shape, k, [(0, shape[0])],
-                                           [(0, shape[1])], method, target, max_iters, 0.0,
+                                           [(0, shape[1])], method, target, max_iters, reg,
                                            cg_iters, 0)
     return ctx, history, reason
 

@@ -18,10 +18,13 @@ variant of its rules:
 - ``stop-all``: light rows' steps, plain and Gram-preconditioned, stop as heavy rows' do;
 - ``stop-always``: the stop's ratio is its cap from the first sweep on;
 - ``f32``: CG corrections gather the factor in float32, not float16 (lsq.CORRECTION_STORAGE);
+- ``f64``: float64 throughout, no float32 corrections (lsq.REFINE off);
 - ``precond``: Gram-preconditioned steps apply the k × k preconditioner each step, not
   plain steps against the whitened factor.
 Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
-variant shares.
+variant shares. ``--noise s`` adds normal noise of s times the entries' root mean square to
+the observed and held-out values, as real ratings have; ``--reg r`` regularises with r
+times that root mean square (a factor row's squared norm, where the factors are balanced).
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ def variant(name: str):
     """altmin's rules changed as the variant ``name`` says, for the duration."""
     steps, plan, stop = dict(altmin.CG_STEPS), altmin._altmin_plan, dict(altmin.CG_STOP)
     contraction, storage, group = altmin._contraction, lsq.CORRECTION_STORAGE, lsq.cg_group
+    refine = lsq.REFINE
     try:
         if name == "f32":
             lsq.CORRECTION_STORAGE = None
+        elif name == "f64":
+            lsq.REFINE = False
         elif name == "precond":
             lsq.cg_group = lambda *args, **kw: {**group(*args, **kw), "whitening": None}
         elif name == "stop-always":
@@ -74,7 +80,7 @@ def variant(name: str):
             altmin._altmin_plan = light_exact
         elif name != "now":
             raise SystemExit(f"unknown variant {name!r}: now, light-exact, heavy<steps>, "
-                             "no-stop, stop-all, stop-always, f32 or precond")
+                             "no-stop, stop-all, stop-always, f32, f64 or precond")
         yield
     finally:
         altmin.CG_STEPS.clear()
@@ -83,12 +89,13 @@ def variant(name: str):
         altmin.CG_STOP.update(stop)
         altmin._altmin_plan = plan
         altmin._contraction = contraction
-        lsq.CORRECTION_STORAGE, lsq.cg_group = storage, group
+        lsq.CORRECTION_STORAGE, lsq.cg_group, lsq.REFINE = storage, group, refine
 
 
-def problem(cp, case: str, n: int, per_row: int, rank: int | None = None):
-    """(R, C, held, (m, n), k) of a case (see the module's doc); ``rank``: k of the
-    MovieLens-sized ones, if not 64."""
+def problem(cp, case: str, n: int, per_row: int, rank: int | None = None, noise: float = 0.0):
+    """(R, C, held, (m, n), k, rms) of a case (see the module's doc; ``noise``: as --noise;
+    rms: the entries' root mean square); ``rank``: k of the MovieLens-sized ones, if not
+    64."""
     kind, condition = case.rsplit("-", 1)
     if kind.startswith("p"):
         k, m, entries, skew = int(kind[1:]), n, n * per_row, None
@@ -99,11 +106,18 @@ def problem(cp, case: str, n: int, per_row: int, rank: int | None = None):
     else:
         raise SystemExit(f"unknown case {case!r}: uniform-κ, skewed-κ or p<k>-κ")
     R, C, held = bench.planted(cp, m, n, k, entries, float(condition), seed=1, skew=skew)
-    return R, C, held, (m, n), k
+    rms = float(cp.sqrt((R[2] * R[2]).mean()))
+    if noise:
+        rng = cp.random.default_rng(2)
+        noisy = [part[2] + noise * rms * rng.standard_normal(part[2].size) for part in (R, held)]
+        rows = lsq.row_ids(cp, R[0])
+        R, held = (R[0], R[1], noisy[0]), (held[0], held[1], noisy[1])
+        C = altmin.sorted_csr(cp, R[1], rows, R[2], n, m)
+    return R, C, held, (m, n), k, rms
 
 
-def sweeps(cp, R, C, held, shape, k, method, count):
-    ctx, history, _ = bench.iterate_here(cp, R, C, held, shape, k, method, count)
+def sweeps(cp, R, C, held, shape, k, method, count, reg=0.0):
+    ctx, history, _ = bench.iterate_here(cp, R, C, held, shape, k, method, count, reg=reg)
     cp.cuda.runtime.deviceSynchronize()
     return {"errors": [h["holdout_rel_error"] for h in history],
             "sweep_s": [h["sweep_seconds"] for h in history],
@@ -128,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=100_000, help="m = n of the p<k> cases")
     ap.add_argument("--per-row", type=int, default=3000, help="entries a row of the p<k> cases")
     ap.add_argument("--sweeps", type=int, default=12)
+    ap.add_argument("--noise", type=float, default=0.0)
+    ap.add_argument("--reg", type=float, default=0.0)
     ap.add_argument("--out", default="complete-rules.json")
     args = ap.parse_args(argv)
     device = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -135,14 +151,15 @@ def main(argv=None):
     print(f"{'case':>11} {'method':>14} {'variant':>12} {'error':>9} {'ms/sweep':>9} "
           f"{'to als-cg error':>16} {'/ als-cg':>8} {'to 1e-4':>12} {'/ als-cg':>8}")
     for case in args.cases.split(","):
-        R, C, held, shape, k = problem(cp, case, args.n, args.per_row)
+        R, C, held, shape, k, rms = problem(cp, case, args.n, args.per_row, noise=args.noise)
+        reg = args.reg * rms
         for method in ("als-cg", "altmin-sketch"):  # every kernel compiled before the timing
-            sweeps(cp, R, C, held, shape, k, method, 6)
+            sweeps(cp, R, C, held, shape, k, method, 6, reg)
         runs = [("als-cg", "-")] + [("altmin-sketch", v) for v in args.variants.split(",")]
         base = None
         for method, name in runs:
             with variant("now" if method == "als-cg" else name):
-                run = sweeps(cp, R, C, held, shape, k, method, args.sweeps)
+                run = sweeps(cp, R, C, held, shape, k, method, args.sweeps, reg)
             base = base or run
             row = {"case": case, "k": k, "method": method, "variant": name, **run,
                    "to_als_cg_error": reach(run, base["errors"][-1]),

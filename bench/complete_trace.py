@@ -110,7 +110,7 @@ def main(argv=None):
     methods = args.methods.split(",")
     rows = []
     for case in args.cases.split(","):
-        R, C, held, (m, n), k = problem(cp, case, 100_000, 3000, args.rank)
+        R, C, held, (m, n), k, _ = problem(cp, case, 100_000, 3000, args.rank)
         for method in methods:  # compiles every kernel first
             sweeps(cp, R, C, held, (m, n), k, method, args.warm)
         for method in methods:
