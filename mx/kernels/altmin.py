@@ -201,7 +201,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         plan_v, plan_u = row_plan(xp, C[0], k, method), row_plan(xp, R[0], k, method)
     # UᵀU of u as the last sweep left it, where the V half-sweep needs it
     carry_gram_u = plan_v is not None and conditioning_matters(plan_v)
-    stats_u = None  # ``factor_stats`` of u as the last sweep left it, from its metrics
+    stats_u = None  # ``_stats_of`` u as the last sweep left it, from its metrics
     cond_u = cond_v = None  # cond(UᵀU), cond(VᵀV) when last solved against (``_solve``)
     t0 = time.perf_counter()
     reason = "max_iters reached"
@@ -293,7 +293,7 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
            contraction=None):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
     the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, made here if
-    not given; ``stats``: what of ``factor_stats(y)`` the caller has read already, the rest
+    not given; ``stats``: what of ``_stats_of`` y the caller has read already, the rest
     read here where needed; ``last``: cond(YᵀY) as the last half-sweep on this side found
     it, or None; ``contraction``: the held-out error's ratio over the last sweep, or None,
     for the CG rows' stop: ``cg_stop``). Returns the new x, how many rows each solver took
@@ -392,7 +392,7 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
             whitening = gram_whitening(stats["gram"], y.shape[0], k, reg, eig)
             # on the host: a GPU that whitens never reads it
             precond = whitening[0] @ whitening[0].T
-        # gram-cg rows are thin rows: they take the light rows' steps
+        # gram-cg rows are light rows: they take the light rows' steps
         steps = cg_steps(method, "plain-cg-light" if solver == "gram-cg" else solver, cg_iters)
         groups.append(lsq.cg_group(subset, steps, precond, splits.get(solver), whitening,
                                    cg_stop(method, solver, contraction)))
@@ -414,16 +414,12 @@ def _needs_preconditioner(parts) -> bool:
     return "gram-cg" in parts and bool(parts["gram-cg"].size)
 
 
-def factor_stats(xp, y) -> dict:
-    """What a half-sweep against the factor y needs to know of it on the host, in one device
-    read: "gram", YᵀY (its conditioning picks the solvers; gram-cg's preconditioner), and
-    "top", max |Y| (the float16 operand's scale, ``rowsolve.operand``)."""
-    return _stats_of(_stats_start(xp, y))
-
-
 def _stats_start(xp, y):
-    """``factor_stats``' device work and its copy to the host, enqueued and not waited for
-    (``_stats_of`` waits): the device work enqueued after it runs meanwhile."""
+    """What a half-sweep against the factor y needs to know of it on the host, in one device
+    read, enqueued and not waited for: ``_stats_of`` waits and gives {"gram": YᵀY (its
+    conditioning picks the solvers; gram-cg's preconditioner), "top": max |Y| (the float16
+    operand's scale, ``rowsolve.operand``)}. The device work enqueued after it runs
+    meanwhile."""
     packed = xp.concatenate([(y.T @ y).ravel(), _top(xp, y)])
     if xp is np:
         return packed, None, y.shape[1]
