@@ -19,6 +19,8 @@ variant of its rules:
 - ``stop-always``: the stop's ratio is its cap from the first sweep on;
 - ``f32``: CG corrections gather the factor in float32, not float16 (lsq.CORRECTION_STORAGE);
 - ``f64``: float64 throughout, no float32 corrections (lsq.REFINE off);
+- ``r64``: the corrections start from float64 residuals in every sweep (lsq.LOW_RESIDUAL
+  None); ``r32``: from float32 residuals in every sweep (LOW_RESIDUAL 0);
 - ``precond``: Gram-preconditioned steps apply the k × k preconditioner each step, not
   plain steps against the whitened factor.
 Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
@@ -50,12 +52,14 @@ def variant(name: str):
     """altmin's rules changed as the variant ``name`` says, for the duration."""
     steps, plan, stop = dict(altmin.CG_STEPS), altmin._altmin_plan, dict(altmin.CG_STOP)
     contraction, storage, group = altmin._contraction, lsq.CORRECTION_STORAGE, lsq.cg_group
-    refine = lsq.REFINE
+    refine, low = lsq.REFINE, lsq.LOW_RESIDUAL
     try:
         if name == "f32":
             lsq.CORRECTION_STORAGE = None
         elif name == "f64":
             lsq.REFINE = False
+        elif name in ("r64", "r32"):
+            lsq.LOW_RESIDUAL = None if name == "r64" else 0.0
         elif name == "precond":
             lsq.cg_group = lambda *args, **kw: {**group(*args, **kw), "whitening": None}
         elif name == "stop-always":
@@ -80,7 +84,7 @@ def variant(name: str):
             altmin._altmin_plan = light_exact
         elif name != "now":
             raise SystemExit(f"unknown variant {name!r}: now, light-exact, heavy<steps>, "
-                             "no-stop, stop-all, stop-always, f32, f64 or precond")
+                             "no-stop, stop-all, stop-always, f32, f64, r64, r32 or precond")
         yield
     finally:
         altmin.CG_STEPS.clear()
@@ -90,6 +94,7 @@ def variant(name: str):
         altmin._altmin_plan = plan
         altmin._contraction = contraction
         lsq.CORRECTION_STORAGE, lsq.cg_group, lsq.REFINE = storage, group, refine
+        lsq.LOW_RESIDUAL = low
 
 
 def problem(cp, case: str, n: int, per_row: int, rank: int | None = None, noise: float = 0.0):

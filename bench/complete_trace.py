@@ -65,8 +65,9 @@ def device_ops(trace_path):
 
 def summarise(ops, sweep_count):
     """Busy and idle seconds a sweep, and the kinds of gap, over the sweeps after the first
-    traced one (each sweep ends with its errors pass, ``row_sq_error``, twice)."""
-    ends = [i for i, e in enumerate(ops) if e["name"] == "row_sq_error"][1::2]
+    traced one (each sweep ends with its held-out errors pass, ``row_sq_error``; the last
+    has one more after it, its training error's: ``altmin._settle_training_error``)."""
+    ends = [i for i, e in enumerate(ops) if e["name"] == "row_sq_error"][:sweep_count]
     if len(ends) < 2:
         raise RuntimeError("the trace has fewer than two sweeps' errors passes")
     first, last = ends[0], ends[-1]

@@ -203,6 +203,40 @@ def test_light_rows_get_plain_cg_where_the_device_makes_it_cheaper(rng, monkeypa
         assert np.allclose(got[light], ref[light], rtol=1e-9, atol=1e-9 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("method,holdout", [("altmin-sketch", 0.05), ("als", 0.05),
+                                            ("altmin-sketch", 0.0)])
+def test_each_sweeps_training_error_is_that_of_the_factors_it_left(rng, method, holdout):
+    """With entries held out, a sweep's training RMSE comes with the next sweep's V half (the
+    pass its row solves start from), the last sweep's from a pass of its own: every sweep's
+    must be the RMSE, on the training entries, of the factors a run stopped after that sweep
+    returns. Without entries held out, each sweep measures its own at once."""
+    from mx.cluster.comm import GangContext, LocalComm, Mailroom
+    from mx.kernels import altmin
+
+    m, n, k = int(rng.integers(120, 170)), int(rng.integers(90, 130)), int(rng.integers(3, 6))
+    seen = rng.random((m, n)) < 0.5
+    rows, cols = np.nonzero(seen)
+    truth_u, truth_v = rng.standard_normal((m, k)), rng.standard_normal((n, k))
+    vals = (truth_u[rows] * truth_v[cols]).sum(axis=1) + 0.05 * rng.standard_normal(rows.size)
+    held = altmin.holdout_mask(np, rows, cols, holdout, 0)
+    R = altmin.sorted_csr(np, rows[~held], cols[~held], vals[~held], m, n)
+    C = altmin.sorted_csr(np, cols[~held], rows[~held], vals[~held], n, m)
+    H = altmin.sorted_csr(np, rows[held], cols[held], vals[held], m, n)
+
+    def run(sweeps):
+        ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=np)
+        return altmin.iterate(ctx, R, C, H, (m, n), k, [(0, m)], [(0, n)], method, 0.0,
+                              sweeps, 0.01, None, 0)
+
+    sweeps = 4
+    history = run(sweeps)[2]
+    assert len(history) == sweeps
+    for after in range(1, sweeps + 1):
+        u, v, _, _ = run(after)
+        direct = np.sqrt(lsq.squared_error(np, u, v, *R) / R[2].size)
+        assert history[after - 1]["train_rmse"] == pytest.approx(direct, rel=1e-9), after
+
+
 def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_against(rng, monkeypatch):
     """The sweeps pass each half-sweep the rows' plan, made once per Ω, and (for the V half)
     YᵀY of its other factor from the last sweep's metrics: it must be the factor's own, or
@@ -223,14 +257,14 @@ def test_each_half_sweep_chooses_by_the_condition_of_the_factor_it_solves_agains
     passed, contractions, solve = [], [], altmin._solve
 
     def recording(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None,
-                  last=None, contraction=None):
+                  last=None, contraction=None, every_r0=None, low=False):
         assert plan is not None and altmin.conditioning_matters(plan)
         if stats:  # max |Y| rides with YᵀY: the float16 operand's scale
             assert stats["top"] == np.abs(y).max(), (stats["top"], np.abs(y).max())
         passed.append((stats and stats["gram"], y.T @ y, True))
         contractions.append(contraction)
         return solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, stats, last,
-                     contraction)
+                     contraction, every_r0, low)
 
     monkeypatch.setattr(altmin, "_solve", recording)
     ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=np)
@@ -258,6 +292,21 @@ def test_the_cg_rows_stop_follows_the_sweeps_contraction():
     small = cap / altmin.FORCING / 7
     assert altmin.cg_stop("altmin-sketch", "plain-cg", small) == (firm, altmin.FORCING * small)
     assert altmin.cg_stop("als-cg", "plain-cg", 1.0) is None
+
+
+def test_sweeps_start_from_float32_residuals_only_while_the_error_is_far_above_their_floor(
+        monkeypatch):
+    """float32 residuals (lsq.LOW_RESIDUAL) before the first sweep has measured the error and
+    while it is above the threshold; float64's below it, and never where it is None."""
+    from mx.kernels import altmin
+
+    above, below = lsq.LOW_RESIDUAL * 3.7, lsq.LOW_RESIDUAL / 2.3
+    entry = lambda error: {"holdout_rel_error": error}  # noqa: E731
+    assert altmin._low_residual([])
+    assert altmin._low_residual([entry(below), entry(above)])
+    assert not altmin._low_residual([entry(above), entry(below)])
+    monkeypatch.setattr(lsq, "LOW_RESIDUAL", None)
+    assert not altmin._low_residual([]) and not altmin._low_residual([entry(above)])
 
 
 @pytest.mark.parametrize("thin", [True, False])

@@ -885,6 +885,88 @@ def test_sparse_times_dense_matches_scipy(rng, dtype, tol, width):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
 
 
+@pytest.mark.parametrize("k", [1, 7, 33, 64, 100])
+@pytest.mark.parametrize("wide_degree", [None, 300])
+def test_the_residual_pass_gives_the_squared_error_too(rng, monkeypatch, k, wide_degree):
+    """x0's residual rows for every row and its squared error on the stored entries, in one
+    pass (``lsq.residual_and_error``), against NumPy: rows of no entries, light rows, and rows
+    a block of warps shares (``rowsolve.WIDE_DEGREE``)."""
+    import cupy
+
+    from mx.kernels import lsq, rowsolve
+
+    if wide_degree:
+        monkeypatch.setattr(rowsolve, "WIDE_DEGREE", wide_degree)
+    m, n = int(rng.integers(200, 300)), int(rng.integers(1200, 1400))
+    degree = rng.integers(0, 40, size=m)
+    degree[rng.choice(m, 4, replace=False)] = rng.integers(900, n, size=4)
+    degree[rng.choice(m, 3, replace=False)] = 0
+    indptr, cols, values = random_rows(rng, degree, n)
+    x, y, reg = rng.standard_normal((m, k)), rng.standard_normal((n, k)), 0.3
+    rows = lsq.row_ids(np, indptr)
+    miss = values - lsq.predictions(np, x, y, rows, cols)
+    want_r = lsq.csr(np, indptr, cols, miss, (m, n)) @ y - reg * x
+    g = cupy.asarray
+    for low, tol in ((False, 1e-12), (True, 1e-5)):  # float64, float32 (lsq.LOW_RESIDUAL)
+        r, sq = lsq.residual_and_error(cupy, g(x), g(y), g(indptr), g(cols), g(values), reg,
+                                       low)
+        assert r.dtype == (np.float32 if low else np.float64)
+        assert rel_error(r.get(), want_r) < tol
+        assert abs(float(sq) - (miss * miss).sum()) / (miss * miss).sum() < tol
+    # where the solves start from no residual (float32), the error alone, by its own pass
+    r, sq = lsq.residual_and_error(cupy, g(x.astype(np.float32)), g(y.astype(np.float32)),
+                                   g(indptr), g(cols), g(values.astype(np.float32)), reg)
+    assert r is None and abs(float(sq) - (miss * miss).sum()) / (miss * miss).sum() < 1e-5
+
+
+@pytest.mark.parametrize("method,k,noise", [("altmin-sketch", 8, 0.05), ("altmin-sketch", 8, 0.0),
+                                            ("altmin-sketch", 40, 0.05), ("als", 40, 0.05),
+                                            ("als", 40, 0.0), ("als-cg", 8, 0.0)])
+def test_each_sweeps_training_error_on_a_gpu_is_that_of_the_factors_it_left(rng, monkeypatch,
+                                                                           method, k, noise):
+    """On a GPU a sweep's training error comes from the residual pass the next sweep's V
+    solves start from: it must be the training RMSE of the factors a run stopped after that
+    sweep returns, as on the CPU (tests/test_complete.py), to float32's rounding of the
+    predictions while that pass is float32's (``lsq.LOW_RESIDUAL``). Noise-free, the sweeps
+    then go on below float32's floor as with float64 residuals throughout."""
+    import cupy
+
+    from mx.cluster.comm import GangContext, LocalComm, Mailroom
+    from mx.kernels import altmin, lsq
+
+    m, n = int(rng.integers(700, 900)), int(rng.integers(500, 650))
+    seen = rng.random((m, n)) < 0.4
+    rows, cols = np.nonzero(seen)
+    truth_u, truth_v = rng.standard_normal((m, k)), rng.standard_normal((n, k))
+    vals = (truth_u[rows] * truth_v[cols]).sum(axis=1) + noise * rng.standard_normal(rows.size)
+    held = altmin.holdout_mask(np, rows, cols, 0.05, 0)
+    scale = float(np.sqrt((vals * vals).mean()))
+    g = cupy.asarray
+    R, C, H = (tuple(g(a) for a in altmin.sorted_csr(np, *parts)) for parts in (
+        (rows[~held], cols[~held], vals[~held], m, n), (cols[~held], rows[~held], vals[~held], n, m),
+        (rows[held], cols[held], vals[held], m, n)))
+
+    def run(sweeps):
+        ctx = GangContext(comm_or_factory=LocalComm(Mailroom(), 0, 1), xp=cupy)
+        return altmin.iterate(ctx, R, C, H, (m, n), k, [(0, m)], [(0, n)], method, 0.0,
+                              sweeps, 0.01 if noise else 0.0, None, 0)
+
+    history = run(4 if noise else 20)[2]
+    sweeps = len(history)  # noise-free, it may stop at float64's floor
+    for after in range(1, sweeps + 1):
+        u, v, _, _ = run(after)
+        direct = np.sqrt(float(lsq.squared_error(np, u.get(), v.get(), *(a.get() for a in R)))
+                         / R[2].size)
+        # a sweep's own error is the next one's residual pass's, the last sweep's float64's
+        low = after < sweeps and altmin._low_residual(history[:after])
+        slack = (1e-6 if low else 1e-12) * scale
+        assert abs(history[after - 1]["train_rmse"] - direct) <= 1e-9 * direct + slack, after
+    if not noise:
+        monkeypatch.setattr(lsq, "LOW_RESIDUAL", None)
+        want = run(sweeps)[2][-1]["holdout_rel_error"]
+        assert want < 1e-8 and history[-1]["holdout_rel_error"] < 2 * want + 1e-13, (history, want)
+
+
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("k", [1, 7, 33, 64, 100])
 def test_warp_row_kernels_match_the_numpy_operators(rng, dtype, tol, k):

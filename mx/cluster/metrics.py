@@ -17,7 +17,7 @@ NAMES = {
     "bytes_moved": "bytes moved between workers in the step",
     "iteration": "sweeps done (complete)",
     "holdout_error": "held-out relative error after the last sweep (complete)",
-    "train_rmse": "training RMSE after the last sweep (complete)",
+    "train_rmse": "training RMSE, a sweep behind the held-out error while sweeping (complete)",
     "denoising_step": "denoising step (diffuse)",
 }
 _gauges: dict = {}

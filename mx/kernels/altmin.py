@@ -195,6 +195,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         # met its stopping rule: it stops where the uninterrupted run stopped
         reason = _stop_reason(history, tol)
         if reason is not None:
+            _settle_training_error(ctx, history, u, v, R, col_blocks, k, t_count)
             return u, v, history, reason
     plan_v = plan_u = None
     if method != "als":
@@ -203,20 +204,35 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
     carry_gram_u = plan_v is not None and conditioning_matters(plan_v)
     stats_u = None  # ``_stats_of`` u as the last sweep left it, from its metrics
     cond_u = cond_v = None  # cond(UᵀU), cond(VᵀV) when last solved against (``_solve``)
+    # with entries held out (which measure the error), a sweep's training error comes with
+    # the next sweep's V half, whose residual pass reads every training entry against the
+    # factors as this sweep left them: the pass the row solves start from gives it (on a
+    # GPU; elsewhere a pass of its own). A pass over Ω less a sweep, a fifth of one at k = 64.
+    # The last sweep's is then a pass of its own (``_settle_training_error``). Where that
+    # residual is float32's (``_low_residual``), so are the predictions the error is of:
+    # the RMSE is then good to about 1e-7 of the entries' scale, far below its value
+    deferred = h_norm > 0
+    v_full = None
     t0 = time.perf_counter()
     reason = "max_iters reached"
     for sweep in range(start, max_iters):
         t_sweep = time.perf_counter()
         contraction = _contraction(history)
+        pending = deferred and bool(history) and history[-1]["train_rmse"] is None
+        low = _low_residual(history)
         # "sweep" encloses its row solves and the factors' all-gathers, each timed apart so
         # a job's record shows what of a sweep does not shrink with more workers
         with ctx.timed("sweep"):
             with ctx.timed("factor-allgather"):
                 u_full = _allgather_rows(ctx, u, row_blocks, k, ("u", sweep))
             with ctx.timed("row-solves"):
+                every_r0 = last_error = None
+                if pending:  # the last sweep's training error, from C's entries
+                    every_r0, last_error = lsq.residual_and_error(
+                        xp, v, u_full, *C, reg, low, plan_v and plan_v["every"])
                 v, used_v, cond_u = _solve(xp, method, v, u_full, C, reg, cg_iters, k,
                                            seed + 2 * sweep, plan_v, stats_u, cond_u,
-                                           contraction)
+                                           contraction, every_r0, low)
             with ctx.timed("factor-allgather"):
                 v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", sweep))
             if sweep == 0:  # solved against U's orthonormal basis (``_initialise``)
@@ -226,7 +242,7 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
             with ctx.timed("row-solves"):
                 u, used_u, cond_v = _solve(xp, method, u, v_full, R, reg, cg_iters, k,
                                            seed + 2 * sweep + 1, plan_u, last=cond_v,
-                                           contraction=contraction)
+                                           contraction=contraction, low=low)
         for used in (used_v, used_u):  # the log says how rows were solved, summed over sweeps
             for solver, count in used.items():
                 ctx.count(f"row-solves-{solver}", count)
@@ -234,8 +250,11 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         with ctx.timed("errors"):
             # and max |u| and UᵀU, as reading the errors syncs the device anyway: the next
             # V half-sweep's choice of solvers and its float16 operand then need no sync
-            parts = [lsq.squared_error(xp, u, v_full, *R), lsq.squared_error(xp, u, v_full, *held),
-                     xp.asarray(float(save is None or save.ready())), _top(xp, u)]
+            nothing = xp.zeros(())
+            parts = [nothing if deferred else lsq.squared_error(xp, u, v_full, *R),
+                     lsq.squared_error(xp, u, v_full, *held),
+                     xp.asarray(float(save is None or save.ready())), _top(xp, u),
+                     last_error if pending else nothing]
             if carry_gram_u:
                 parts.append((u.T @ u).ravel())
             metrics = xp.concatenate([xp.ravel(part).astype(np.float64) for part in parts])
@@ -247,8 +266,10 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         t_err, h_err, ready = totals[:3]
         stats_u = {"top": float(every[:, 3].max())}
         if carry_gram_u:
-            stats_u["gram"] = totals[4:].reshape(k, k)
-        train_rmse = float(np.sqrt(t_err / max(t_count, 1)))
+            stats_u["gram"] = totals[5:].reshape(k, k)
+        if pending:
+            history[-1]["train_rmse"] = _rmse(totals[4], t_count)
+        train_rmse = None if deferred else _rmse(t_err, t_count)
         held_rmse = float(np.sqrt(h_err / h_count)) if h_count else None
         # relative error on held-out entries (on the training entries when none are held out)
         rel = float(np.sqrt(h_err / h_norm)) if h_norm else float(np.sqrt(t_err / max(t_norm, 1e-300)))
@@ -259,12 +280,54 @@ def iterate(ctx, R, C, held, shape, k, row_blocks, col_blocks, method, tol, max_
         if save is not None and ready == ctx.control.size:
             save(sweep + 1, history, u, v)
         ctx.advance(1)
-        ctx.report({"iteration": sweep + 1, "holdout_error": rel, "train_rmse": train_rmse})
+        # the newest training RMSE known: the last sweep's, where this one's is deferred
+        known = train_rmse if not pending else history[-2]["train_rmse"]
+        ctx.report({"iteration": sweep + 1, "holdout_error": rel, "train_rmse": known})
         stop = _stop_reason(history, tol)
         if stop is not None:
             reason = stop
             break
+    ran = bool(history) and history[-1]["sweep"] > start  # the last sweep was this call's
+    t_settle = time.perf_counter()
+    if _settle_training_error(ctx, history, u, v, R, col_blocks, k, t_count,
+                              v_full if ran else None) and ran:
+        spent = time.perf_counter() - t_settle  # a pass of the last sweep's, timed as one
+        history[-1]["seconds"] = round(history[-1]["seconds"] + spent, 4)
+        history[-1]["sweep_seconds"] = round(history[-1]["sweep_seconds"] + spent, 4)
+        ctx.report({"train_rmse": history[-1]["train_rmse"]})
     return u, v, history, reason
+
+
+def _low_residual(history: list) -> bool:
+    """Whether a sweep's solves may start from float32 residuals (``lsq.LOW_RESIDUAL``): while
+    the held-out error is above LOW_RESIDUAL, and before the first sweep has measured it (a
+    randomized-SVD start is rarely that close; where it is, the sweeps after the first take
+    float64's residuals, whose accuracy the sweeps then reach). Never where LOW_RESIDUAL is
+    None."""
+    if lsq.LOW_RESIDUAL is None:
+        return False
+    return not history or history[-1]["holdout_rel_error"] > lsq.LOW_RESIDUAL
+
+
+def _rmse(squared: float, count: float) -> float:
+    return float(np.sqrt(squared / max(count, 1)))
+
+
+def _settle_training_error(ctx, history, u, v, R, col_blocks, k, t_count, v_full=None) -> bool:
+    """Fills in the training RMSE of the last sweep of ``history`` where it is still to come
+    (``iterate`` defers it to the next sweep), by a pass over R, this worker's training
+    entries by rows, against the factors that sweep left: u and v (this worker's rows), and
+    all of V (v_full, where the caller has it gathered). Every worker takes part, or none:
+    they share the history. Returns whether it made the pass."""
+    if not history or history[-1]["train_rmse"] is not None:
+        return False
+    xp = ctx.xp
+    if v_full is None:
+        v_full = _allgather_rows(ctx, v, col_blocks, k, ("v", "settle"))
+    local = lsq.squared_error(xp, u, v_full, *R).reshape(1)
+    total = _host(xp, _exchange_small(ctx, local.astype(np.float64), "train-error")).sum()
+    history[-1]["train_rmse"] = _rmse(float(total), t_count)
+    return True
 
 
 def _contraction(history: list):
@@ -290,15 +353,18 @@ def _stop_reason(history: list, tol: float) -> str | None:
 
 # ------------------------------------------------------------------------------ solving
 def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=None, last=None,
-           contraction=None):
+           contraction=None, every_r0=None, low=False):
     """One half-sweep: every row of x solved against the whole other factor y (``cg_iters``:
     the job's CG steps, or None for CG_STEPS; ``plan``: ``row_plan`` of omega, made here if
     not given; ``stats``: what of ``_stats_of`` y the caller has read already, the rest
     read here where needed; ``last``: cond(YᵀY) as the last half-sweep on this side found
     it, or None; ``contraction``: the held-out error's ratio over the last sweep, or None,
-    for the CG rows' stop: ``cg_stop``). Returns the new x, how many rows each solver took
-    ({solver: rows}; "again": rows solved a second time after a wrong guess), and cond(YᵀY)
-    (None where the solvers do not depend on it).
+    for the CG rows' stop: ``cg_stop``; ``every_r0``: x's residual rows, every row's
+    (``lsq.residual_and_error``), where the caller has them, else made here where the solves
+    start from them, in float32 where ``low``: ``lsq.LOW_RESIDUAL``).
+    Returns the new x, how many rows each solver took ({solver: rows}; "again": rows solved a
+    second time after a wrong guess), and cond(YᵀY) (None where the solvers do not depend on
+    it).
 
     Where they do, and the last half-sweep's factor was far from WELL_CONDITIONED, the rows
     are launched under its regime before cond(YᵀY) is known (``_guess``): the host's
@@ -309,22 +375,29 @@ def _solve(xp, method, x, y, omega, reg, cg_iters, k, seed, plan=None, stats=Non
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
     if method == "als":
-        return lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x), {"exact": rows}, None
+        if every_r0 is None and lsq.refines_exact(xp, y):
+            every_r0 = lsq.residual_and_error(xp, x, y, indptr, cols, vals, reg, low)[0]
+        return (lsq.solve_exact(xp, y, indptr, cols, vals, reg, x0=x, r0=every_r0),
+                {"exact": rows}, None)
     plan = row_plan(xp, indptr, k, method) if plan is None else plan
     stats = stats or {}
-    r0 = None
+    started = None
+    if conditioning_matters(plan) and "gram" not in stats:
+        started = _stats_start(xp, y)
+    # every row's residual, which the solves of either regime start from: the device runs
+    # it while the host waits for YᵀY and eigensolves it. At rank <= 32 the light rows'
+    # exact solves do not take it (``lsq.refines_exact``), and its pass over their entries
+    # is lost, a pass over few entries (light rows)
+    if every_r0 is None and lsq.starts_from_residual(xp, y):
+        every_r0 = lsq.residual_and_error(xp, x, y, indptr, cols, vals, reg, low,
+                                          plan["every"])[0]
 
-    def solve(well, eig=None):  # the rows under one regime, with stats and r0 as they are then
+    def solve(well, eig=None):  # the rows under one regime, with stats as they are then
         return _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats,
-                           eig, r0, contraction)
+                           eig, contraction, every_r0)
 
     if not conditioning_matters(plan):
         return (*solve(True), None)
-    started = None if "gram" in stats else _stats_start(xp, y)
-    # the CG rows' residual pass, where they are the same rows whatever the regime: the
-    # device runs it while the host waits for YᵀY and eigensolves it
-    if plan["cg_union"] is not None:
-        r0 = lsq.cg_residual(xp, x, y, indptr, cols, vals, reg, plan["cg_union"])
     if started is not None:
         stats = _stats_of(started)
     guess = _guess(last)
@@ -362,9 +435,9 @@ def _guess(last):
 
 
 def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, stats, eig=None,
-                r0=None, contraction=None):
+                contraction=None, every_r0=None):
     """The row solves of ``_solve`` under the row plan's regime ``well`` (``eig``: YᵀY's
-    eigendecomposition, ``r0``: the CG rows' ``lsq.cg_residual``, where the caller has them;
+    eigendecomposition, ``every_r0``: every row's residual, where the caller has them;
     ``contraction``: as ``_solve``'s). Returns the new x and {solver: rows}."""
     indptr, cols, vals = omega
     rows = int(indptr.size) - 1
@@ -374,7 +447,8 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
     if exact_rows is not None and exact_rows.size:
         everything = exact_rows.size == rows
         solved = lsq.solve_exact(xp, y, indptr, cols, vals, reg,
-                                 rows_subset=None if everything else exact_rows, x0=x)
+                                 rows_subset=None if everything else exact_rows, x0=x,
+                                 r0=every_r0)
         if everything:
             out = solved
         else:
@@ -400,11 +474,12 @@ def _solve_rows(xp, method, x, y, omega, reg, cg_iters, k, seed, plan, well, sta
         used[name] = used.get(name, 0) + int(subset.size)
     if groups:
         out = lsq.solve_cg_groups(xp, out, y, indptr, cols, vals, reg, groups, stats.get("top"),
-                                  r0)
+                                  every_r0)
     heavy_rows = parts.get("sketch")
     if heavy_rows is not None and heavy_rows.size:
         out = lsq.solve_sketch(xp, out, y, indptr, cols, vals, reg, heavy_rows,
-                               cg_steps(method, "sketch", cg_iters), seed, top=stats.get("top"))
+                               cg_steps(method, "sketch", cg_iters), seed, top=stats.get("top"),
+                               r0=every_r0)
         used["sketch"] = int(heavy_rows.size)
     return out, used
 
@@ -457,7 +532,8 @@ def row_plan(xp, indptr, k, method: str = "altmin-sketch") -> dict:
     a sixth of a MovieLens-sized sweep on an H100: bench/complete_bookkeeping.py). ``xp``
     decides the device, whose kernels set some thresholds. Under als-cg every row is
     "plain-cg". On a GPU the plan keeps each CG set's launch split too ("splits": {well:
-    {solver: split}}), which finding anew would cost a device sync a launch."""
+    {solver: split}}), and every row's ("every"), which finding anew would cost a device
+    sync a launch."""
     degree = xp.diff(indptr)
     gpu = xp is not np
     if method == "als-cg":
@@ -469,22 +545,9 @@ def row_plan(xp, indptr, k, method: str = "altmin-sketch") -> dict:
                              for solver, ids in plan[well].items()
                              if gpu and solver in CG_SOLVERS and ids.size}
                       for well in (True, False)}
-    plan["cg_union"] = _cg_union(xp, plan)
+    # every row's split, for the residual pass the solves start from (``_solve``)
+    plan["every"] = rowsolve.split_rows(xp, indptr, xp.arange(degree.size)) if gpu else None
     return plan
-
-
-def _cg_union(xp, plan):
-    """The split of all CG rows, where they are the same rows in both regimes (the residual
-    pass they start from can then run before the regime is known: ``_solve``), else None.
-    The CG rows against an ill-conditioned factor (thin and light ones) are among those
-    against a well-conditioned one (those, and heavy ones), so equal counts are equal sets."""
-    parts = {well: list(plan["splits"][well].values()) for well in (True, False)}
-    counts = {well: sum(int(s[0].size + s[1].size) for s in parts[well]) for well in parts}
-    if not parts[True] or counts[True] != counts[False]:
-        return None
-    if len(parts[True]) == 1:
-        return parts[True][0]
-    return tuple(xp.concatenate([s[i] for s in parts[True]]) for i in (0, 1))
 
 
 def _altmin_plan(xp, degree, k, gpu) -> dict:

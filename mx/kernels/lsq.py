@@ -81,6 +81,37 @@ def squared_error(xp, x, y, indptr, cols, values):
     return (miss * miss).sum()
 
 
+def residual_and_error(xp, x0, y, indptr, cols, values, reg, low=False, split=None):
+    """(x0's residual rows Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for every row, or None; Σ over
+    the stored entries of (x0_i·y_j − M_ij)², as ``squared_error``, a 0-d array). Where the
+    row solves start from x0's residual (``starts_from_residual``), one pass gives both, and
+    the solves take the residual (their ``r0``) instead of a pass of their own; elsewhere
+    the residual is None and the error ``squared_error``'s pass. ``low``: the pass in
+    float32 (``LOW_RESIDUAL``). ``split``: every row's ``rowsolve.split_rows``, where the
+    caller keeps it (a device sync less)."""
+    if not starts_from_residual(xp, y):
+        return None, squared_error(xp, x0, y, indptr, cols, values)
+    dtype = np.float32 if low else y.dtype
+    rows = int(indptr.size) - 1
+    sq = xp.empty(rows, dtype=dtype)
+    if split is None:
+        split = rowsolve.split_rows(xp, indptr, xp.arange(rows, dtype=np.int64))
+    r = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=split, sq=sq,
+                          dtype=dtype)
+    return r, sq.sum(dtype=np.float64)
+
+
+# On a GPU, the residual a float64 row solve's float32 correction starts from (``REFINE``)
+# may be computed in float32 (Y and x0 rounded to it): half the bytes of its pass over Ω.
+# Each sweep's solves then fit entries perturbed by float32's rounding of the predictions,
+# about 1e-7 of their scale, and the sweeps reach a floor near that: on planted matrices
+# (n = 10⁵, k = 16 and 64, κ = 1 and 100; n = 10⁶, k = 16) the held-out error a sweep was
+# float64's to three digits down to 1e-7, and stopped falling at 4e-8 (bench/complete_rules.py
+# --variants r32). ``altmin.iterate`` asks for it while its error is above LOW_RESIDUAL
+# (None: never).
+LOW_RESIDUAL = 1e-4
+
+
 def normal_apply(xp, p, y, rows, cols, indptr, shape, reg):
     """(Y_Ωiᵀ Y_Ωi + reg I) p_i for every row, by a gather and a sparse product (on a GPU,
     one fused pass)."""
@@ -109,13 +140,15 @@ def _refined(xp, y) -> bool:
     return REFINE and xp is not np and y.dtype == np.float64
 
 
-def _correction(xp, y, x0, indptr, cols, values, reg, rows, solve):
+def _correction(xp, y, x0, indptr, cols, values, reg, rows, solve, r0=None):
     """The float32 correction to x0 for the rows ``rows``: x0's residual in float64 (one
-    pass), then ``solve(y32, delta, r32)``, a kernel that writes the correction into delta
-    (zero elsewhere) from the float32 residual. Returns (delta, what solve returned)."""
-    r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows)
+    pass; ``r0``: ``residual_and_error``'s, where the caller has it), then ``solve(y32, delta,
+    r32)``, a kernel that writes the correction into delta (zero elsewhere) from the float32
+    residual. Returns (delta, what solve returned)."""
+    if r0 is None:
+        r0 = rowsolve.residual(xp, y, x0, indptr, cols, values, reg, rows)
     delta = xp.zeros(x0.shape, dtype=np.float32)
-    return delta, solve(y.astype(np.float32), delta, r0.astype(np.float32))
+    return delta, solve(y.astype(np.float32), delta, r0.astype(np.float32, copy=False))
 
 
 # The refined plain and sketched CG steps gather Y in float16 (``rowsolve.cg_solve``,
@@ -126,7 +159,9 @@ def _correction(xp, y, x0, indptr, cols, values, reg, rows, solve):
 CORRECTION_STORAGE = np.float16
 
 
-def _refined_exact(xp, y) -> bool:
+def refines_exact(xp, y) -> bool:
+    """Whether ``solve_exact`` given x0 solves for a float32 correction to it, from x0's
+    residual rows (its ``r0``, where the caller has them)."""
     # At rank <= 32 (a 32-wide Gram tile) the float64 exact kernel costs less than a residual
     # pass and the float32 one together (H100, k = 16: 85 against 18 + 68 ms a half-sweep);
     # from 64-wide tiles the float32 Gram pays (k = 64: 259 against 176 ms).
@@ -134,10 +169,11 @@ def _refined_exact(xp, y) -> bool:
 
 
 def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entries=1 << 24,
-                x0=None):
+                x0=None, r0=None):
     """Exact row solves by normal equations (of rows ``rows_subset``; other rows of the
     result are zero). On a GPU, one fused kernel per row (``rowsolve``), refined from x0 when
-    given (``REFINE``); elsewhere, and for the rows it cannot factor, rows grouped by degree
+    given (``REFINE``; ``r0``: x0's residual rows, ``residual_and_error``'s, where the caller
+    has them); elsewhere, and for the rows it cannot factor, rows grouped by degree
     (padded to the next power of two) so each group is one batched product and one batched
     solve."""
     k = y.shape[1]
@@ -148,10 +184,11 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
     if subset.size == 0:
         return out
     singular = False
-    if rowsolve.supported(xp, y) and x0 is not None and _refined_exact(xp, y):
+    if rowsolve.supported(xp, y) and x0 is not None and refines_exact(xp, y):
         delta, left = _correction(xp, y, x0, indptr, cols, values, reg, subset,
                                   lambda y32, d, r32: rowsolve.solve(
-                                      xp, y32, indptr, cols, None, reg, subset, d, rhs=r32))
+                                      xp, y32, indptr, cols, None, reg, subset, d, rhs=r32),
+                                  r0)
         out[subset] = x0[subset] + delta[subset]
         # rows singular in float32 go to the float64 path below, whose floor is float64's
         subset = left
@@ -274,19 +311,10 @@ def cg_group(rows, steps: int, precond=None, split=None, whitening=None, stop=No
             "whitening": whitening, "stop": stop}
 
 
-def cg_residual(xp, x0, y, indptr, cols, values, reg, split):
-    """x0's residual rows for the rows of ``split`` (their ``rowsolve.split_rows``), which
-    ``solve_cg_groups`` starts from on a GPU (refined float64), launched now: a caller with
-    host work to do before it knows its groups passes it on (``r0``), and the device computes
-    it meanwhile. None where solve_cg_groups starts from none."""
-    if not _from_residual(xp, y):
-        return None
-    return rowsolve.residual(xp, y, x0, indptr, cols, values, reg, None, split=split)
-
-
-def _from_residual(xp, y) -> bool:
-    """Whether ``solve_cg_groups`` starts from x0's residual rows: the warp-row kernels,
-    refined (their float32 correction starts there)."""
+def starts_from_residual(xp, y) -> bool:
+    """Whether the row solves against y start from x0's residual rows (their ``r0``), which
+    a caller may compute for them (``residual_and_error``): the warp-row kernels, refined
+    (their float32 correction starts there)."""
     return rowsolve.warp_supported(xp, y) and _refined(xp, y)
 
 
@@ -294,9 +322,9 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=N
     """``solve_cg_rows`` for several disjoint ``cg_group``s of rows at once (other rows keep
     x0). On a GPU they share what depends only on Y (its float32 and float16 copies, the
     latter's scale from max |Y|: ``top`` where the caller knows it) and, refined, one
-    residual pass (``r0``: ``cg_residual`` of rows including theirs, where the caller launched
-    it): each of those otherwise waits on a device sync, a fixed cost that more workers do not
-    divide (bench/complete_parts.py)."""
+    residual pass (``r0``: residual rows including theirs, ``residual_and_error``'s, where the
+    caller launched it): each of those otherwise waits on a device sync, a fixed cost that
+    more workers do not divide (bench/complete_parts.py)."""
     groups = [g for g in groups if g["rows"].size]
     if not groups:
         return x0.copy()
@@ -307,7 +335,7 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=N
                            precond=g["precond"], rows_subset=g["rows"], stop=g["stop"])[0]
         return out
     splits = [g["split"] or rowsolve.split_rows(xp, indptr, g["rows"]) for g in groups]
-    if _from_residual(xp, y):
+    if starts_from_residual(xp, y):
         if r0 is None:
             union = splits[0] if len(splits) == 1 else tuple(
                 xp.concatenate([split[i] for split in splits]) for i in (0, 1))
@@ -315,7 +343,7 @@ def solve_cg_groups(xp, x0, y, indptr, cols, values, reg, groups, top=None, r0=N
         y32 = y.astype(np.float32)
         prepared = rowsolve.operand(xp, y32, CORRECTION_STORAGE, top)
         delta = xp.zeros(x0.shape, dtype=np.float32)
-        r32 = r0.astype(np.float32)
+        r32 = r0.astype(np.float32, copy=False)
         for split, steps, precond, whitening, stop in _launches(xp, groups, splits):
             if whitening is not None:
                 delta += _whitened_correction(xp, y32, r0, indptr, cols, reg, split, steps,
@@ -460,12 +488,13 @@ def sketch_preconditioner(xp, y, indptr, cols, reg, rows_subset, seed=0, buckets
 
 
 def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=0,
-                 buckets=None, top=None):
+                 buckets=None, top=None, r0=None):
     """Sketch-preconditioned CG for the rows ``rows_subset``: ``steps`` steps from x0 (other
     rows keep x0), with ``buckets`` per sketch (default ``sketch_buckets(k)``). On a GPU one
     fused kernel per row (where the fused exact kernel runs too); rows whose sketch is
     singular there (Y_Ωi of rank below k) get the exact solve. ``top``: max |Y| where the
-    caller knows it (``solve_cg_groups``)."""
+    caller knows it (``solve_cg_groups``); ``r0``: x0's residual rows where the caller has
+    them (``residual_and_error``), for the refined correction."""
     if rows_subset.size == 0:
         return x0.copy()
     buckets = buckets or sketch_buckets(y.shape[1])
@@ -474,7 +503,7 @@ def solve_sketch(xp, x0, y, indptr, cols, values, reg, rows_subset, steps, seed=
                                     lambda y32, d, r32: rowsolve.sketch_solve(
                                         xp, y32, None, indptr, cols, None, reg, rows_subset,
                                         steps, buckets, seed, d, r0=r32,
-                                        storage=CORRECTION_STORAGE, top=top))
+                                        storage=CORRECTION_STORAGE, top=top), r0)
         out = x0 + delta
         if failed.size:  # singular in float32: the exact float64 solve
             out[failed] = solve_exact(xp, y, indptr, cols, values, reg, rows_subset=failed)[failed]

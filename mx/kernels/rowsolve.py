@@ -186,6 +186,10 @@ als_rows(const long long* __restrict__ indptr, const long long* __restrict__ col
 _GROUP_HELPERS = r"""
 #include <cuda_fp16.h>
 #define GROUPS (32 / L)
+// the type of the entries' values, where it is not the arithmetic's
+#ifndef V
+#define V T
+#endif
 // NW warps share a row (a block a row) in the wide kernels; one warp a row otherwise
 #ifndef NW
 #define NW 1
@@ -248,7 +252,7 @@ __device__ inline void store_own(T* __restrict__ a, long long i, int k, const T*
 // The group's U entries of the block of GROUPS·U from ``base`` (entry base + u·GROUPS + g;
 // past ``end``: column -1, value 0), their rows of the operand (scaled), and those rows' dot
 // products with v (times ``scale``).
-__device__ inline void gather(const long long* __restrict__ cols, const T* __restrict__ vals,
+__device__ inline void gather(const long long* __restrict__ cols, const V* __restrict__ vals,
         const S* __restrict__ y, long long base, long long end, const T* v, T scale,
         T yj[U][C], T dt[U], T* m) {
     const int g = (threadIdx.x % 32) / L;
@@ -256,7 +260,7 @@ __device__ inline void gather(const long long* __restrict__ cols, const T* __res
     for (int u = 0; u < U; u++) {
         const long long e = base + (long long)u * GROUPS + g;
         j[u] = e < end ? cols[e] : -1;
-        if (m != nullptr) m[u] = e < end ? vals[e] : (T)0;
+        if (m != nullptr) m[u] = e < end ? (T)vals[e] : (T)0;
     }
     for (int u = 0; u < U; u++) load_segment(y, j[u], yj[u]);
     for (int u = 0; u < U; u++) {
@@ -273,7 +277,7 @@ _GROUP_SOURCE = r"""
 // Σ over the row's entries of (x_i·y_j − m_ij)², one sum a row: a model's squared error on
 // the stored entries, without writing one prediction per entry
 extern "C" __global__ void row_sq_error(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ vals, const T* __restrict__ x,
+        const long long* __restrict__ cols, const V* __restrict__ vals, const T* __restrict__ x,
         const S* __restrict__ y, const long long m, const int k, T* __restrict__ out)
 {
     const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
@@ -313,37 +317,49 @@ extern "C" __global__ void normal_apply(const long long* __restrict__ indptr,
 }
 
 // The lane's components of r = Y_Ωiᵀ(m_i − Y_Ωi x) − reg·x, x's components in the lane's
-// registers: one pass over the row's entries [start, end).
+// registers: one pass over the row's entries [start, end). Where sq is not null, also
+// Σ (m_ij − x·y_j)² over them into *sq (on every lane): the squared error of x.
 __device__ inline void residual_pass(const long long* __restrict__ cols,
-        const T* __restrict__ vals, const S* __restrict__ y, long long start, long long end,
-        T reg, const T* x, T* r)
+        const V* __restrict__ vals, const S* __restrict__ y, long long start, long long end,
+        T reg, const T* x, T* r, T* sq)
 {
+    T s = 0;
     for (int c = 0; c < C; c++) r[c] = 0;
     for (long long base = start + part() * GROUPS * U; base < end; base += NW * GROUPS * U) {
         T yj[U][C], dt[U], mv[U];
         gather(cols, vals, y, base, end, x, (T)1, yj, dt, mv);
-        for (int u = 0; u < U; u++)
+        for (int u = 0; u < U; u++) {
+            s += (mv[u] - dt[u]) * (mv[u] - dt[u]);
             for (int c = 0; c < C; c++) r[c] += (mv[u] - dt[u]) * yj[u][c];
+        }
     }
     across_groups(r, C);
     across_warps(r, C);
     for (int c = 0; c < C; c++) r[c] -= reg * x[c];
+    if (sq != nullptr) {
+        across_groups(&s, 1);
+        across_warps(&s, 1);
+        *sq = s;
+    }
 }
 
 // The warm start's residual (above) for the rows ``rows``, one warp (or NW) per row, into
-// r_out (row i at i·k): what a CG correction computed in a narrower type starts from.
+// r_out (row i at i·k): what a CG correction computed in a narrower type starts from; and,
+// where sq_out is not null, each row's squared error into sq_out[i].
 extern "C" __global__ void residual_rows(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
+        const long long* __restrict__ cols, const V* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const long long* __restrict__ rows, const long long nrows,
-        const int k, const T reg, T* __restrict__ r_out)
+        const int k, const T reg, T* __restrict__ r_out, T* __restrict__ sq_out)
 {
     const long long w = row_slot();
     if (w >= nrows) return;
     const long long i = rows[w];
-    T x[C], r[C];
+    T x[C], r[C], s;
     load_own(x0, i, k, x);
-    residual_pass(cols, vals, y, indptr[i], indptr[i + 1], reg, x, r);
+    residual_pass(cols, vals, y, indptr[i], indptr[i + 1], reg, x, r,
+                  sq_out != nullptr ? &s : nullptr);
     store_own(r_out, i, k, r);
+    if (sq_out != nullptr && threadIdx.x % 32 == 0 && part() == 0) sq_out[i] = s;
 }
 
 // z = P r in the lane's C components, for a symmetric P (KP × KP, zero-padded) that every row
@@ -370,7 +386,7 @@ __device__ inline void precondition(const T* __restrict__ P, const T* r, T* z) {
 // the w-th row of ``rows`` where row_steps is not null; after ``firm`` of them (row_firm[w]
 // where row_steps is not null), fewer once its rᵀz has fallen below ``stop`` times its start.
 extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
-        const long long* __restrict__ cols, const T* __restrict__ vals, const S* __restrict__ y,
+        const long long* __restrict__ cols, const V* __restrict__ vals, const S* __restrict__ y,
         const T* __restrict__ x0, const T* __restrict__ r0, const long long* __restrict__ rows,
         const long long nrows, const int k, const int steps, const int* __restrict__ row_steps,
         const int firm, const int* __restrict__ row_firm, const T stop, const T reg,
@@ -391,7 +407,7 @@ extern "C" __global__ void cg_rows(const long long* __restrict__ indptr,
         load_own(r0, i, k, r);
     } else {
         load_own(x0, i, k, x);
-        residual_pass(cols, vals, y, start, end, reg, x, r);
+        residual_pass(cols, vals, y, start, end, reg, x, r, nullptr);
     }
     precondition(precond, r, z);
     T rr = 0;  // rᵀz
@@ -763,25 +779,29 @@ def _group_defines(dtype, storage, k: int) -> tuple[tuple, str]:
     return (dtype.name, storage.name, c, lanes), code
 
 
-def _group_kernel(name: str, dtype, storage, k: int, nw: int = 1):
+def _group_kernel(name: str, dtype, storage, k: int, nw: int = 1, values=None):
     """A group kernel doing its arithmetic in ``dtype`` on an operand stored as ``storage``,
-    with ``nw`` warps a row (``cg_rows`` and ``residual_rows`` only, past 1). Kept once
-    found: finding it again (its #defines, then the module's function) took 0.1 ms of host
-    time a launch, which the device waits for in a launch that follows a sync."""
+    with ``nw`` warps a row (``cg_rows`` and ``residual_rows`` only, past 1), reading the
+    entries' values as ``values`` (default ``dtype``). Kept once found: finding it again
+    (its #defines, then the module's function) took 0.1 ms of host time a launch, which the
+    device waits for in a launch that follows a sync."""
     import cupy
 
-    found = _FUNCTIONS.get((name, np.dtype(dtype).name, np.dtype(storage).name, k, nw))
+    values = np.dtype(values or dtype)
+    found_key = (name, np.dtype(dtype).name, np.dtype(storage).name, k, nw, values.name)
+    found = _FUNCTIONS.get(found_key)
     if found is not None:
         return found
     key, defines = _group_defines(dtype, storage, k)
-    module = _MODULES.get(("group", nw) + key)
+    module_key = ("group", nw, values.name) + key
+    module = _MODULES.get(module_key)
     if module is None:
-        code = (f"#define T {_C_TYPE[np.dtype(dtype)]}\n#define NW {nw}\n" + defines
-                + _GROUP_HELPERS + _GROUP_SOURCE)
+        code = (f"#define T {_C_TYPE[np.dtype(dtype)]}\n#define V {_C_TYPE[values]}\n"
+                f"#define NW {nw}\n" + defines + _GROUP_HELPERS + _GROUP_SOURCE)
         module = cupy.RawModule(code=code, options=("-std=c++14",))
-        _MODULES[("group", nw) + key] = module
+        _MODULES[module_key] = module
     found = module.get_function(name)
-    _FUNCTIONS[(name, np.dtype(dtype).name, np.dtype(storage).name, k, nw)] = found
+    _FUNCTIONS[found_key] = found
     return found
 
 
@@ -838,16 +858,17 @@ def split_rows(xp, indptr, rows) -> tuple:
     return rows[~wide], rows[wide]
 
 
-def _rows_launch(name, dtype, storage, k, split, args) -> None:
+def _rows_launch(name, dtype, storage, k, split, args, values=None) -> None:
     """Launch the row kernel ``name`` over the rows of ``split`` (``split_rows``; ``args(rows,
     count, part)`` gives its arguments for the narrow (part 0) or wide (1) ones): one warp a
     row, and WIDE_WARPS warps (a block) for rows of at least WIDE_DEGREE entries, which would
-    otherwise keep the whole launch waiting on one warp."""
+    otherwise keep the whole launch waiting on one warp. ``values``: the type the kernel
+    reads the entries' values as (``_group_kernel``)."""
     narrow, wide = split
-    _warp_launch(_group_kernel(name, dtype, storage, k), int(narrow.size),
+    _warp_launch(_group_kernel(name, dtype, storage, k, values=values), int(narrow.size),
                  args(narrow, narrow.size, 0))
     if wide.size:
-        _group_kernel(name, dtype, storage, k, WIDE_WARPS)(
+        _group_kernel(name, dtype, storage, k, WIDE_WARPS, values)(
             (int(wide.size),), (32 * WIDE_WARPS,), args(wide, wide.size, 1))
 
 
@@ -927,18 +948,27 @@ def _start(xp, dtype, values, x0, r0):
     return _NULL, _NULL, xp.ascontiguousarray(r0, dtype=dtype)
 
 
-def residual(xp, y, x0, indptr, cols, values, reg, rows, split=None):
+def residual(xp, y, x0, indptr, cols, values, reg, rows, split=None, sq=None, dtype=None):
     """Y_Ωiᵀ(m_i − Y_Ωi x0_i) − reg·x0_i for the rows ``rows`` (int64 ids, or None where
     ``split``, their ``split_rows``, is given), one warp per row (a block for the heaviest),
-    one pass over their entries; other rows of the result are zero."""
+    one pass over their entries; other rows of the result are zero. ``sq``, where given (an
+    array of a value a row), gets Σ_j (x0_i·y_j − M_ij)² of those rows, from the same pass.
+    In ``dtype`` (default y's; the result's and sq's type): float32 gathers half float64's
+    bytes, Y and x0 rounded to it (the values are read as they are)."""
     k = y.shape[1]
-    out = xp.zeros((int(indptr.size) - 1, k), dtype=y.dtype)
-    ys, storage, _ = operand(xp, y)
-    values = xp.ascontiguousarray(values, dtype=y.dtype)
-    x0 = xp.ascontiguousarray(x0, dtype=y.dtype)
-    _rows_launch("residual_rows", y.dtype, storage, k, split or split_rows(xp, indptr, rows),
+    dtype = np.dtype(dtype or y.dtype)
+    out = xp.zeros((int(indptr.size) - 1, k), dtype=dtype)
+    ys, storage, _ = operand(xp, y.astype(dtype, copy=False))
+    values = xp.ascontiguousarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(dtype)
+    x0 = xp.ascontiguousarray(x0, dtype=dtype)
+    if sq is not None and (sq.dtype != dtype or not sq.flags.c_contiguous):
+        raise ValueError("residual: sq must be a contiguous array of the residual's type")
+    _rows_launch("residual_rows", dtype, storage, k, split or split_rows(xp, indptr, rows),
                  lambda part, count, _: (_i64(indptr), _i64(cols), values, ys, x0, part,
-                                      np.int64(count), np.int32(k), y.dtype.type(reg), out))
+                                      np.int64(count), np.int32(k), dtype.type(reg), out,
+                                      _NULL if sq is None else sq), values.dtype)
     return out
 
 
