@@ -22,7 +22,10 @@ only factor blocks move between workers, never Ω.
   steps stop early once their residual is small against the sweeps' own progress
   (``cg_stop``). The log counts the row solves of each kind.
 - **Held-out entries** (a deterministic hash of (i, j, seed)) measure the relative error each
-  sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``.
+  sweep. The run stops below ``tol``, when the error stagnates, or at ``max_iters``. A
+  sweep's training error comes with the next sweep's residual pass (``iterate``); the
+  corrections start from float32 residuals while the error is far above float32's floor
+  (``lsq.LOW_RESIDUAL``).
 - **Checkpoints:** U and V go to one of two checkpoint slots, the one not committed last,
   written in the background while the sweeps go on (``Checkpoints``); a new one starts after
   the first sweep that finds the last one done everywhere. A job stopped anywhere resumes from

@@ -132,7 +132,8 @@ def spmm(xp, indptr, cols, values, x, shape):
 # CG, and exact solves from rank 33) solve for their correction to it in float32, from x0's
 # residual in float64 (iterative refinement). Each costs a pass over Ω more, and then
 # float32's arithmetic and half the bytes a pass; the residual carries the float64 accuracy,
-# so a sweep's fixed point is float64's. False: float64 throughout (benchmarks compare the two).
+# so a sweep's fixed point is float64's (where the residual is float64's: LOW_RESIDUAL).
+# False: float64 throughout (benchmarks compare the two).
 REFINE = True
 
 
