@@ -21,6 +21,7 @@ variant of its rules:
 - ``f64``: float64 throughout, no float32 corrections (lsq.REFINE off);
 - ``r64``: the corrections start from float64 residuals in every sweep (lsq.LOW_RESIDUAL
   None); ``r32``: from float32 residuals in every sweep (LOW_RESIDUAL 0);
+- ``power<p>``: the randomized SVD's start makes p power iterations (altmin.POWER_ITERATIONS);
 - ``precond``: Gram-preconditioned steps apply the k × k preconditioner each step, not
   plain steps against the whitened factor.
 Times are the sweeps' own (``sweep_seconds``), without the initialisation, which every
@@ -52,12 +53,14 @@ def variant(name: str):
     """altmin's rules changed as the variant ``name`` says, for the duration."""
     steps, plan, stop = dict(altmin.CG_STEPS), altmin._altmin_plan, dict(altmin.CG_STOP)
     contraction, storage, group = altmin._contraction, lsq.CORRECTION_STORAGE, lsq.cg_group
-    refine, low = lsq.REFINE, lsq.LOW_RESIDUAL
+    refine, low, power = lsq.REFINE, lsq.LOW_RESIDUAL, altmin.POWER_ITERATIONS
     try:
         if name == "f32":
             lsq.CORRECTION_STORAGE = None
         elif name == "f64":
             lsq.REFINE = False
+        elif name.startswith("power"):
+            altmin.POWER_ITERATIONS = int(name[len("power"):])
         elif name in ("r64", "r32"):
             lsq.LOW_RESIDUAL = None if name == "r64" else 0.0
         elif name == "precond":
@@ -84,7 +87,8 @@ def variant(name: str):
             altmin._altmin_plan = light_exact
         elif name != "now":
             raise SystemExit(f"unknown variant {name!r}: now, light-exact, heavy<steps>, "
-                             "no-stop, stop-all, stop-always, f32, f64, r64, r32 or precond")
+                             "no-stop, stop-all, stop-always, f32, f64, r64, r32, power<p> "
+                             "or precond")
         yield
     finally:
         altmin.CG_STEPS.clear()
@@ -94,7 +98,7 @@ def variant(name: str):
         altmin._altmin_plan = plan
         altmin._contraction = contraction
         lsq.CORRECTION_STORAGE, lsq.cg_group, lsq.REFINE = storage, group, refine
-        lsq.LOW_RESIDUAL = low
+        lsq.LOW_RESIDUAL, altmin.POWER_ITERATIONS = low, power
 
 
 def problem(cp, case: str, n: int, per_row: int, rank: int | None = None, noise: float = 0.0):
@@ -124,7 +128,9 @@ def problem(cp, case: str, n: int, per_row: int, rank: int | None = None, noise:
 def sweeps(cp, R, C, held, shape, k, method, count, reg=0.0):
     ctx, history, _ = bench.iterate_here(cp, R, C, held, shape, k, method, count, reg=reg)
     cp.cuda.runtime.deviceSynchronize()
-    return {"errors": [h["holdout_rel_error"] for h in history],
+    ctx.finish()
+    return {"init_s": ctx.stats.get("init", 0.0),
+            "errors": [h["holdout_rel_error"] for h in history],
             "sweep_s": [h["sweep_seconds"] for h in history],
             "row_solves": {name: count for name, count in ctx.counters.items()
                            if name.startswith("row-solves-")}}

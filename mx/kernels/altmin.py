@@ -668,6 +668,14 @@ def _condition_of_eigenvalues(evals) -> float:
 
 
 # ---------------------------------------------------------------------- initialisation
+# The randomized SVD's power iterations, each two sparse products. One instead of two saved
+# a quarter of the start (57 against 82 ms at n = 10⁵, k = 64, 3000 a row, H100) but cost a
+# sweep to 1e-4 on planted matrices at κ = 1 (k = 16, 64, 128; n = 10⁶), and on a
+# MovieLens-sized one the sweeps from it made no progress (bench/complete_rules.py
+# --variants power2,power1; BENCHMARKS.md, twenty-first session).
+POWER_ITERATIONS = 2
+
+
 def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     """Top-k subspaces of the rescaled observed matrix by a randomized SVD (sparse products
     only); returns this worker's rows of U·s, clipped for incoherence, and of V·Σ/s (the
@@ -701,7 +709,7 @@ def _initialise(ctx, R, C, shape, k, row_blocks, col_blocks, seed):
     # against 1 ms on an H100 (every worker draws the same ones from the seed)
     gauss = xp.random.default_rng(seed).standard_normal((n, width))
     y = rows_mat(gauss)
-    for power in range(2):
+    for power in range(POWER_ITERATIONS):
         y = _cholesky_qr(ctx, y, ("init-qr", power))
         z = cols_mat(_allgather_rows(ctx, y, row_blocks, width, ("init-y", power)))
         y = rows_mat(_allgather_rows(ctx, z, col_blocks, width, ("init-z", power)))
