@@ -2,6 +2,7 @@
 GPU actors, ABFT on the GPU. Skipped where no GPU is present (CI); run on a GPU machine."""
 
 import contextlib
+import os
 import re
 
 import numpy as np
@@ -449,6 +450,66 @@ def test_completion_on_gpu_actors(tmp_path, ray_session, method):
     if method == "altmin-sketch":  # rank 8 on a GPU, κ = 10, rows below 64k = 512: exact
         assert "row-solves-exact" in log and "row-solves-sketch" not in log, log
         assert "rows below that are solved exactly (on a GPU at rank <= 32" in log, log
+
+
+def test_a_gpu_checkpoint_is_the_state_after_its_sweep_while_the_sweeps_go_on(tmp_path,
+                                                                            monkeypatch):
+    """On a GPU a checkpoint is written from host copies while the next sweeps run
+    (``altmin.Checkpoints``): what is committed must be the state after its sweep, the
+    factors a run stopped there returns, though its write waited until the sweeps had gone
+    five further."""
+    import shutil
+    import threading
+
+    import zarr
+
+    from mx.kernels import altmin
+    from mx.storage import generate
+
+    generate.lowrank(str(tmp_path / "O.zarr"), (1310, 1170), 6, 0.05, condition=30.0, seed=3)
+    past, write, stop_reason = threading.Event(), altmin.Checkpoints._write, altmin._stop_reason
+
+    def slow(self, slot, u, v):
+        assert past.wait(60)
+        write(self, slot, u, v)
+
+    def counting(history, tol):
+        if len(history) >= 6:
+            past.set()
+        return stop_reason(history, tol)
+
+    monkeypatch.setattr(altmin.Checkpoints, "_write", slow)
+    monkeypatch.setattr(altmin, "_stop_reason", counting)
+    keep = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None
+                        if str(path).endswith(".mx-checkpoint") else keep(path, *a, **k))
+
+    def job(sweeps):
+        return {"backend": "local", "resources": {"gpus": 1},
+                "steps": [{"id": "f", "op": "complete", "inputs": {"observed": "O.zarr"},
+                           "output": "F.zarr", "params": {"rank": 6, "tol": 1e-14,
+                                                          "max_iters": sweeps}}]}
+
+    mx.submit(job(10), base=str(tmp_path))
+    saved = zarr.open_group(str(tmp_path / ".F.zarr.mx-checkpoint"), mode="r")
+    iteration, slot = saved.attrs["iteration"], saved.attrs["latest"]
+    assert 1 <= iteration < 10
+    monkeypatch.setattr(shutil, "rmtree", keep)
+    monkeypatch.setattr(altmin.Checkpoints, "_write", write)
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    os.symlink(tmp_path / "O.zarr", reference / "O.zarr")
+    mx.submit({**job(iteration), "steps": [{**job(iteration)["steps"][0],
+                                            "params": {"rank": 6, "tol": 1e-14,
+                                                       "max_iters": iteration,
+                                                       "checkpoint": False}}]},
+              base=str(reference))
+    g = zarr.open_group(str(reference / "F.zarr"), mode="r")
+    for name in ("u", "v"):  # the one worker's blocks
+        blocks = list((tmp_path / ".F.zarr.mx-checkpoint").glob(f"{name}{slot}-*.f8"))
+        assert len(blocks) == 1
+        got = np.fromfile(blocks[0]).reshape(-1, 6)
+        assert np.array_equal(got, np.asarray(g[name][...])), name
 
 
 def test_completion_on_a_gpu_iterates_light_rows_against_a_well_conditioned_factor(
