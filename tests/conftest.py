@@ -130,3 +130,36 @@ def near_the_stop(progress, firm, ratio, margin):
     where it may stop: rounding may take them a step more or less."""
     checked = progress[firm:-1]
     return (np.abs(checked / ratio - 1.0) < margin).any(axis=0)
+
+
+def hold_checkpoint_writes(monkeypatch, until: int = 6):
+    """A `complete` checkpoint's write waits until the sweeps' history is ``until`` long (a
+    write slower than several sweeps), and checkpoint folders outlive their job
+    (shutil.rmtree passes them over). Returns a function that undoes both."""
+    import shutil
+    import threading
+
+    from mx.kernels import altmin
+
+    past, write, stop_reason = threading.Event(), altmin.Checkpoints._write, altmin._stop_reason
+
+    def slow(self, slot, u, v):
+        assert past.wait(60)
+        write(self, slot, u, v)
+
+    def counting(history, tol):
+        if len(history) >= until:
+            past.set()
+        return stop_reason(history, tol)
+
+    keep = shutil.rmtree
+    monkeypatch.setattr(altmin.Checkpoints, "_write", slow)
+    monkeypatch.setattr(altmin, "_stop_reason", counting)
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None
+                        if str(path).endswith(".mx-checkpoint") else keep(path, *a, **k))
+
+    def release():
+        monkeypatch.setattr(shutil, "rmtree", keep)
+        monkeypatch.setattr(altmin.Checkpoints, "_write", write)
+
+    return release

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import mx
-from conftest import cg_progress, mx_cli, random_rows, steps_taken
+from conftest import cg_progress, hold_checkpoint_writes, mx_cli, random_rows, steps_taken
 from mx.errors import JobFailed, UserError
 from mx.kernels import lsq
 from mx.storage import generate, sparse
@@ -571,30 +571,10 @@ def test_a_checkpoint_slower_than_a_sweep_does_not_hold_the_sweeps_up(tmp_path, 
     """Checkpoints are written in the background: while one is being written the sweeps go
     on, and the next starts after the first sweep that finds it done on every worker. What is
     committed is the complete state after one sweep, the same state a run stopped there has."""
-    import shutil
-    import threading
-
-    from mx.kernels import altmin
-
     generate.lowrank(str(tmp_path / "O.zarr"), (310, 270), 5, 0.3, condition=30.0, seed=5)
     params = dict(rank=5, tol=1e-13, max_iters=12)
     # the first write ends only once the sweeps have gone 5 past it
-    past, write, stop_reason = threading.Event(), altmin.Checkpoints._write, altmin._stop_reason
-
-    def slow(self, slot, u, v):
-        assert past.wait(60)
-        write(self, slot, u, v)
-
-    def counting(history, tol):
-        if len(history) >= 6:
-            past.set()
-        return stop_reason(history, tol)
-
-    monkeypatch.setattr(altmin.Checkpoints, "_write", slow)
-    monkeypatch.setattr(altmin, "_stop_reason", counting)
-    keep = shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None
-                        if str(path).endswith(".mx-checkpoint") else keep(path, *a, **k))
+    release = hold_checkpoint_writes(monkeypatch)
     job_id = mx.submit(job("local", 2, "als", **params), base=str(tmp_path))
     attrs = factors(tmp_path / "F-als.zarr")[2]
     sweeps = len(attrs["history"])
@@ -604,8 +584,7 @@ def test_a_checkpoint_slower_than_a_sweep_does_not_hold_the_sweeps_up(tmp_path, 
     saved = zarr.open_group(str(tmp_path / ".F-als.zarr.mx-checkpoint"), mode="r")
     iteration, slot = saved.attrs["iteration"], saved.attrs["latest"]
     assert 1 <= iteration < sweeps and saved.attrs["history"] == attrs["history"][:iteration]
-    monkeypatch.setattr(shutil, "rmtree", keep)
-    monkeypatch.setattr(altmin.Checkpoints, "_write", write)
+    release()
     reference = tmp_path / "ref"
     reference.mkdir()
     os.symlink(tmp_path / "O.zarr", reference / "O.zarr")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import mx
-from conftest import (cg_progress, near_the_stop, random_rows, read_dense, rel_error,
-                      write_dense)
+from conftest import (cg_progress, hold_checkpoint_writes, near_the_stop, random_rows,
+                      read_dense, rel_error, write_dense)
 from test_service import head  # noqa: F401  (the fixture: a `mx cluster up` head)
 from mx.cluster import devices
 from mx.kernels import abft, gemm, precision as prec
@@ -458,31 +458,12 @@ def test_a_gpu_checkpoint_is_the_state_after_its_sweep_while_the_sweeps_go_on(tm
     (``altmin.Checkpoints``): what is committed must be the state after its sweep, the
     factors a run stopped there returns, though its write waited until the sweeps had gone
     five further."""
-    import shutil
-    import threading
-
     import zarr
 
-    from mx.kernels import altmin
     from mx.storage import generate
 
     generate.lowrank(str(tmp_path / "O.zarr"), (1310, 1170), 6, 0.05, condition=30.0, seed=3)
-    past, write, stop_reason = threading.Event(), altmin.Checkpoints._write, altmin._stop_reason
-
-    def slow(self, slot, u, v):
-        assert past.wait(60)
-        write(self, slot, u, v)
-
-    def counting(history, tol):
-        if len(history) >= 6:
-            past.set()
-        return stop_reason(history, tol)
-
-    monkeypatch.setattr(altmin.Checkpoints, "_write", slow)
-    monkeypatch.setattr(altmin, "_stop_reason", counting)
-    keep = shutil.rmtree
-    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None
-                        if str(path).endswith(".mx-checkpoint") else keep(path, *a, **k))
+    release = hold_checkpoint_writes(monkeypatch)
 
     def job(sweeps):
         return {"backend": "local", "resources": {"gpus": 1},
@@ -494,8 +475,7 @@ def test_a_gpu_checkpoint_is_the_state_after_its_sweep_while_the_sweeps_go_on(tm
     saved = zarr.open_group(str(tmp_path / ".F.zarr.mx-checkpoint"), mode="r")
     iteration, slot = saved.attrs["iteration"], saved.attrs["latest"]
     assert 1 <= iteration < 10
-    monkeypatch.setattr(shutil, "rmtree", keep)
-    monkeypatch.setattr(altmin.Checkpoints, "_write", write)
+    release()
     reference = tmp_path / "ref"
     reference.mkdir()
     os.symlink(tmp_path / "O.zarr", reference / "O.zarr")
