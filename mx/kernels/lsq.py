@@ -161,12 +161,13 @@ CORRECTION_STORAGE = np.float16
 
 
 def refines_exact(xp, y) -> bool:
-    """Whether ``solve_exact`` given x0 solves for a float32 correction to it, from x0's
-    residual rows (its ``r0``, where the caller has them)."""
+    """Whether ``solve_exact`` given x0 solves for a float32 correction to it (in the fused
+    kernel), from x0's residual rows (its ``r0``, where the caller has them)."""
     # At rank <= 32 (a 32-wide Gram tile) the float64 exact kernel costs less than a residual
     # pass and the float32 one together (H100, k = 16: 85 against 18 + 68 ms a half-sweep);
     # from 64-wide tiles the float32 Gram pays (k = 64: 259 against 176 ms).
-    return _refined(xp, y) and rowsolve.padded_rank(y.shape[1]) > 32
+    return (rowsolve.supported(xp, y) and _refined(xp, y)
+            and rowsolve.padded_rank(y.shape[1]) > 32)
 
 
 def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entries=1 << 24,
@@ -185,7 +186,7 @@ def solve_exact(xp, y, indptr, cols, values, reg, rows_subset=None, batch_entrie
     if subset.size == 0:
         return out
     singular = False
-    if rowsolve.supported(xp, y) and x0 is not None and refines_exact(xp, y):
+    if x0 is not None and refines_exact(xp, y):
         delta, left = _correction(xp, y, x0, indptr, cols, values, reg, subset,
                                   lambda y32, d, r32: rowsolve.solve(
                                       xp, y32, indptr, cols, None, reg, subset, d, rhs=r32),
